@@ -1,0 +1,138 @@
+"""`linear_logprobs`: per-token log softmax(h W^T + b)[target] without materializing the logits.
+
+The autograd function compacts the positions whose target is not `ignore_index` (prompt and padding
+tokens cost nothing), runs the forward of the chosen backend, keeps only lse per token for the
+backward, and recomputes the logits there. Backends: fastdpo.kernels (Triton) or fastdpo.chunked
+(PyTorch tiles); `reference` runs the naive oracle through plain autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import chunked, reference
+from .backends import resolve_backend
+from .softmax_stats import VocabPartials, logsumexp, merge, token_stats
+from .types import TokenStats
+from .validation import check_logprob_inputs
+
+
+class LinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, logit_scale, softcap, temperature, with_stats,
+                backend):
+        hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+        flat_targets = targets.reshape(-1)
+        rows = (flat_targets != ignore_index).nonzero().squeeze(1)
+        row_targets = flat_targets[rows]
+        transform = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
+        if rows.numel() == 0:  # every position ignored: nothing to launch
+            merged, saved_input = _no_partials(hidden, with_stats), hidden_2d[:0]
+        elif backend == "triton":
+            from .kernels import logprob_forward
+
+            hidden_2d, weight = _row_major(hidden_2d), _row_major(weight)
+            partials = VocabPartials(*logprob_forward(hidden_2d, weight, bias, rows, row_targets,
+                                                      with_stats=with_stats, **transform))
+            merged, saved_input = merge(partials), hidden_2d
+        else:
+            compact = hidden_2d.index_select(0, rows).to(chunked.accumulation_dtype(hidden.dtype))
+            merged = chunked.forward_partials(compact, weight, bias, row_targets, chunked.Transform(**transform),
+                                              with_stats)
+            saved_input = compact
+        lse = logsumexp(merged)
+        stats = token_stats(merged, lse, weight.shape[0])
+
+        ctx.save_for_backward(saved_input, weight, bias, rows, row_targets, lse)
+        ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
+        ctx.backend, ctx.transform = backend, transform
+        outputs = [_scatter(stat, rows, flat_targets.numel()).view(targets.shape) for stat in stats]
+        if not with_stats:
+            return outputs[0]
+        ctx.mark_non_differentiable(*outputs[1:])
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, grad_logps, *_unused_stat_grads):
+        saved_input, weight, bias, rows, row_targets, lse = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        grad_rows = grad_logps.reshape(-1).index_select(0, rows).to(lse.dtype).contiguous()
+        num_tokens, hidden_size = ctx.hidden_shape.numel() // ctx.hidden_shape[-1], ctx.hidden_shape[-1]
+        if ctx.backend == "triton":
+            dx, dw, db = _triton_backward(ctx, saved_input, weight, bias, rows, row_targets, lse, grad_rows,
+                                          need_dx, need_dw, need_db, num_tokens)
+        else:
+            dx_rows, dw, db = chunked.backward(saved_input, weight, bias, row_targets, lse, grad_rows,
+                                               chunked.Transform(**ctx.transform),
+                                               need_dx=need_dx, need_dw=need_dw, need_db=need_db)
+            dx = None
+            if need_dx:
+                dx = torch.zeros((num_tokens, hidden_size), dtype=ctx.hidden_dtype, device=weight.device)
+                dx.index_copy_(0, rows, dx_rows.to(ctx.hidden_dtype))
+        return (
+            None if dx is None else dx.to(ctx.hidden_dtype).view(ctx.hidden_shape),
+            None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype),
+            *([None] * 7),
+        )
+
+
+def _triton_backward(ctx, hidden_2d, weight, bias, rows, row_targets, lse, grad_rows, need_dx, need_dw, need_db,
+                     num_tokens):
+    from .kernels import logprob_backward
+
+    def fp32_zeros(*shape):
+        return torch.zeros(shape, dtype=torch.float32, device=weight.device)
+
+    dx = fp32_zeros(num_tokens, weight.shape[1]) if need_dx else None
+    dw = fp32_zeros(*weight.shape) if need_dw else None
+    db = fp32_zeros(weight.shape[0]) if need_db else None
+    logprob_backward(hidden_2d, weight, bias, rows, row_targets, lse, grad_rows, grad_hidden=dx, grad_weight=dw,
+                     grad_bias=db, **ctx.transform)
+    return dx, dw, db
+
+
+def _no_partials(hidden: torch.Tensor, with_stats: bool) -> VocabPartials:
+    dtype = chunked.accumulation_dtype(hidden.dtype)
+    fields = len(VocabPartials._fields) if with_stats else 3
+    return VocabPartials(*(torch.zeros(0, dtype=dtype, device=hidden.device) for _ in range(fields)))
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    # The kernels assume a unit stride along the hidden dimension; rows may be strided.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _scatter(values: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
+    out = torch.zeros(size, dtype=values.dtype, device=values.device)
+    return out.index_copy_(0, rows, values)
+
+
+def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100, *, temperature: float = 1.0,
+                    softcap: float | None = None, logit_scale: float = 1.0, with_stats: bool = False,
+                    backend: str | None = None):
+    """Per-token log-probabilities of `targets` under logits = transform(hidden @ weight.T + bias).
+
+    hidden [..., H], weight [V, H], targets [...] (not shifted; `ignore_index` positions get 0).
+    transform(x) = softcap * tanh(x * logit_scale / softcap) / temperature (TRL's order).
+    Returns float32 log-probs shaped like `targets` (float64 for float64 inputs on the torch and
+    reference backends), differentiable w.r.t. hidden, weight and bias; with `with_stats`, a
+    TokenStats whose other fields (entropy, log sum p^2, mean logit, is_top1) carry no gradient.
+    """
+    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    backend = resolve_backend(backend, device)
+    if torch.is_autocast_enabled(device.type) and hidden.is_floating_point():
+        # Under autocast the head runs in the autocast dtype, as nn.Linear would.
+        dtype = torch.get_autocast_dtype(device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    check_logprob_inputs(hidden, weight, targets, bias, ignore_index, backend, temperature=temperature,
+                         softcap=softcap)
+    transform = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+    if backend == "reference":
+        stats = reference.token_stats(hidden, weight, targets, bias, ignore_index, **transform)
+        return stats if with_stats else stats.logps
+    with torch.autocast(device.type, enabled=False):
+        out = LinearLogProbs.apply(hidden, weight, bias, targets, ignore_index, logit_scale, softcap, temperature,
+                                   with_stats, backend)
+    return TokenStats(*out) if with_stats else out

@@ -1,0 +1,63 @@
+"""The one tile every fastdpo kernel starts from: z = transform(X[rows] @ W[cols]^T + b[cols]).
+
+transform(x) = softcap * tanh(x * logit_scale / softcap) / temperature   (with softcap)
+             = x * logit_scale / temperature                             (without)
+
+This is TRL's order (scale, cap, then temperature), so a patched TRL trainer sees the same logits.
+The tile lives in registers only: callers fold it into running statistics (forward) or turn it into
+d_logits and then into dX / dW contributions (backward). X rows are addressed through an index
+vector so that prompt and padding tokens are never touched and never copied.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(x):
+    # libdevice's tanh does not run in Triton's interpreter; this identity is exact enough in fp32.
+    return 2 * tl.sigmoid(2 * x) - 1
+
+
+@triton.jit
+def transform_logits(raw, logit_scale, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    z = raw * logit_scale
+    if HAS_SOFTCAP:
+        z = softcap * tanh(z / softcap)
+    return z * inv_temperature
+
+
+@triton.jit
+def transform_derivative(z, logit_scale, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    """dz/draw, written in terms of z so the backward needs no second copy of the raw tile."""
+    if HAS_SOFTCAP:
+        capped = z / (softcap * inv_temperature)  # = tanh(raw * logit_scale / softcap)
+        return logit_scale * inv_temperature * (1 - capped * capped)
+    else:
+        return logit_scale * inv_temperature
+
+
+@triton.jit
+def logits_tile(
+    x_ptr, w_ptr, b_ptr,
+    rows, row_mask, cols, col_mask,
+    hidden_size, stride_x, stride_w,
+    logit_scale, softcap, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    # rows are int64 already; cols are widened here because col * stride_w passes 2^31 for V*H > 2^31.
+    x_rows = x_ptr + rows[:, None] * stride_x
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    # K-loop: BLOCK_K columns of X and W at a time, accumulated in fp32 by tl.dot.
+    for k_start in range(0, hidden_size, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < hidden_size
+        x = tl.load(x_rows + offs_k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_rows + offs_k[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return transform_logits(acc, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)

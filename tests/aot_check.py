@@ -1,0 +1,109 @@
+"""Compile every fastdpo kernel ahead of time for a GPU target, without a GPU, and report resources.
+
+    python tests/aot_check.py 90      # prints one JSON line per kernel configuration
+
+Run in a process without TRITON_INTERPRET (the interpreter replaces kernels by Python functions).
+For each default launch configuration (kernels/config.py) it reports registers, spills (cuobjdump's
+LOCAL), and shared memory against the target's limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from triton.backends.nvidia.compiler import get_ptxas
+
+from fastdpo.kernels import config
+from fastdpo.kernels.logprob_backward import logprob_backward_kernel
+from fastdpo.kernels.logprob_forward import logprob_forward_kernel
+from fastdpo.kernels.sigmoid_dpo import sigmoid_dpo_kernel
+
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}  # bytes of dynamic shared memory per block (opt-in max)
+TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _signature(kernel, types: dict, constexprs: dict) -> dict:
+    names = kernel.arg_names
+    return {name: ("constexpr" if name in constexprs else types.get(name, "i32")) for name in names}
+
+
+def _launch_options(cfg: dict) -> tuple[dict, dict]:
+    options = {k: cfg[k] for k in ("num_warps", "num_stages")}
+    return {k: v for k, v in cfg.items() if k not in options}, options
+
+
+def forward_variants(capability: int):
+    for dtype in TRITON_TYPES:
+        for with_stats in (False, True):
+            for softcap in (False, True):
+                cfg = config.forward_config(dtype, capability)
+                blocks, options = _launch_options(cfg)
+                t = TRITON_TYPES[dtype]
+                types = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "rows_ptr": "*i64",
+                         "targets_ptr": "*i64", "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32",
+                         **{p: "*fp32" for p in ("max_ptr", "sum_exp_ptr", "target_logit_ptr", "z_sum_exp_ptr",
+                                                 "sq_sum_exp_ptr", "z_sum_ptr", "max_before_ptr")}}
+                constexprs = dict(blocks, HAS_BIAS=True, HAS_SOFTCAP=softcap, WITH_STATS=with_stats,
+                                  INPUT_PRECISION=config.input_precision(dtype))
+                yield logprob_forward_kernel, types, constexprs, options, f"forward {t} stats={with_stats} softcap={softcap}"
+
+
+def backward_variants(capability: int):
+    for dtype in TRITON_TYPES:
+        for compute_dw in (False, True):
+            cfg = config.backward_config(dtype, capability)
+            blocks, options = _launch_options(cfg)
+            t = TRITON_TYPES[dtype]
+            types = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "rows_ptr": "*i64", "targets_ptr": "*i64",
+                     "lse_ptr": "*fp32", "grad_ptr": "*fp32", "dx_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32",
+                     "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32"}
+            constexprs = dict(blocks, HAS_BIAS=True, HAS_SOFTCAP=True, COMPUTE_DX=True, COMPUTE_DW=compute_dw,
+                              COMPUTE_DB=True, INPUT_PRECISION=config.input_precision(dtype))
+            yield logprob_backward_kernel, types, constexprs, options, f"backward {t} dW={compute_dw}"
+
+
+def sigmoid_variants():
+    types = {"logps_ptr": "*fp32", "targets_ptr": "*i64", "ref_ptr": "*fp32", "seq_logps_ptr": "*fp32",
+             "loss_ptr": "*fp32", "seq_grad_ptr": "*fp32", "beta": "fp32", "label_smoothing": "fp32"}
+    yield sigmoid_dpo_kernel, types, dict(AVERAGE=True, BLOCK_T=1024), {"num_warps": 4}, "sigmoid_dpo"
+
+
+def _resources(ptx: str, capability: int) -> dict:
+    """ptxas's own account: registers, stack frame and spill stores/loads (cuobjdump shows no spills)."""
+    ptxas = get_ptxas(capability).path  # the ptxas Triton itself used for this target
+    arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        text = subprocess.run([ptxas, "-v", f"-arch={arch}", path, "-o", os.path.join(tmp, "kernel.cubin")],
+                              capture_output=True, text=True).stderr
+    used = re.search(r"Used (\d+) registers", text)
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return dict(registers=int(used.group(1)), stack=int(frame.group(1)), spill_stores=int(frame.group(2)),
+                spill_loads=int(frame.group(3)))
+
+
+def compile_all(capability: int):
+    target = GPUTarget("cuda", capability, 32)
+    for kernel, types, constexprs, options, name in (*forward_variants(capability), *backward_variants(capability), *sigmoid_variants()):
+        src = ASTSource(fn=kernel, signature=_signature(kernel, types, constexprs), constexprs=constexprs)
+        compiled = triton.compile(src, target=target, options=options)
+        res = _resources(compiled.asm["ptx"], capability)
+        yield dict(name=name, capability=capability, **res, shared=compiled.metadata.shared,
+                   shared_limit=SHARED_MEMORY_LIMIT[capability], wgmma="wgmma" in compiled.asm["ptx"])
+
+
+if __name__ == "__main__":
+    for row in compile_all(int(sys.argv[1])):
+        print(json.dumps(row), flush=True)

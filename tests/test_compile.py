@@ -1,0 +1,53 @@
+"""The kernels build ahead of time for sm_80 and sm_90 without a GPU, in every default configuration,
+without register spills and within the shared memory of one block."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+AOT_SCRIPT = Path(__file__).with_name("aot_check.py")
+
+
+@pytest.fixture(scope="module", params=[80, 90], ids=["sm80", "sm90"])
+def compiled(request):
+    # A fresh process without TRITON_INTERPRET: the interpreter replaces kernels by Python functions.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    run = subprocess.run([sys.executable, str(AOT_SCRIPT), str(request.param)], capture_output=True, text=True,
+                         env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    return request.param, rows
+
+
+def test_every_variant_compiles(compiled):
+    capability, rows = compiled
+    names = {row["name"].split()[0] for row in rows}
+    assert names == {"forward", "backward", "sigmoid_dpo"}
+    assert len(rows) == 12 + 6 + 1
+
+
+def test_no_register_spills(compiled):
+    _, rows = compiled
+    spilling = [(r["name"], r["spill_stores"], r["registers"]) for r in rows if r["spill_stores"] or r["spill_loads"]]
+    assert not spilling, f"kernels spill registers: {spilling}"
+
+
+def test_shared_memory_within_limit(compiled):
+    _, rows = compiled
+    over = [(r["name"], r["shared"], r["shared_limit"]) for r in rows if r["shared"] > r["shared_limit"]]
+    assert not over, over
+
+
+def test_hopper_uses_wgmma_for_16bit_inputs(compiled):
+    capability, rows = compiled
+    if capability != 90:
+        pytest.skip("wgmma is a Hopper instruction")
+    sixteen_bit = [r for r in rows if ("bf16" in r["name"] or "fp16" in r["name"])]
+    assert sixteen_bit and all(r["wgmma"] for r in sixteen_bit)
