@@ -117,7 +117,7 @@ def test_frozen_head_trains_hidden_only(backend):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_nan_hidden_state_gives_nan_loss(backend):
     hs, w, labels = make_batch()
-    hs[0, 5, 0] = float("nan")
+    hs[0, 4, 0] = float("nan")  # position 4 predicts labels[0, 5], always a completion token here
     out = fastdpo.FastDPOLoss(backend=backend)(hs.float().to(DEVICE), w.float().to(DEVICE), labels.to(DEVICE),
                                                ref_chosen_logps=torch.zeros(3), ref_rejected_logps=torch.zeros(3))
     assert torch.isnan(out.loss)

@@ -1,5 +1,7 @@
 """linear_logprobs (torch tiles and Triton kernels) against the float64 oracle, values and gradients."""
 
+import importlib
+
 import pytest
 import torch
 from helpers import CONFIG_IDS, CONFIGS, DEVICE, as_reference, assert_close, leaf, random_targets
@@ -96,8 +98,7 @@ def test_frozen_inputs_get_no_gradient(backend, frozen):
 
 def test_triton_vocab_splits_merge(monkeypatch):
     """Force several programs per token block: the partial logsumexps must merge exactly."""
-    from fastdpo.kernels import logprob_forward as forward_module
-
+    forward_module = importlib.import_module("fastdpo.kernels.logprob_forward")
     monkeypatch.setattr(forward_module, "num_vocab_splits", lambda *args: 3)
     h, w, b, targets = make_inputs((21,), 31, 300, torch.float32)
     check_against_reference(h, w, b, targets, "triton", 1e-4, softcap=4.0)

@@ -1,0 +1,1 @@
+"""fastdpo benchmarks: `python benchmarks/run.py --help`."""

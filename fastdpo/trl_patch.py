@@ -1,0 +1,332 @@
+"""Run TRL's `DPOTrainer` on fastdpo's kernels: `fastdpo.patch_trl()` / `fastdpo.unpatch_trl()`.
+
+TRL (>= 1.15) gives the policy and the reference model a *fused LM head* (`trl.trainer.utils.add_fused_lm_head`):
+`model(..., labels=labels, fused_lm_head=True)` runs the backbone, shifts the labels and calls
+`_ChunkedLogProbFunction.apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale,
+outputs)`, which returns `(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)` per token. Everything else
+(reference log-probs, f-divergences, every loss type, `loss_weights`, WPO weights, `ld_alpha`, metrics) is computed
+by TRL from those per-token outputs.
+
+The patch therefore replaces exactly one thing: the per-token head that DPOTrainer's fused heads call. It swaps
+`trl.trainer.dpo_trainer.add_fused_lm_head` (the name `DPOTrainer.__init__` calls) for a copy of TRL's own function
+whose module globals differ in two names only:
+
+* `_ChunkedLogProbFunction` -> `_FastDPOLogProbHead`, same `apply` signature and outputs, backed by
+  `fastdpo.linear_logprobs(..., with_stats=True)`;
+* `_use_triton` (only used there to decide whether to score just the labelled positions) -> also true on CPU while
+  patched, so prompt and padding positions are never projected (TRL scores every position on CPU). Masked positions
+  are zero either way.
+
+Everything else — the backbone call, shifting, logit-scale/softcap config attributes, FSDP2 DTensor heads, ZeRO-3
+gathering, PEFT, MoE aux loss, `FusedCausalLMOutput` — is TRL's own code. Other trainers (SFT, GRPO, KTO, ...) are
+untouched. The swap is decided on every head call: after `unpatch_trl()` every fused head, including those of
+trainers built while patched, calls TRL's stock function again.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import threading
+import types
+import warnings
+
+import torch
+
+__all__ = ["SUPPORTED_TRL", "TESTED_TRL", "TRLVersionError", "patch_trl", "unpatch_trl", "is_trl_patched"]
+
+#: TRL versions whose DPOTrainer uses the fused LM head this patch targets (it arrived in 1.15.0).
+SUPPORTED_TRL = ">=1.15,<2"
+#: The TRL version the test suite runs against.
+TESTED_TRL = "1.16.0"
+
+_OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+# The name `add_fused_lm_head` (and the forward it builds) looks the chunked head up by, in its module globals.
+_HEAD_GLOBAL = "_ChunkedLogProbFunction"
+# Since TRL 1.16 the fused forward scores every position (not only the labelled ones) unless `_use_triton(device)`.
+_COMPACT_GLOBAL = "_use_triton"
+
+
+class TRLVersionError(RuntimeError):
+    """TRL is missing, or its version/layout is not one `patch_trl` supports."""
+
+
+class _State:
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.active = False
+        self.dpo_module = None  # trl.trainer.dpo_trainer
+        self.original_add = None  # TRL's add_fused_lm_head, as found in dpo_trainer's namespace
+        self.patched_add = None  # our replacement, installed in dpo_trainer's namespace
+        self.stock_head = None  # TRL's chunked log-prob function (utils._ChunkedLogProbFunction)
+        self.stock_use_triton = None
+        self.warned = set()
+
+
+_STATE = _State()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _STATE.warned:
+        _STATE.warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The replacement head
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _EntropyHasNoGradient(torch.autograd.Function):
+    """Identity on the entropy that refuses to backpropagate.
+
+    TRL's head makes the entropy differentiable; fastdpo's stats carry no gradient. DPOTrainer only logs the entropy
+    (detached), so this never fires there; it turns a silently missing gradient into a clear error for anyone who
+    backpropagates through `outputs.entropy` of a patched model.
+    """
+
+    @staticmethod
+    def forward(ctx, entropy, anchor):
+        return entropy.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(
+            "fastdpo.patch_trl(): the patched fused LM head does not propagate gradients through `entropy` "
+            "(DPOTrainer only logs it). Call fastdpo.unpatch_trl() before building a trainer that trains on the "
+            "entropy."
+        )
+
+
+def _stock_reason(hidden: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why this call must go to TRL's stock head, or None."""
+    if hasattr(weight, "ds_id"):
+        # DeepSpeed ZeRO-3 partitioned parameter: TRL gathers it around the forward and again in its own backward;
+        # fastdpo's backward would see the released (empty) shard.
+        return "DeepSpeed ZeRO-3 partitioned LM head"
+    if hidden.device.type not in ("cpu", "cuda"):
+        return f"device type {hidden.device.type!r}"
+    return None
+
+
+class _FastDPOLogProbHead:
+    """Drop-in for TRL's `ChunkedLogProbFunction` inside DPOTrainer's fused heads (only `apply` is used)."""
+
+    @staticmethod
+    def apply(
+        hidden,
+        weight,
+        bias,
+        targets,
+        temperature,
+        chunk_size,
+        final_logit_softcapping=None,
+        logit_scale=1.0,
+        outputs=("log_probs",) + _OPTIONAL_OUTPUTS,
+    ):
+        stock = _STATE.stock_head
+        if not _STATE.active:
+            return stock.apply(
+                hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs
+            )
+        reason = _stock_reason(hidden, weight)
+        if reason is not None:
+            if stock is None:
+                raise RuntimeError(f"fastdpo.patch_trl(): {reason} is not supported and TRL's own head is unavailable")
+            _warn_once(reason, f"fastdpo.patch_trl(): {reason}; using TRL's own chunked log-prob head for it.")
+            return stock.apply(
+                hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs
+            )
+        return _fastdpo_head(hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, outputs)
+
+
+def _fastdpo_head(hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs):
+    fastdpo = importlib.import_module(__package__ or "fastdpo")
+    linear_logprobs = fastdpo.linear_logprobs
+
+    device_type = hidden.device.type
+    # TRL's dtype rule: the projection runs in the autocast dtype when autocast is on, else in the hidden states'
+    # dtype; the head weights are cast to it. fastdpo then runs outside autocast on same-dtype inputs.
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = hidden.dtype
+    h = hidden if hidden.dtype == compute_dtype else hidden.to(compute_dtype)
+    w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
+    b = None if bias is None else (bias if bias.dtype == compute_dtype else bias.to(compute_dtype))
+    with_stats = any(name in outputs for name in _OPTIONAL_OUTPUTS)
+    kwargs = dict(temperature=float(temperature), softcap=softcap, logit_scale=float(logit_scale))
+    with torch.autocast(device_type, enabled=False):
+        result = linear_logprobs(h, w, targets, b, with_stats=with_stats, **kwargs)
+
+    if not with_stats:
+        return result.float(), None, None, None, None
+    logps, entropy, log_sum_sq_probs, mean_logits, is_top1 = result
+    if "entropy" in outputs:
+        entropy = entropy.detach().float()
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+            anchor = next(t for t in (hidden, weight, bias) if t is not None and t.requires_grad)
+            entropy = _EntropyHasNoGradient.apply(entropy, anchor)
+    else:
+        entropy = None
+    log_sum_sq_probs = log_sum_sq_probs.detach().float() if "log_sum_sq_probs" in outputs else None
+    mean_logits = mean_logits.detach().float() if "mean_logits" in outputs else None
+    is_top1 = is_top1.detach().bool() if "is_top1" in outputs else None
+    return logps.float(), entropy, log_sum_sq_probs, mean_logits, is_top1
+
+
+def _use_triton_while_patched(device) -> bool:
+    """`compact` in TRL's fused forward: score only labelled positions on CPU too while patched."""
+    if _STATE.active and torch.device(device).type == "cpu":
+        return True
+    return _STATE.stock_use_triton(device)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Installing and removing the patch
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _check_trl():
+    """Import TRL and check that it is a supported version with the expected layout; return its modules."""
+    try:
+        import trl
+    except ImportError as exc:
+        raise TRLVersionError(
+            f"fastdpo.patch_trl() needs TRL {SUPPORTED_TRL} (tested with {TESTED_TRL}); TRL is not installed. "
+            f"Install it with `pip install 'trl=={TESTED_TRL}'` or `pip install 'fastdpo[trl]'`."
+        ) from exc
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    found = getattr(trl, "__version__", None)
+    try:
+        version = Version(str(found))
+    except InvalidVersion:
+        version = None
+    if version is None or not SpecifierSet(SUPPORTED_TRL).contains(version, prereleases=True):
+        raise TRLVersionError(
+            f"fastdpo.patch_trl() supports TRL {SUPPORTED_TRL} (tested with {TESTED_TRL}), found TRL {found}. "
+            "Older TRL computes DPO log-probs without the fused LM head this patch replaces; "
+            f"install `trl=={TESTED_TRL}` or use fastdpo.FastDPOLoss directly."
+        )
+    try:
+        dpo_module = importlib.import_module("trl.trainer.dpo_trainer")
+        utils_module = importlib.import_module("trl.trainer.utils")
+    except ImportError as exc:
+        raise TRLVersionError(f"fastdpo.patch_trl(): cannot import TRL's DPO trainer ({exc})") from exc
+    original = getattr(utils_module, "add_fused_lm_head", None)
+    if (
+        not isinstance(original, types.FunctionType)
+        or not hasattr(utils_module, _HEAD_GLOBAL)
+        or _HEAD_GLOBAL not in _code_names(original.__code__)
+    ):
+        raise TRLVersionError(
+            f"fastdpo.patch_trl(): TRL {found} does not have the fused LM head layout this patch expects "
+            "(trl.trainer.utils.add_fused_lm_head calling _ChunkedLogProbFunction); supported: "
+            f"TRL {SUPPORTED_TRL}, tested {TESTED_TRL}."
+        )
+    if not hasattr(dpo_module, "add_fused_lm_head"):
+        raise TRLVersionError(f"fastdpo.patch_trl(): TRL {found}'s DPOTrainer does not use add_fused_lm_head.")
+    return dpo_module, utils_module
+
+
+def _build_patched_add(original: types.FunctionType, utils_module):
+    @functools.wraps(original)
+    def add_fused_lm_head(model, *args, **kwargs):
+        # Snapshot TRL's utils globals now (so later changes to them are seen by heads built later) and swap the two
+        # names; the forward TRL builds inside closes over these globals.
+        namespace = dict(vars(utils_module))
+        namespace[_HEAD_GLOBAL] = _FastDPOLogProbHead
+        if _COMPACT_GLOBAL in namespace:
+            namespace[_COMPACT_GLOBAL] = _use_triton_while_patched
+        fn = types.FunctionType(
+            original.__code__, namespace, original.__name__, original.__defaults__, original.__closure__
+        )
+        fn.__kwdefaults__ = original.__kwdefaults__
+        return fn(model, *args, **kwargs)
+
+    add_fused_lm_head.__fastdpo_patched__ = True
+    return add_fused_lm_head
+
+
+class _PatchHandle:
+    """Returned by `patch_trl()`; as a context manager it restores the state from before the call on exit."""
+
+    def __init__(self, was_patched: bool):
+        self._was_patched = was_patched
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if not self._was_patched:
+            unpatch_trl()
+        return False
+
+    def __repr__(self):
+        return f"<fastdpo TRL patch ({'active' if _STATE.active else 'inactive'})>"
+
+
+def patch_trl() -> _PatchHandle:
+    """Make TRL's `DPOTrainer` compute policy and reference log-probs with fastdpo's kernels.
+
+    Applies to trainers built after the call (their fused LM heads consult the patch state on every call).
+    Idempotent; reversed by `unpatch_trl()`. Also a context manager: `with fastdpo.patch_trl(): ...` undoes the patch
+    on exit unless it was already active before. Raises `TRLVersionError` if TRL is missing or unsupported.
+    """
+    with _STATE.lock:
+        if _STATE.active:
+            return _PatchHandle(was_patched=True)
+        dpo_module, utils_module = _check_trl()
+        fastdpo = importlib.import_module(__package__ or "fastdpo")
+        if not callable(getattr(fastdpo, "linear_logprobs", None)):
+            raise RuntimeError("fastdpo.patch_trl(): fastdpo.linear_logprobs is not available in this build")
+        current = dpo_module.add_fused_lm_head
+        if getattr(current, "__fastdpo_patched__", False):
+            current = current.__wrapped__  # left behind by a reloaded fastdpo; never wrap twice
+        original = utils_module.add_fused_lm_head
+        if current is not original:
+            raise TRLVersionError(
+                "fastdpo.patch_trl(): trl.trainer.dpo_trainer.add_fused_lm_head is not TRL's own function (already "
+                "patched by another library?); refusing to stack patches."
+            )
+        _STATE.dpo_module = dpo_module
+        _STATE.original_add = original
+        _STATE.stock_head = utils_module._ChunkedLogProbFunction
+        _STATE.stock_use_triton = getattr(utils_module, _COMPACT_GLOBAL, None)
+        _STATE.patched_add = _build_patched_add(original, utils_module)
+        dpo_module.add_fused_lm_head = _STATE.patched_add
+        _STATE.active = True
+        return _PatchHandle(was_patched=False)
+
+
+def unpatch_trl() -> None:
+    """Undo `patch_trl()`: TRL's DPOTrainer is stock again (including trainers built while patched). Idempotent."""
+    with _STATE.lock:
+        if not _STATE.active:
+            return
+        _STATE.active = False
+        module = _STATE.dpo_module
+        if module.add_fused_lm_head is _STATE.patched_add:
+            module.add_fused_lm_head = _STATE.original_add
+        else:
+            warnings.warn(
+                "fastdpo.unpatch_trl(): trl.trainer.dpo_trainer.add_fused_lm_head was replaced by someone else after "
+                "fastdpo patched it; leaving that replacement in place (fastdpo's head is disabled).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+
+def is_trl_patched() -> bool:
+    """Whether `patch_trl()` is currently active."""
+    return _STATE.active

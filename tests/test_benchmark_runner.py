@@ -1,0 +1,372 @@
+"""Fast tests of the benchmark runner (benchmarks/): everything but the measurements themselves."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import impls, inputs, measure, report, run, worker  # noqa: E402
+from benchmarks.inputs import Case  # noqa: E402
+
+TINY = Case("tiny", "tiny", 4, 48, 32, 500, "float32")
+TINY_CAP = Case("tiny-cap", "tiny", 4, 48, 32, 500, "float32", softcap=30.0)
+
+
+# --- arguments ----------------------------------------------------------------------------------------------------
+
+
+def test_defaults_without_cuda():
+    args = run.parse_args(["--quick"], cuda_available=False)
+    assert args.device == "cpu" and args.quick
+    assert args.out == REPO / "benchmarks" / "results" / "cpu"
+    assert args.impls == list(impls.IMPLS)
+    assert args.timeout == 600.0
+
+
+def test_cuda_requested_without_cuda_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run.parse_args(["--device", "cuda"], cuda_available=False)
+    assert exc.value.code == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_impl_selection_and_unknown_impl(tmp_path):
+    args = run.parse_args(["--impls", "naive, trl", "--out", str(tmp_path)], cuda_available=False)
+    assert args.impls == ["naive", "trl"] and args.out == tmp_path
+    with pytest.raises(SystemExit):
+        run.parse_args(["--impls", "naive,nope"], cuda_available=False)
+
+
+def test_every_required_implementation_is_registered():
+    assert list(impls.IMPLS) == ["fastdpo", "naive", "trl", "liger", "cce", "torch_lce"]
+
+
+def test_case_filter():
+    assert [c.name for c in run.select_cases("cpu", True, "v64k")] == ["cpu-2k-h256-v64k"]
+    assert run.select_cases("cpu", True, "nothing-matches") == []
+
+
+# --- case sets ----------------------------------------------------------------------------------------------------
+
+
+def test_quick_cpu_cases_match_the_issue():
+    cases = inputs.case_set("cpu", quick=True)
+    assert {(c.n_seqs, c.seq_len, c.hidden, c.vocab, c.dtype) for c in cases} == {
+        (8, 256, 256, 32768, "float32"), (8, 256, 256, 65536, "float32")}
+    assert len(inputs.case_set("cpu", quick=False)) > len(cases)
+
+
+def test_gpu_case_set_uses_real_heads_in_bf16():
+    cases = inputs.case_set("cuda", quick=False)
+    heads = {(c.hidden, c.vocab, c.softcap) for c in cases}
+    assert heads == {(2048, 128256, None), (4096, 128256, None), (3584, 152064, None), (2304, 256000, 30.0)}
+    assert all(c.dtype == "bfloat16" and c.n_seqs % 2 == 0 for c in cases)
+    assert min(c.tokens for c in cases) == 4096 and max(c.tokens for c in cases) == 65536
+    long = [c for c in cases if c.n_seqs == 2]
+    assert len(long) == 1 and long[0].tokens == 32768 and long[0].seq_len == 16384
+    names = [c.name for c in cases]
+    assert len(names) == len(set(names))
+    assert set(names) <= set(inputs.all_cases())  # workers look cases up by name
+
+
+# --- input generator ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [TINY, TINY_CAP], ids=["plain", "softcap"])
+@pytest.mark.parametrize("target", [1.5, 3.5])
+def test_entropy_calibration(case, target):
+    inp = inputs.make_inputs(case, target_entropy=target)
+    stats = inputs.input_stats(inp, case.softcap)
+    assert abs(stats["mean_entropy"] - target) < 0.4, stats
+    assert stats["target_top1"] > 0.3  # peaked on the target, not uniform (log 500 = 6.2 nats)
+
+
+def test_generator_shapes_labels_and_determinism():
+    a, b = inputs.make_inputs(TINY, seed=3), inputs.make_inputs(TINY, seed=3)
+    assert a["hidden"].shape == (4, 48, 32) and a["weight"].shape == (500, 32)
+    assert torch.equal(a["hidden"], b["hidden"]) and torch.equal(a["labels"], b["labels"])
+    labels = a["labels"]
+    assert (labels[:, 0] == inputs.IGNORE_INDEX).all()  # prompts are masked
+    valid = labels != inputs.IGNORE_INDEX
+    assert 0 < valid.sum() < labels.numel()
+    # chosen row i and rejected row i + B share the prompt
+    first_valid = valid.float().argmax(1)
+    assert torch.equal(first_valid[:2], first_valid[2:])
+    t = inputs.shifted_targets(labels)
+    assert torch.equal(t[:, :-1], labels[:, 1:]) and (t[:, -1] == inputs.IGNORE_INDEX).all()
+
+
+def test_calibration_handles_softcap_saturation():
+    # One strong logit per row plus a spread: with softcap the entropy falls, then rises again once every logit
+    # saturates at +-softcap (U-shaped); the calibration must land on the falling branch
+    gen = torch.Generator().manual_seed(0)
+    base = 0.1 * torch.randn(32, 1000, generator=gen)
+    base[:, 0] = 1.0
+
+    def entropy(s):
+        return inputs.token_entropy(inputs.transform(base * s, 10.0)).mean().item()
+
+    assert entropy(1e4) > 5.0 and min(entropy(s) for s in (15, 20, 25)) < 2.5  # really U-shaped
+    s = inputs.calibrate_scale(base, 10.0, target=3.0)
+    assert entropy(s) == pytest.approx(3.0, abs=0.05)
+    assert entropy(1.2 * s) < entropy(s)  # falling branch
+
+
+# --- reference and errors -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [TINY, TINY_CAP], ids=["plain", "softcap"])
+def test_fp64_reference_matches_autograd(case):
+    inp = inputs.make_inputs(case)
+    ref = measure.reference_fp64(inp, case.softcap, inputs.BETA, budget_bytes=40_000)  # forces several chunks
+    h = inp["hidden"].double().requires_grad_(True)
+    w = inp["weight"].double().requires_grad_(True)
+    t = inputs.shifted_targets(inp["labels"])
+    logp = inputs.transform(h @ w.T, case.softcap).log_softmax(-1).gather(-1, t.clamp(min=0)[..., None])[..., 0]
+    seq = logp.masked_fill(t == inputs.IGNORE_INDEX, 0).sum(-1)
+    loss = measure.sigmoid_dpo(seq, inp["ref_chosen_logps"].double(), inp["ref_rejected_logps"].double(),
+                               inputs.BETA)
+    loss.backward()
+    assert ref["loss"].item() == pytest.approx(loss.item(), rel=1e-12)
+    assert measure.rel_err(h.grad, ref["grad_hidden"]) < 1e-10
+    assert measure.rel_err(w.grad, ref["grad_weight"]) < 1e-10
+
+
+def test_rel_err():
+    ref = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    assert measure.rel_err(torch.tensor([3.0, 4.0]), ref) == 0
+    assert measure.rel_err(torch.tensor([3.0, 3.0]), ref) == pytest.approx(0.2)
+    assert measure.rel_err(None, ref) == math.inf
+
+
+# --- one implementation in-process: ok, skipped, error ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_case():
+    saved = inputs.make_inputs(TINY)
+    return saved, measure.reference_fp64(saved, None, inputs.BETA)
+
+
+def test_naive_row_is_ok_and_accurate(tiny_case):
+    saved, ref = tiny_case
+    row = worker.bench_impl("naive", impls.make_naive, saved, TINY, ref, "cpu", quick=True)
+    assert row["status"] == "ok", row
+    assert row["rel_err"] < 1e-5 and row["ms"] > 0 and row["peak_mem_bytes"] >= 0
+    assert set(report.ROW_KEYS) <= set(row)
+
+
+def test_wrong_implementation_shows_in_rel_err(tiny_case):
+    saved, ref = tiny_case
+
+    def make_wrong(inp, case):
+        run, note = impls.make_naive(inp, case)
+        return (lambda: 1.5 * run()), note
+
+    row = worker.bench_impl("wrong", make_wrong, saved, TINY, ref, "cpu", quick=True)
+    assert row["status"] == "ok" and row["rel_err"] == pytest.approx(0.5, rel=1e-3)
+
+
+def test_failing_peer_becomes_error_row(tiny_case):
+    saved, ref = tiny_case
+
+    def make_broken(inp, case):
+        def run():
+            raise RuntimeError("kernel exploded")
+        return run, "broken"
+
+    row = worker.bench_impl("broken", make_broken, saved, TINY, ref, "cpu")
+    assert row["status"] == "error: RuntimeError: kernel exploded"
+    assert row["ms"] is None and row["rel_err"] is None
+
+
+def test_missing_peer_becomes_skipped_row(tiny_case, monkeypatch):
+    saved, ref = tiny_case
+    monkeypatch.setitem(sys.modules, "liger_kernel.chunked_loss", None)  # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)
+    for name in ("liger", "cce"):
+        row = worker.bench_impl(name, impls.IMPLS[name], saved, TINY, ref, "cpu")
+        assert row["status"].startswith("skipped: ") and "not importable" in row["status"], row
+
+
+def test_peers_without_softcap_are_skipped(tiny_case):
+    saved, ref = tiny_case
+    for name in ("liger", "torch_lce"):
+        row = worker.bench_impl(name, impls.IMPLS[name], saved, TINY_CAP, ref, "cpu")
+        assert row["status"].startswith("skipped: ") and "softcap" in row["status"]
+
+
+def test_nan_result_is_an_error(tiny_case):
+    saved, ref = tiny_case
+
+    def make_nan(inp, case):
+        run, note = impls.make_naive(inp, case)
+        return (lambda: run() * float("nan")), note
+
+    assert worker.bench_impl("nan", make_nan, saved, TINY, ref, "cpu")["status"].startswith("error: non-finite")
+
+
+# --- orchestration with fake workers ------------------------------------------------------------------------------
+
+
+def _row(name, case=TINY, ms=1.0):
+    row = worker.base_row(name, case)
+    row.update(ms=ms, peak_mem_bytes=10, rel_err=1e-7, status="ok")
+    return row
+
+
+def fake_launcher(die_on=(), calls=None):
+    """A bench worker that reports every name but dies right after starting any name in die_on."""
+
+    def launch(names, on_line):
+        if calls is not None:
+            calls.append(list(names))
+        for n in names:
+            on_line(worker.TAG_START + n)
+            if n in die_on:
+                return -11, "Segmentation fault"
+            on_line(worker.TAG_ROW + json.dumps(_row(n)))
+        return 0, ""
+
+    return launch
+
+
+def test_run_case_isolated_runs_one_worker_per_impl():
+    calls = []
+    rows = run.run_case(TINY, ["a", "b", "c"], True, fake_launcher(calls=calls))
+    assert calls == [["a"], ["b"], ["c"]]
+    assert [r["impl"] for r in rows] == ["a", "b", "c"] and all(r["status"] == "ok" for r in rows)
+
+
+def test_run_case_worker_crash_costs_only_the_running_impl():
+    calls = []
+    rows = run.run_case(TINY, ["a", "b", "c"], False, fake_launcher(die_on={"b"}, calls=calls))
+    assert calls == [["a", "b", "c"], ["c"]]  # a new worker picks up after the crash
+    assert [r["impl"] for r in rows] == ["a", "b", "c"]
+    assert rows[1]["status"].startswith("error: worker exited with code -11")
+    assert "Segmentation fault" in rows[1]["status"]
+    assert rows[0]["status"] == rows[2]["status"] == "ok"
+
+
+def test_run_case_silent_worker_death():
+    rows = run.run_case(TINY, ["a", "b"], True, lambda names, on_line: (1, "ImportError: boom"))
+    assert [r["status"] for r in rows] == ["error: worker exited with code 1: ImportError: boom"] * 2
+
+
+def test_main_end_to_end_with_fake_workers(tmp_path, monkeypatch, capsys):
+    """main(): prep + bench workers (faked), progress lines, results.json/.md in --out."""
+
+    def fake_launch_worker(argv, on_line, timeout, log_path):
+        cmd, case = argv[0], argv[argv.index("--case") + 1]
+        if cmd == "prep":
+            on_line(worker.TAG_INFO + json.dumps({"mean_entropy": 2.5, "target_top1": 0.7, "mean_target_logp": -1.5,
+                                                  "valid_tokens": 1000, "versions": {"torch": "x"},
+                                                  "device_name": "cpu"}))
+            return 0, ""
+        for name in argv[argv.index("--impls") + 1].split(","):
+            on_line(worker.TAG_START + name)
+            if name == "liger":
+                row = worker.base_row(name, inputs.all_cases()[case])
+                row["status"] = "skipped: liger-kernel not importable"
+            else:
+                row = _row(name, inputs.all_cases()[case])
+            on_line(worker.TAG_ROW + json.dumps(row))
+        return 0, ""
+
+    monkeypatch.setattr(run, "launch_worker", fake_launch_worker)
+    monkeypatch.setattr(report, "write_plots", lambda *a, **k: [])
+    assert run.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--impls", "naive,liger"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    report.validate(results)
+    assert [(r["case"], r["impl"]) for r in results["rows"]] == [
+        ("cpu-2k-h256-v32k", "naive"), ("cpu-2k-h256-v32k", "liger"),
+        ("cpu-2k-h256-v64k", "naive"), ("cpu-2k-h256-v64k", "liger")]
+    assert results["versions"] == {"torch": "x"}
+    assert results["cases"]["cpu-2k-h256-v32k"]["mean_entropy"] == 2.5
+    md = (tmp_path / "results.md").read_text()
+    assert "skipped: liger-kernel not importable" in md and "| cpu-2k-h256-v64k | naive |" in md
+    out = capsys.readouterr().out
+    assert "[  1/4]" in out and "mean entropy 2.50" in out
+
+
+def test_failed_input_preparation_gives_error_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "launch_worker", lambda argv, on_line, timeout, log: (1, "MemoryError"))
+    monkeypatch.setattr(report, "write_plots", lambda *a, **k: [])
+    run.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--impls", "naive", "--cases", "v32k"])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["status"] == "error: input preparation failed: MemoryError"
+
+
+# --- results files ------------------------------------------------------------------------------------------------
+
+
+def _results():
+    skipped = worker.base_row("liger", TINY_CAP)
+    skipped["status"] = "skipped: LigerFusedLinearDPOLoss has no final-logit softcap"
+    failed = worker.base_row("cce", TINY)
+    failed["status"] = "error: RuntimeError: a | b"
+    ok = _row("naive")
+    ok["rel_err_parts"] = {"loss": 1e-8, "hidden": float("nan"), "weight": 1e-7}
+    return {"device": "cpu", "versions": {"torch": "2.13"}, "rows": [ok, skipped, failed]}
+
+
+def test_results_json_schema_roundtrip(tmp_path):
+    path = report.write_json(_results(), tmp_path)
+    data = json.loads(path.read_text())  # strict JSON: the NaN became null
+    assert data["rows"][0]["rel_err_parts"]["hidden"] is None
+    assert set(data) >= {"device", "versions", "rows"}
+    for row in data["rows"]:
+        assert set(report.ROW_KEYS) <= set(row)
+    assert [r["status"].split(":")[0] for r in data["rows"]] == ["ok", "skipped", "error"]
+
+
+@pytest.mark.parametrize("breakage", ["missing key", "bad status", "ok without ms", "no device"])
+def test_validate_rejects_bad_results(breakage):
+    results = _results()
+    if breakage == "missing key":
+        del results["rows"][0]["peak_mem_bytes"]
+    elif breakage == "bad status":
+        results["rows"][1]["status"] = "skip"
+    elif breakage == "ok without ms":
+        results["rows"][0]["ms"] = None
+    else:
+        del results["device"]
+    with pytest.raises(ValueError):
+        report.validate(results)
+
+
+def test_markdown_table(tmp_path):
+    md = report.write_markdown(_results(), tmp_path).read_text()
+    lines = [x for x in md.splitlines() if x.startswith("| tiny")]
+    assert len(lines) == 3
+    assert all(x.count("|") == lines[0].count("|") for x in lines)  # the '|' inside a status is escaped
+    assert "skipped: LigerFusedLinearDPOLoss has no final-logit softcap" in md
+    assert "x cuBLAS" not in md  # CPU results have no roofline columns
+    gpu = _results()
+    gpu["rows"][0].update(roofline=1.3, tflops=512.0)
+    assert "| 1.30 | 512 |" in report.table(gpu)
+
+
+def test_roofline_columns():
+    rows = [_row("naive", ms=20.0), worker.base_row("cce", TINY)]
+    run.add_roofline(rows, {"cublas_ms": 10.0, "valid_tokens": 1000}, TINY)
+    assert rows[0]["roofline"] == 2.0
+    assert rows[0]["tflops"] == pytest.approx(8 * 1000 * 32 * 500 / 20e-3 / 1e12)
+    assert "roofline" not in rows[1]
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = _results()
+    results["rows"].append({**_row("naive"), "tokens": 2 * TINY.tokens})
+    paths = report.write_plots(results, tmp_path, {"tiny": "tiny"})
+    assert [p.name for p in paths] == ["time.png", "memory.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
