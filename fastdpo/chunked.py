@@ -1,12 +1,18 @@
 """The PyTorch path (CPU, or any device without Triton): the fused kernels' algorithm in torch tiles.
 
-Same two-pass design as the Triton kernels: the forward folds tiles of (tokens x vocab) logits into
-online-softmax partials (fastdpo.softmax_stats) and keeps only lse per token; the backward
-recomputes each tile and turns it into dX / dW / db contributions. At most one logits tile (plus
-its softmax) exists at a time, TILE_ELEMENTS values each.
+Same two-pass design as the Triton kernels: the forward folds (tokens x vocab) logits tiles into
+per-token softmax statistics and keeps only lse per token; the backward recomputes each tile and
+turns it into dX / dW / db contributions. At most one logits tile of TILE_ELEMENTS values exists at
+a time, and the hidden states are read through row indices, never copied whole.
 
-The loops run vocabulary-outer: a slice of W (and of dW) stays in cache while every token block
-passes over it, so dW is written once per slice rather than once per token block.
+Loops run token-block-outer: a block of hidden rows (and its per-row buffers) is gathered once and
+meets every vocabulary slice, so the extra memory is one tile plus a few [TOKEN_BLOCK, H] buffers.
+
+Two variants of each pass:
+- linear heads (no softcap, no bias, no statistics: the common case) use a fixed per-row shift and
+  pull the per-token gradient scalar out of the tiles, so a tile costs its GEMMs and one exp;
+- everything else (softcap, bias, statistics) uses the online-softmax partials of
+  fastdpo.softmax_stats and the explicit d_logits tile.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ import torch
 
 from .softmax_stats import VocabPartials, merge
 
-# 2^21 fp32 values = 8 MiB per tile. Measured on 2 cores (2048 tokens, H=256, V=65536, fwd+bwd):
-# 1 MiB tiles 13.6 s, 4 MiB 10.1 s, 8 MiB 6.9 s, 16 MiB 6.8 s: below ~8 MiB the GEMMs get too thin
-# to run at full speed, above it the gain is small while the tile still costs memory.
-TILE_ELEMENTS = 1 << 21
+# 2^15 values (128 KiB in fp32) per logits tile, 128 token rows per block. On 2 idle cores (1273
+# scored tokens, H=256, V=65536, fwd+bwd) tiles of 2^15 to 2^21 values all ran in 1.2-1.5 s, while
+# the memory held beyond the gradients grew with the tile (from ~2.5 MiB at 2^15 to ~49 MiB at 2^21,
+# GEMM packing buffers included): on CPU small tiles cost nothing.
+TILE_ELEMENTS = 1 << 15
+TOKEN_BLOCK = 128
 # Vocabulary slices are whole multiples of this (GEMM kernels prefer aligned widths).
 VOCAB_ALIGN = 128
 
@@ -27,11 +35,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def tile_shape(n_rows: int, vocab_size: int) -> tuple[int, int]:
-    vocab_chunk = max(VOCAB_ALIGN, TILE_ELEMENTS // max(n_rows, 1) // VOCAB_ALIGN * VOCAB_ALIGN)
-    vocab_chunk = min(vocab_size, vocab_chunk)
-    token_chunk = max(1, min(n_rows, TILE_ELEMENTS // vocab_chunk))
-    return token_chunk, vocab_chunk
+def vocab_slices(vocab_size: int, token_block: int):
+    width = max(VOCAB_ALIGN, TILE_ELEMENTS // token_block // VOCAB_ALIGN * VOCAB_ALIGN)
+    return [(v0, min(v0 + width, vocab_size)) for v0 in range(0, vocab_size, width)]
+
+
+def token_blocks(n_rows: int):
+    return [(r0, min(r0 + TOKEN_BLOCK, n_rows)) for r0 in range(0, n_rows, TOKEN_BLOCK)]
 
 
 class Transform:
@@ -62,6 +72,73 @@ class Transform:
         return d_z
 
 
+class Rows:
+    """The scored rows of the hidden states: gathered block by block in the accumulation dtype."""
+
+    def __init__(self, hidden_2d: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor):
+        self.hidden, self.rows, self.targets = hidden_2d, rows, targets
+        self.dtype = accumulation_dtype(hidden_2d.dtype)
+
+    def __len__(self) -> int:
+        return self.rows.numel()
+
+    def block(self, r0: int, r1: int) -> torch.Tensor:
+        return self.hidden.index_select(0, self.rows[r0:r1]).to(self.dtype)
+
+
+def _weight_slice(weight, bias, v0, v1, dtype):
+    return weight[v0:v1].to(dtype), None if bias is None else bias[v0:v1].to(dtype)
+
+
+# --- forward -------------------------------------------------------------------------------------
+
+
+def forward_partials(x: Rows, weight, bias, transform: Transform, with_stats: bool) -> VocabPartials:
+    """Merged softmax partials of the scored rows over the whole vocabulary."""
+    if transform.is_linear and bias is None and not with_stats:
+        partials = _shifted_forward(x, weight, transform.linear_factor)
+        if bool(torch.isfinite(partials.sum_exp).all()):
+            return partials
+        # A logit more than ~88 nats above its row's target logit overflowed exp (or the input holds
+        # NaN/inf): the online path rescales by the running maximum and propagates NaN.
+    blocks = [_online_block(x, r0, r1, weight, bias, transform, with_stats) for r0, r1 in token_blocks(len(x))]
+    return VocabPartials(*(None if field[0] is None else torch.cat(field) for field in zip(*blocks)))
+
+
+def _shifted_forward(x: Rows, weight, factor: float) -> VocabPartials:
+    """lse without a max pass: every tile is exponentiated relative to the row's target logit.
+
+    Any value a row actually attains is a safe shift for its logsumexp: logits far below it underflow
+    to 0 and add nothing that float32 could hold next to exp(0) = 1. The shift is fused into the GEMM
+    (addmm's broadcast input), so a tile costs one GEMM, one in-place exp and one row sum.
+    """
+    target_logits, sums = [], []
+    for r0, r1 in token_blocks(len(x)):
+        xb = x.block(r0, r1)
+        target_logit = factor * torch.linalg.vecdot(xb, weight.index_select(0, x.targets[r0:r1]).to(x.dtype))
+        neg_shift, sum_exp = -target_logit[:, None], torch.zeros_like(target_logit)
+        slices = vocab_slices(weight.shape[0], r1 - r0)
+        tile = torch.empty(r1 - r0, slices[0][1] - slices[0][0], dtype=x.dtype, device=xb.device)
+        for v0, v1 in slices:
+            w = weight[v0:v1].to(x.dtype)
+            probs = torch.addmm(neg_shift, xb, w.T, alpha=factor, out=tile[:, : v1 - v0]).exp_()
+            sum_exp += probs.sum(1)
+        target_logits.append(target_logit)
+        sums.append(sum_exp)
+    target_logit = torch.cat(target_logits)
+    return VocabPartials(max=target_logit, sum_exp=torch.cat(sums), target_logit=target_logit)
+
+
+def _online_block(x: Rows, r0, r1, weight, bias, transform: Transform, with_stats: bool) -> VocabPartials:
+    xb, targets = x.block(r0, r1), x.targets[r0:r1]
+    running = None
+    for v0, v1 in vocab_slices(weight.shape[0], r1 - r0):
+        w, b = _weight_slice(weight, bias, v0, v1, x.dtype)
+        tile = _tile_partials(_logits(xb, w, b, transform), targets, v0, with_stats)
+        running = tile if running is None else merge(_stack(running, tile))
+    return running
+
+
 def _logits(x, w, b, transform: Transform) -> torch.Tensor:
     raw = x @ w.T if b is None else torch.addmm(b, x, w.T)
     return transform(raw)
@@ -73,8 +150,7 @@ def _tile_partials(z: torch.Tensor, targets: torch.Tensor, col_start: int, with_
     local = targets - col_start
     in_tile = (local >= 0) & (local < z.shape[1])
     gathered = z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
-    target_logit = torch.where(in_tile, gathered, torch.zeros_like(gathered))
-    parts = VocabPartials(tile_max, p.sum(1), target_logit)
+    parts = VocabPartials(tile_max, p.sum(1), torch.where(in_tile, gathered, torch.zeros_like(gathered)))
     if not with_stats:
         return parts
     cols = torch.arange(col_start, col_start + z.shape[1], device=z.device)
@@ -89,125 +165,71 @@ def _stack(a: VocabPartials, b: VocabPartials) -> VocabPartials:
     return VocabPartials(*(None if x is None else torch.stack([x, y]) for x, y in zip(a, b)))
 
 
-def forward_partials(x, weight, bias, targets, transform: Transform, with_stats: bool) -> VocabPartials:
-    """Merged softmax partials of compact rows x [n, H] (accumulation dtype) over the vocabulary."""
-    if transform.is_linear and bias is None and not with_stats:
-        partials = _shifted_forward(x, weight, targets, transform.linear_factor)
-        if bool(torch.isfinite(partials.sum_exp).all()):
-            return partials
-        # A logit more than ~88 nats above its row's target logit overflowed exp (or the input holds
-        # NaN/inf): the general path below rescales by the running maximum and propagates NaN.
-    return _online_forward(x, weight, bias, targets, transform, with_stats)
+# --- backward ------------------------------------------------------------------------------------
 
 
-def _shifted_forward(x, weight, targets, factor: float) -> VocabPartials:
-    """lse without a max pass: every tile is exponentiated relative to the row's target logit.
+def backward(x: Rows, weight, bias, lse, grad, transform: Transform, *, dx, dw, db):
+    """Accumulate into dx ([N, H], indexed by x.rows), dw ([V, H]) and db ([V]); each may be None.
 
-    Any value a row actually attains is a safe shift for its logsumexp: logits far below it underflow
-    to 0 and add nothing that float32 could hold next to exp(0) = 1. The shift is fused into the GEMM
-    (addmm's broadcast input), so a tile costs one GEMM, one in-place exp and one row sum.
+    All three are in the accumulation dtype and zero-initialised by the caller.
     """
-    n_rows, vocab_size = x.shape[0], weight.shape[0]
-    token_chunk, vocab_chunk = tile_shape(n_rows, vocab_size)
-    target_logit = factor * (x * weight[targets].to(x.dtype)).sum(1)
-    neg_shift = -target_logit[:, None]
-    sum_exp = torch.zeros_like(target_logit)
-    for v0 in range(0, vocab_size, vocab_chunk):
-        w_t = weight[v0:v0 + vocab_chunk].to(x.dtype).T
-        for r0 in range(0, n_rows, token_chunk):
-            r1 = r0 + token_chunk
-            tile = torch.addmm(neg_shift[r0:r1], x[r0:r1], w_t, alpha=factor).exp_()
-            sum_exp[r0:r1] += tile.sum(1)
-    return VocabPartials(max=target_logit, sum_exp=sum_exp, target_logit=target_logit)
+    linear = transform.is_linear and bias is None
+    for r0, r1 in token_blocks(len(x)):
+        xb, targets = x.block(r0, r1), x.targets[r0:r1]
+        block = _factored_block if linear else _tiled_block
+        dx_block = block(xb, targets, weight, bias, lse[r0:r1], grad[r0:r1], transform, dw, db,
+                         need_dx=dx is not None)
+        if dx is not None:
+            dx.index_copy_(0, x.rows[r0:r1], dx_block)
 
 
-def _online_forward(x, weight, bias, targets, transform: Transform, with_stats: bool) -> VocabPartials:
-    n_rows, vocab_size = x.shape[0], weight.shape[0]
-    token_chunk, vocab_chunk = tile_shape(n_rows, vocab_size)
-    acc = x.dtype
-    running = None
-    for v0 in range(0, vocab_size, vocab_chunk):
-        w = weight[v0:v0 + vocab_chunk].to(acc)
-        b = None if bias is None else bias[v0:v0 + vocab_chunk].to(acc)
-        blocks = [
-            _tile_partials(_logits(x[r0:r0 + token_chunk], w, b, transform), targets[r0:r0 + token_chunk], v0,
-                           with_stats)
-            for r0 in range(0, n_rows, token_chunk)
-        ]
-        chunk = VocabPartials(*(None if f[0] is None else torch.cat(f) for f in zip(*blocks)))
-        running = chunk if running is None else merge(_stack(running, chunk))
-    return running
-
-
-def backward(x, weight, bias, targets, lse, grad, transform: Transform, *, need_dx, need_dw, need_db):
-    """(dX compact [n, H], dW [V, H], db [V]) in the accumulation dtype; None where not needed."""
-    if transform.is_linear and bias is None:
-        return _factored_backward(x, weight, targets, lse, grad, transform.linear_factor, need_dx, need_dw, need_db)
-    return _tiled_backward(x, weight, bias, targets, lse, grad, transform, need_dx, need_dw, need_db)
-
-
-def _factored_backward(x, weight, targets, lse, grad, factor, need_dx, need_dw, need_db):
+def _factored_block(xb, targets, weight, _bias, lse, grad, transform: Transform, dw, _db, need_dx):
     """The backward of a linear head with the per-token scalar g_i pulled out of every tile.
 
     dz = g (onehot - P) with P = exp(c X W^T - lse), so
-        dX = c g (W[y] - P W),      dW = -P^T (c g X) + scatter_y(c g X),      db likewise,
-    and the g-scaling touches [n, H] matrices instead of [n, V] tiles: each tile costs one GEMM with
-    the lse shift fused in, one in-place exp, and the GEMMs of the products.
+        dX = c g (W[y] - P W),      dW = -(c g P)^T X + scatter_y(c g X),
+    and the onehot term never touches a tile: each tile costs one GEMM with the lse shift fused in,
+    one in-place exp, one row scaling, and the GEMMs of the products. (No bias on this path.)
     """
-    n_rows, vocab_size = x.shape[0], weight.shape[0]
-    token_chunk, vocab_chunk = tile_shape(n_rows, vocab_size)
+    factor = transform.linear_factor
     scaled_grad = factor * grad
-    expected_w = torch.zeros_like(x) if need_dx else None  # sum_v P[i, v] W[v]
-    neg_x = -scaled_grad[:, None] * x if need_dw else None
-    dw = torch.zeros(weight.shape, dtype=x.dtype, device=x.device) if need_dw else None
-    db = torch.zeros(vocab_size, dtype=x.dtype, device=x.device) if need_db else None
-    neg_lse = -lse[:, None]
-    for v0 in range(0, vocab_size, vocab_chunk):
-        v1 = v0 + vocab_chunk
-        w = weight[v0:v1].to(x.dtype)
-        for r0 in range(0, n_rows, token_chunk):
-            r1 = r0 + token_chunk
-            probs = torch.addmm(neg_lse[r0:r1], x[r0:r1], w.T, alpha=factor).exp_()
-            if need_dx:
-                expected_w[r0:r1].addmm_(probs, w)
-            if need_dw:
-                dw[v0:v1].addmm_(probs.T, neg_x[r0:r1])
-            if need_db:
-                db[v0:v1].addmv_(probs.T, -scaled_grad[r0:r1])
-    dx = scaled_grad[:, None] * (weight[targets].to(x.dtype) - expected_w) if need_dx else None
-    if need_dw:
-        dw.index_add_(0, targets, scaled_grad[:, None] * x)
-    if need_db:
-        db.index_add_(0, targets, scaled_grad)
-    return dx, dw, db
+    expected_w = torch.zeros_like(xb) if need_dx else None  # sum_v P[i, v] W[v]
+    neg_lse, neg_scaled_grad = -lse[:, None], -scaled_grad[:, None]
+    slices = vocab_slices(weight.shape[0], xb.shape[0])
+    tile = torch.empty(xb.shape[0], slices[0][1] - slices[0][0], dtype=xb.dtype, device=xb.device)  # reused
+    for v0, v1 in slices:
+        w = weight[v0:v1].to(xb.dtype)
+        probs = torch.addmm(neg_lse, xb, w.T, alpha=factor, out=tile[:, : v1 - v0]).exp_()
+        if need_dx:
+            expected_w.addmm_(probs, w)
+        if dw is not None:
+            # Scaling the tile's rows costs O(block x slice), against O(block x slice x H) for its
+            # GEMMs, and saves a [block, H] copy of -c g X.
+            dw[v0:v1].addmm_(probs.mul_(neg_scaled_grad).T, xb)
+    if dw is not None:  # the onehot term: c g_i x_i into row y_i (xb is this block's own copy)
+        dw.index_add_(0, targets, xb.mul_(scaled_grad[:, None]))
+    if need_dx:  # c g (W[y] - E[W]), in place in the E buffer
+        return expected_w.sub_(weight.index_select(0, targets).to(xb.dtype)).mul_(-scaled_grad[:, None])
+    return None
 
 
-def _tiled_backward(x, weight, bias, targets, lse, grad, transform: Transform, need_dx, need_dw, need_db):
-    n_rows, vocab_size = x.shape[0], weight.shape[0]
-    token_chunk, vocab_chunk = tile_shape(n_rows, vocab_size)
-    acc = x.dtype
-    dx = torch.zeros_like(x) if need_dx else None
-    dw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_dw else None
-    db = torch.zeros(vocab_size, dtype=acc, device=x.device) if need_db else None
-    for v0 in range(0, vocab_size, vocab_chunk):
-        w = weight[v0:v0 + vocab_chunk].to(acc)
-        b = None if bias is None else bias[v0:v0 + vocab_chunk].to(acc)
-        for r0 in range(0, n_rows, token_chunk):
-            r1 = r0 + token_chunk
-            z = _logits(x[r0:r1], w, b, transform)
-            d_z = _logits_gradient(z, targets[r0:r1] - v0, lse[r0:r1], grad[r0:r1])
-            d_raw = transform.scale_gradient_(d_z, z)
-            if dx is not None:
-                dx[r0:r1].addmm_(d_raw, w)
-            if dw is not None:
-                dw[v0:v0 + vocab_chunk].addmm_(d_raw.T, x[r0:r1])
-            if db is not None:
-                db[v0:v0 + vocab_chunk] += d_raw.sum(0)
-    return dx, dw, db
+def _tiled_block(xb, targets, weight, bias, lse, grad, transform: Transform, dw, db, need_dx):
+    dx = torch.zeros_like(xb) if need_dx else None
+    for v0, v1 in vocab_slices(weight.shape[0], xb.shape[0]):
+        w, b = _weight_slice(weight, bias, v0, v1, xb.dtype)
+        z = _logits(xb, w, b, transform)
+        d_raw = transform.scale_gradient_(_logits_gradient(z, targets - v0, lse, grad), z)
+        if need_dx:
+            dx.addmm_(d_raw, w)
+        if dw is not None:
+            dw[v0:v1].addmm_(d_raw.T, xb)
+        if db is not None:
+            db[v0:v1] += d_raw.sum(0)
+    return dx
 
 
 def _logits_gradient(z, local_targets, lse, grad):
-    """g * (onehot - softmax), built in place of z's copy: one tile of memory."""
+    """g * (onehot - softmax), built in one new tile."""
     d_z = torch.sub(z, lse[:, None]).exp_().mul_(-grad[:, None])
     in_tile = (local_targets >= 0) & (local_targets < z.shape[1])
     rows = in_tile.nonzero().squeeze(1)

@@ -27,25 +27,23 @@ class LinearLogProbs(torch.autograd.Function):
         row_targets = flat_targets[rows]
         transform = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
         if rows.numel() == 0:  # every position ignored: nothing to launch
-            merged, saved_input = _no_partials(hidden, with_stats), hidden_2d[:0]
+            merged = _no_partials(hidden, with_stats)
         elif backend == "triton":
             from .kernels import logprob_forward
 
             hidden_2d, weight = _row_major(hidden_2d), _row_major(weight)
-            partials = VocabPartials(*logprob_forward(hidden_2d, weight, bias, rows, row_targets,
-                                                      with_stats=with_stats, **transform))
-            merged, saved_input = merge(partials), hidden_2d
+            merged = merge(VocabPartials(*logprob_forward(hidden_2d, weight, bias, rows, row_targets,
+                                                          with_stats=with_stats, **transform)))
         else:
-            compact = hidden_2d.index_select(0, rows).to(chunked.accumulation_dtype(hidden.dtype))
-            merged = chunked.forward_partials(compact, weight, bias, row_targets, chunked.Transform(**transform),
-                                              with_stats)
-            saved_input = compact
+            merged = chunked.forward_partials(chunked.Rows(hidden_2d, rows, row_targets), weight, bias,
+                                              chunked.Transform(**transform), with_stats)
         lse = logsumexp(merged)
         stats = token_stats(merged, lse, weight.shape[0])
 
-        ctx.save_for_backward(saved_input, weight, bias, rows, row_targets, lse)
+        ctx.save_for_backward(hidden_2d, weight, bias, rows, row_targets, lse)
         ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
         ctx.backend, ctx.transform = backend, transform
+        stats = stats if with_stats else stats[:1]
         outputs = [_scatter(stat, rows, flat_targets.numel()).view(targets.shape) for stat in stats]
         if not with_stats:
             return outputs[0]
@@ -54,42 +52,33 @@ class LinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps, *_unused_stat_grads):
-        saved_input, weight, bias, rows, row_targets, lse = ctx.saved_tensors
+        hidden_2d, weight, bias, rows, row_targets, lse = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         grad_rows = grad_logps.reshape(-1).index_select(0, rows).to(lse.dtype).contiguous()
-        num_tokens, hidden_size = ctx.hidden_shape.numel() // ctx.hidden_shape[-1], ctx.hidden_shape[-1]
-        if ctx.backend == "triton":
-            dx, dw, db = _triton_backward(ctx, saved_input, weight, bias, rows, row_targets, lse, grad_rows,
-                                          need_dx, need_dw, need_db, num_tokens)
+        # fp32 (fp64 for fp64 inputs) accumulators, cast to the input dtypes at the end: for fp32
+        # inputs the cast is free and the accumulators are the gradients themselves.
+        acc_dtype = lse.dtype
+
+        def zeros(shape, wanted):
+            return torch.zeros(shape, dtype=acc_dtype, device=weight.device) if wanted else None
+
+        dx, dw, db = zeros(hidden_2d.shape, need_dx), zeros(weight.shape, need_dw), zeros(weight.shape[:1], need_db)
+        if rows.numel() == 0:  # nothing was scored: the gradients are zero
+            pass
+        elif ctx.backend == "triton":
+            from .kernels import logprob_backward
+
+            logprob_backward(hidden_2d, weight, bias, rows, row_targets, lse, grad_rows, grad_hidden=dx,
+                             grad_weight=dw, grad_bias=db, **ctx.transform)
         else:
-            dx_rows, dw, db = chunked.backward(saved_input, weight, bias, row_targets, lse, grad_rows,
-                                               chunked.Transform(**ctx.transform),
-                                               need_dx=need_dx, need_dw=need_dw, need_db=need_db)
-            dx = None
-            if need_dx:
-                dx = torch.zeros((num_tokens, hidden_size), dtype=ctx.hidden_dtype, device=weight.device)
-                dx.index_copy_(0, rows, dx_rows.to(ctx.hidden_dtype))
+            chunked.backward(chunked.Rows(hidden_2d, rows, row_targets), weight, bias, lse, grad_rows,
+                             chunked.Transform(**ctx.transform), dx=dx, dw=dw, db=db)
         return (
             None if dx is None else dx.to(ctx.hidden_dtype).view(ctx.hidden_shape),
             None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype),
             *([None] * 7),
         )
-
-
-def _triton_backward(ctx, hidden_2d, weight, bias, rows, row_targets, lse, grad_rows, need_dx, need_dw, need_db,
-                     num_tokens):
-    from .kernels import logprob_backward
-
-    def fp32_zeros(*shape):
-        return torch.zeros(shape, dtype=torch.float32, device=weight.device)
-
-    dx = fp32_zeros(num_tokens, weight.shape[1]) if need_dx else None
-    dw = fp32_zeros(*weight.shape) if need_dw else None
-    db = fp32_zeros(weight.shape[0]) if need_db else None
-    logprob_backward(hidden_2d, weight, bias, rows, row_targets, lse, grad_rows, grad_hidden=dx, grad_weight=dw,
-                     grad_bias=db, **ctx.transform)
-    return dx, dw, db
 
 
 def _no_partials(hidden: torch.Tensor, with_stats: bool) -> VocabPartials:
