@@ -1,89 +1,138 @@
-"""FastDPOLoss: the DPO loss from final hidden states and the LM head, logits never materialized.
+"""FastDPOLoss: preference losses from final hidden states and the LM head, logits never materialized.
 
-    policy logps   = sum over completion tokens of log softmax(h W^T + b)[label]   (fused kernels)
+    policy logps   = log softmax(h W^T + b)[label] per completion token            (fused kernels)
     reference      = precomputed per-sequence log-probs, or the same kernels without grad
-    loss           = -log sigma(beta * ((c - c_ref) - (r - r_ref)))               (Rafailov et al. 2023)
+    loss           = any of fastdpo.losses (TRL's loss types, SimPO, ORPO), from per-sequence log-probs
+
+The plain sigmoid loss on the Triton backend takes a fused path: the per-sequence sums and the loss
+with its gradient run in one kernel (kernels/sigmoid_dpo.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .backends import resolve_backend
 from .fused_sigmoid import fused_sigmoid_dpo
 from .logprobs import linear_logprobs
+from .losses import LossConfig, preference_loss_from_token_logps
 from .sequences import sequence_logprobs, shifted_targets
-from .types import DPOOutput
+from .types import DPOOutput, TokenStats
 from .validation import check_dpo_inputs
-
-LOSS_TYPES = ("sigmoid",)
 
 
 class FastDPOLoss(nn.Module):
-    """Drop-in DPO loss module.
+    """Drop-in preference-loss module.
 
     forward(hidden_states [2B, T, H] (B chosen sequences, then B rejected), lm_head_weight [V, H],
     labels [2B, T] (Hugging Face convention: -100 ignored, shifted inside unless shift_labels=False),
-    ...) -> DPOOutput with the scalar `loss` and detached per-pair log-probs and rewards.
+    ...) -> DPOOutput with the scalar `loss` and detached per-pair log-probs, rewards and metrics.
+
+    Options beyond the core ones carry TRL's DPOConfig names (loss_weights, f_divergence_type,
+    f_alpha_divergence_coef, use_weighting, ld_alpha, discopop_tau) plus SimPO's simpo_gamma.
+    `label_smoothing` with "sigmoid" gives conservative DPO (TRL 1.16's sigmoid ignores it).
+    `token_metrics=True` adds the kernel-pass aggregates (entropy, mean logits, top-1 accuracy).
     """
 
-    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+    def __init__(self, beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid", label_smoothing: float = 0.0,
                  ignore_index: int = -100, average_log_prob: bool = False, reference_free: bool = False,
-                 shift_labels: bool = True, backend: str = "auto"):
+                 shift_labels: bool = True, backend: str = "auto", *, loss_weights: Sequence[float] | None = None,
+                 f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
+                 use_weighting: bool = False, ld_alpha: float | None = None, discopop_tau: float = 0.05,
+                 simpo_gamma: float = 0.5, token_metrics: bool = False):
         super().__init__()
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-        if not 0.0 <= label_smoothing <= 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
-        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-        self.ignore_index, self.average_log_prob = ignore_index, average_log_prob
-        self.reference_free, self.shift_labels, self.backend = reference_free, shift_labels, backend
+        self.config = LossConfig(
+            loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
+            f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+            reference_free=reference_free, use_weighting=use_weighting, ld_alpha=ld_alpha, discopop_tau=discopop_tau,
+            simpo_gamma=simpo_gamma, average_log_prob=average_log_prob, cdpo=True,
+        )
+        self.ignore_index, self.shift_labels, self.backend = ignore_index, shift_labels, backend
+        self.token_metrics = token_metrics
+
+    @property
+    def beta(self) -> float:
+        return self.config.beta
 
     def forward(self, hidden_states, lm_head_weight, labels, lm_head_bias=None, ref_chosen_logps=None,
                 ref_rejected_logps=None, ref_hidden_states=None, ref_lm_head_weight=None,
                 ref_lm_head_bias=None) -> DPOOutput:
+        cfg = self.config
         check_dpo_inputs(hidden_states, lm_head_weight, labels, ref_chosen_logps=ref_chosen_logps,
                          ref_rejected_logps=ref_rejected_logps, ref_hidden_states=ref_hidden_states,
-                         reference_free=self.reference_free)
+                         reference_free=not cfg.needs_reference)
         backend = resolve_backend(self.backend, hidden_states.device)
         targets = shifted_targets(labels, self.ignore_index) if self.shift_labels else labels
-        token_logps = linear_logprobs(hidden_states, lm_head_weight, targets, lm_head_bias, self.ignore_index,
-                                      backend=backend)
-        ref_logps = self._reference_logps(targets, token_logps, ref_chosen_logps, ref_rejected_logps,
-                                          ref_hidden_states, ref_lm_head_weight, ref_lm_head_bias, lm_head_weight,
-                                          lm_head_bias, backend)
-        if backend == "triton":
-            loss, policy_logps = fused_sigmoid_dpo(
-                token_logps, targets, ref_logps, beta=self.beta, label_smoothing=self.label_smoothing,
-                ignore_index=self.ignore_index, average=self.average_log_prob)
+        with_stats = self.token_metrics or cfg.needs_log_sum_sq_probs
+        policy = linear_logprobs(hidden_states, lm_head_weight, targets, lm_head_bias, self.ignore_index,
+                                 with_stats=with_stats, backend=backend)
+        token_logps = policy.logps if with_stats else policy
+        # A reference given to a loss that needs none (sft, simpo, orpo) still feeds the logged rewards.
+        if not cfg.reference_free and ref_chosen_logps is None and ref_hidden_states is not None:
+            ref_token_logps = self._reference_token_logps(targets, ref_hidden_states, ref_lm_head_weight,
+                                                          ref_lm_head_bias, lm_head_weight, lm_head_bias, backend)
         else:
-            policy_logps = sequence_logprobs(token_logps, targets, self.ignore_index, self.average_log_prob)
-            loss = self._sigmoid_loss(policy_logps - ref_logps)
-        num_pairs = policy_logps.shape[0] // 2
-        rewards = self.beta * (policy_logps - ref_logps)
-        return DPOOutput.from_sequences(loss, policy_logps[:num_pairs], policy_logps[num_pairs:], rewards[:num_pairs],
-                                        rewards[num_pairs:])
+            ref_token_logps = None
 
-    def _sigmoid_loss(self, log_ratios: torch.Tensor) -> torch.Tensor:
-        num_pairs = log_ratios.shape[0] // 2
-        margin = self.beta * (log_ratios[:num_pairs] - log_ratios[num_pairs:])
-        smoothing = self.label_smoothing
-        return (-(1 - smoothing) * F.logsigmoid(margin) - smoothing * F.logsigmoid(-margin)).mean()
+        if backend == "triton" and self._is_plain_sigmoid():
+            out = self._fused_sigmoid(token_logps, targets, ref_chosen_logps, ref_rejected_logps, ref_token_logps)
+        else:
+            terms = preference_loss_from_token_logps(
+                cfg, token_logps, targets != self.ignore_index, ref_token_logps=ref_token_logps,
+                ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+                log_sum_sq_probs=policy.log_sum_sq_probs if with_stats else None,
+            )
+            out = DPOOutput.from_sequences(terms.loss, terms.chosen_logps, terms.rejected_logps, terms.chosen_rewards,
+                                           terms.rejected_rewards)
+        if self.token_metrics:
+            out.token_metrics = _token_metrics(policy, targets != self.ignore_index)
+        return out
 
-    def _reference_logps(self, targets, token_logps, ref_chosen_logps, ref_rejected_logps, ref_hidden_states,
-                         ref_lm_head_weight, ref_lm_head_bias, lm_head_weight, lm_head_bias, backend) -> torch.Tensor:
-        """Per-sequence reference log-probs [2B] (zeros when reference-free), never differentiated."""
-        dtype = token_logps.dtype
-        if self.reference_free:
-            return torch.zeros(targets.shape[0], dtype=dtype, device=targets.device)
-        if ref_chosen_logps is not None:
-            return torch.cat([ref_chosen_logps, ref_rejected_logps]).detach().to(dtype)
+    def _is_plain_sigmoid(self) -> bool:
+        cfg = self.config
+        return (cfg.loss_type == ("sigmoid",) and cfg.loss_weights == (1.0,) and cfg.ld_alpha is None
+                and not cfg.use_weighting and cfg.f_divergence_type == "reverse_kl")
+
+    def _fused_sigmoid(self, token_logps, targets, ref_chosen_logps, ref_rejected_logps, ref_token_logps):
+        cfg = self.config
+        num_seqs = targets.shape[0]
+        if cfg.reference_free:
+            ref = torch.zeros(num_seqs, dtype=torch.float32, device=targets.device)
+        elif ref_token_logps is not None:
+            ref = sequence_logprobs(ref_token_logps, targets, self.ignore_index, cfg.average_log_prob)
+        else:
+            ref = torch.cat([ref_chosen_logps, ref_rejected_logps]).detach().float()
+        loss, policy = fused_sigmoid_dpo(token_logps, targets, ref, beta=cfg.beta,
+                                         label_smoothing=cfg.label_smoothing, ignore_index=self.ignore_index,
+                                         average=cfg.average_log_prob)
+        rewards = cfg.beta * (policy - ref)
+        half = num_seqs // 2
+        return DPOOutput.from_sequences(loss, policy[:half], policy[half:], rewards[:half], rewards[half:])
+
+    def _reference_token_logps(self, targets, ref_hidden_states, ref_lm_head_weight, ref_lm_head_bias,
+                               lm_head_weight, lm_head_bias, backend) -> torch.Tensor:
+        """Per-token reference log-probs [2B, T] (per token, because ld_alpha splits them), no grad."""
         if ref_lm_head_weight is None:  # the reference shares the policy's head
             ref_lm_head_weight, ref_lm_head_bias = lm_head_weight, lm_head_bias
         with torch.no_grad():
-            ref_tokens = linear_logprobs(ref_hidden_states.detach(), ref_lm_head_weight.detach(), targets,
-                                         None if ref_lm_head_bias is None else ref_lm_head_bias.detach(),
-                                         self.ignore_index, backend=backend)
-            return sequence_logprobs(ref_tokens, targets, self.ignore_index, self.average_log_prob).to(dtype)
+            return linear_logprobs(ref_hidden_states.detach(), ref_lm_head_weight.detach(), targets,
+                                   None if ref_lm_head_bias is None else ref_lm_head_bias.detach(),
+                                   self.ignore_index, backend=backend)
+
+
+def _token_metrics(stats: TokenStats, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Means over completion tokens of the kernel-pass statistics (TRL's metric names), detached."""
+    half, dtype = mask.shape[0] // 2, stats.logps.dtype
+
+    def mean(values, rows=slice(None)):
+        return (values[rows].detach().to(dtype) * mask[rows]).sum() / mask[rows].sum().clamp(min=1)
+
+    return {
+        "entropy": mean(stats.entropy),
+        "mean_token_accuracy": mean(stats.is_top1),
+        "logits/chosen": mean(stats.mean_logits, slice(0, half)),
+        "logits/rejected": mean(stats.mean_logits, slice(half, None)),
+    }

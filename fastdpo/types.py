@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -29,6 +29,9 @@ class DPOOutput:
     rejected_rewards: torch.Tensor
     reward_margins: torch.Tensor
     reward_accuracies: torch.Tensor
+    # With FastDPOLoss(token_metrics=True): means over completion tokens of the kernel-pass statistics,
+    # under TRL's names ("entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected").
+    token_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_sequences(cls, loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards) -> "DPOOutput":
@@ -46,6 +49,7 @@ class DPOOutput:
     def metrics(self) -> dict[str, float]:
         """Means of the logged values under TRL's metric names."""
         return {
+            **{name: value.item() for name, value in self.token_metrics.items()},
             "rewards/chosen": self.chosen_rewards.mean().item(),
             "rewards/rejected": self.rejected_rewards.mean().item(),
             "rewards/margins": self.reward_margins.mean().item(),

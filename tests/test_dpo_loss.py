@@ -114,6 +114,7 @@ def test_frozen_head_trains_hidden_only(backend):
     assert_close(h.grad, h_ref.grad, 1e-4, "grad hidden")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # numpy under the interpreter, on NaN
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_nan_hidden_state_gives_nan_loss(backend):
     hs, w, labels = make_batch()
@@ -131,3 +132,75 @@ def test_backend_from_environment(monkeypatch):
     expected = reference.dpo_loss(hs, w, labels, ref_chosen_logps=torch.zeros(3, dtype=torch.float64),
                                   ref_rejected_logps=torch.zeros(3, dtype=torch.float64))
     assert_close(out.loss.reshape(1), expected.loss.reshape(1), 1e-12, "loss")
+
+
+# Every loss type (and the options that change the per-token -> per-sequence path) through FastDPOLoss,
+# against the oracle's naive float64 token statistics fed to the same loss functions (which
+# tests/test_losses.py checks against TRL's DPOTrainer).
+LOSS_OPTIONS = [
+    dict(loss_type=name) for name in (
+        "sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
+        "apo_down", "discopop", "sft", "sigmoid_norm", "simpo", "orpo")
+] + [
+    dict(loss_type="exo_pair", label_smoothing=1e-3),
+    dict(loss_type="robust", label_smoothing=0.2),
+    dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
+    dict(loss_type="sigmoid", f_divergence_type="js_divergence"),
+    dict(loss_type="sigmoid", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+    dict(loss_type="sigmoid", use_weighting=True),
+    dict(loss_type="apo_zero", ld_alpha=0.5),
+    dict(loss_type="sigmoid", average_log_prob=True, label_smoothing=0.1),
+]
+
+
+def _option_id(options):
+    return "-".join(f"{v}" if k == "loss_type" else f"{k}={v}" for k, v in options.items()).replace(" ", "")
+
+
+@pytest.mark.parametrize("backend,dtype,tol", [CONFIGS[0], CONFIGS[2]], ids=[CONFIG_IDS[0], CONFIG_IDS[2]])
+@pytest.mark.parametrize("options", LOSS_OPTIONS, ids=_option_id)
+def test_every_loss_type_matches_the_oracle(backend, dtype, tol, options):
+    from fastdpo.losses import LossConfig, preference_loss_from_token_logps
+    from fastdpo.sequences import shifted_targets
+
+    hs, w, labels = make_batch(pairs=4)
+    ref_hs = hs + 0.5 * torch.randn_like(hs)
+    h, weight = leaf(hs, dtype), leaf(w, dtype)
+    out = fastdpo.FastDPOLoss(backend=backend, beta=0.2, **options)(h, weight, labels.to(DEVICE),
+                                                                   ref_hidden_states=ref_hs.to(DEVICE, dtype))
+    h_ref, w_ref = as_reference(h), as_reference(w)
+    targets = shifted_targets(labels)
+    stats = reference.token_stats(h_ref, w_ref, targets)
+    ref_tokens = reference.token_logprobs(ref_hs.to(dtype).double(), w_ref.detach(), targets)
+    cfg = LossConfig(beta=0.2, cdpo=True, **options)
+    expected = preference_loss_from_token_logps(cfg, stats.logps, targets != -100, ref_token_logps=ref_tokens,
+                                                log_sum_sq_probs=stats.log_sum_sq_probs)
+    for name in ("loss", "chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards"):
+        assert_close(getattr(out, name).reshape(-1), getattr(expected, name).reshape(-1), tol, name)
+    out.loss.backward()
+    expected.loss.backward()
+    assert_close(h.grad, h_ref.grad, tol, "grad hidden")
+    assert_close(weight.grad, w_ref.grad, tol, "grad weight")
+
+
+@pytest.mark.parametrize("backend,dtype,tol", CONFIGS, ids=CONFIG_IDS)
+def test_token_metrics_from_the_kernel_pass(backend, dtype, tol):
+    hs, w, labels = make_batch()
+    out = fastdpo.FastDPOLoss(backend=backend, token_metrics=True)(
+        hs.to(DEVICE, dtype), w.to(DEVICE, dtype), labels.to(DEVICE), ref_chosen_logps=torch.zeros(3),
+        ref_rejected_logps=torch.zeros(3))
+    from fastdpo.sequences import shifted_targets
+
+    targets = shifted_targets(labels)
+    mask = targets != -100
+    stats = reference.token_stats(hs.to(dtype).double(), w.to(dtype).double(), targets)
+    expected = {
+        "entropy": stats.entropy[mask].mean(),
+        "mean_token_accuracy": stats.is_top1[mask].double().mean(),
+        "logits/chosen": stats.mean_logits[:3][mask[:3]].mean(),
+        "logits/rejected": stats.mean_logits[3:][mask[3:]].mean(),
+    }
+    assert set(out.token_metrics) == set(expected)
+    for name, value in expected.items():
+        assert_close(out.token_metrics[name].reshape(1), value.reshape(1), tol, name)
+    assert set(out.metrics()) >= set(expected) | {"rewards/chosen", "logps/rejected"}
