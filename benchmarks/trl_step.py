@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 
@@ -22,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-from tiny_models import offline_env, perturbed_copy, tiny_llama, tiny_preference_dataset, tiny_tokenizer  # noqa: E402
+from tiny_models import cpu_dpo_config, offline_env, perturbed_copy, tiny_llama, tiny_preference_dataset, tiny_tokenizer  # noqa: E402
 
 offline_env()
 
@@ -45,25 +44,15 @@ class StepTimer(TrainerCallback):
 
 
 def run(args, patched: bool):
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     policy = tiny_llama(0, vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers)
     ref = perturbed_copy(policy, scale=0.05, seed=1)
     dataset = tiny_preference_dataset(args.pairs * (args.steps + 1), seed=0, prompt_len=(8, 24),
                                       completion_len=(16, args.max_completion))
-    config = DPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="fastdpo_bench_"),
-        per_device_train_batch_size=args.pairs,
-        max_steps=args.steps + 1,  # the first step is warm-up
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        bf16=False,
-        gradient_checkpointing=False,
-        seed=0,
-        disable_tqdm=True,
+    config = cpu_dpo_config(
+        "fastdpo_bench_", per_device_train_batch_size=args.pairs, max_steps=args.steps + 1,  # step 1 is warm-up
+        learning_rate=1e-3, logging_steps=1, disable_tqdm=True,
     )
     timer = StepTimer()
     context = patch_trl() if patched else None

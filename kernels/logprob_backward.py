@@ -14,7 +14,6 @@ dX, dW and db are each skipped at compile time when the input does not require a
 frozen head (LoRA) costs no dW traffic at all.
 """
 
-import torch
 import triton
 import triton.language as tl
 

@@ -55,7 +55,8 @@ def forward_variants(capability: int):
                                                  "sq_sum_exp_ptr", "z_sum_ptr", "max_before_ptr")}}
                 constexprs = dict(blocks, HAS_BIAS=True, HAS_SOFTCAP=softcap, WITH_STATS=with_stats,
                                   INPUT_PRECISION=config.input_precision(dtype))
-                yield logprob_forward_kernel, types, constexprs, options, f"forward {t} stats={with_stats} softcap={softcap}"
+                name = f"forward {t} stats={with_stats} softcap={softcap}"
+                yield logprob_forward_kernel, types, constexprs, options, name
 
 
 def backward_variants(capability: int):
@@ -96,7 +97,8 @@ def _resources(ptx: str, capability: int) -> dict:
 
 def compile_all(capability: int):
     target = GPUTarget("cuda", capability, 32)
-    for kernel, types, constexprs, options, name in (*forward_variants(capability), *backward_variants(capability), *sigmoid_variants()):
+    variants = (*forward_variants(capability), *backward_variants(capability), *sigmoid_variants())
+    for kernel, types, constexprs, options, name in variants:
         src = ASTSource(fn=kernel, signature=_signature(kernel, types, constexprs), constexprs=constexprs)
         compiled = triton.compile(src, target=target, options=options)
         res = _resources(compiled.asm["ptx"], capability)

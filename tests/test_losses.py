@@ -20,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tiny_models import offline_env, perturbed_copy, tiny_llama, tiny_preference_dataset, tiny_tokenizer  # noqa: E402
+from tiny_models import cpu_dpo_config, offline_env, perturbed_copy, tiny_llama, tiny_preference_dataset, tiny_tokenizer  # noqa: E402
 
 offline_env()
 
@@ -37,19 +37,14 @@ GRAD_RTOL = 1e-4  # relative L2 error of the whole gradient tensor
 
 class Harness:
     def __init__(self, tmp_dir: str):
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOTrainer
 
         torch.set_num_threads(min(2, torch.get_num_threads()))
         self.tok = tiny_tokenizer()
         model = tiny_llama(0)
         ref = perturbed_copy(model, scale=0.05, seed=1)
-        args = DPOConfig(
+        args = cpu_dpo_config(
             output_dir=tmp_dir,
-            report_to="none",
-            use_cpu=True,
-            bf16=False,
-            gradient_checkpointing=False,
-            save_strategy="no",
             per_device_train_batch_size=8,
             max_length=None,
             use_weighting=True,  # so the fused head also emits log_sum_sq_probs; toggled per case below

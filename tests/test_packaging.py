@@ -32,7 +32,8 @@ def test_wheel_imports_from_its_own_files(wheel, tmp_path):
     zipfile.ZipFile(wheel).extractall(tmp_path)
     code = ("import fastdpo, fastdpo.kernels, importlib.util; "
             "print(fastdpo.kernels.__file__); "
-            "print(importlib.util.find_spec('kernels') is None or 'fastdpo' not in importlib.util.find_spec('kernels').origin)")
+            "spec = importlib.util.find_spec('kernels'); "
+            "print(spec is None or 'fastdpo' not in spec.origin)")
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stderr[-3000:]

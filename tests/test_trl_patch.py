@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import math
 import sys
-import tempfile
 import warnings
 
 import pytest
 
-from tiny_models import offline_env, perturbed_copy, tiny_llama, tiny_preference_dataset, tiny_tokenizer
+from tiny_models import cpu_dpo_config, offline_env, perturbed_copy, tiny_llama, tiny_preference_dataset, tiny_tokenizer
 
 offline_env()
 
@@ -28,7 +27,7 @@ from fastdpo.trl_patch import TRLVersionError, is_trl_patched, patch_trl, unpatc
 if not callable(getattr(fastdpo, "linear_logprobs", None)):
     pytest.skip("fastdpo.linear_logprobs is not available in this build", allow_module_level=True)
 
-from trl import DPOConfig, DPOTrainer  # noqa: E402
+from trl import DPOTrainer  # noqa: E402
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # noqa: E402
 from trl.trainer import dpo_trainer as trl_dpo  # noqa: E402
 from trl.trainer import utils as trl_utils  # noqa: E402
@@ -74,21 +73,8 @@ def make_trainer(*, ref="explicit", use_peft=False, steps=3, model_setup=None, *
     ref_model = None
     if ref == "explicit":
         ref_model = perturbed_copy(policy, scale=0.05, seed=1)
-    config = dict(
-        output_dir=tempfile.mkdtemp(prefix="fastdpo_trl_"),
-        per_device_train_batch_size=4,
-        max_steps=steps,
-        learning_rate=2e-2,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        bf16=False,
-        gradient_checkpointing=False,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-    )
+    config = dict(per_device_train_batch_size=4, max_steps=steps, learning_rate=2e-2, logging_steps=1, data_seed=0,
+                  dataloader_num_workers=0)
     config.update(overrides)
     peft_config = None
     if use_peft:
@@ -100,7 +86,7 @@ def make_trainer(*, ref="explicit", use_peft=False, steps=3, model_setup=None, *
         return DPOTrainer(
             model=policy,
             ref_model=ref_model,
-            args=DPOConfig(**config),
+            args=cpu_dpo_config("fastdpo_trl_", **config),
             train_dataset=tiny_preference_dataset(8, seed=0),
             processing_class=tiny_tokenizer(),
             peft_config=peft_config,

@@ -129,3 +129,16 @@ def tiny_preference_dataset(n: int = 8, seed: int = 0, **kwargs):
     from datasets import Dataset
 
     return Dataset.from_list(tiny_preference_rows(n, seed, **kwargs))
+
+
+def cpu_dpo_config(prefix: str = "fastdpo_", **overrides):
+    """A TRL DPOConfig for these tiny models on a CPU: no reporting, no checkpoints, fp32, no
+    gradient checkpointing (DPOConfig defaults to bf16 and checkpointing), a throwaway output dir."""
+    import tempfile
+
+    from trl import DPOConfig
+
+    kwargs = dict(output_dir=tempfile.mkdtemp(prefix=prefix), report_to="none", use_cpu=True, save_strategy="no",
+                  bf16=False, gradient_checkpointing=False, seed=0)
+    kwargs.update(overrides)
+    return DPOConfig(**kwargs)
