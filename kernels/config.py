@@ -42,10 +42,10 @@ def forward_config(dtype: torch.dtype, capability: int | None) -> dict:
     # The forward keeps the fp32 logits tile, its exponentials and the running statistics in
     # registers. On Hopper, wgmma holds a 64 x 128 accumulator in 8 warps without spilling; Ampere's
     # mma needs more registers per output, so there the vocab tile is 64. BLOCK_K=64 16-bit columns
-    # per MMA step. fp32 operands go through FMA-based dots that need twice the registers: 64 x 64 x 32.
+    # per MMA step. fp32 operands go through FMA-based dots that need twice the registers: 64 x 64 x 16.
     # (tests/test_compile.py checks every choice for spills and shared memory on sm_80 and sm_90.)
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=32, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=16, num_warps=8, num_stages=3)
     block_v = 128 if capability >= 90 else 64
     return dict(BLOCK_M=64, BLOCK_V=block_v, BLOCK_K=64, num_warps=8, num_stages=3)
 
