@@ -11,7 +11,6 @@ case (e.g. no softcap), raises `Skip`; anything else it raises becomes an `error
 from __future__ import annotations
 
 import importlib
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -37,18 +36,8 @@ def make_fastdpo(inp, case):
     import fastdpo
 
     refs = {"ref_chosen_logps": inp["ref_chosen_logps"], "ref_rejected_logps": inp["ref_rejected_logps"]}
-    takes_softcap = "softcap" in inspect.signature(fastdpo.FastDPOLoss).parameters
-    if case.softcap is None or takes_softcap:
-        extra = {"softcap": case.softcap} if takes_softcap else {}
-        loss_fn = fastdpo.FastDPOLoss(beta=BETA, loss_type="sigmoid", **extra)
-        return (lambda: loss_fn(inp["hidden"], inp["weight"], inp["labels"], **refs).loss), "FastDPOLoss"
-
-    # The loss module has no softcap knob: the fused log-prob head does, the sums and loss are a few [B] ops
-    def run():
-        logps = fastdpo.linear_logprobs(inp["hidden"], inp["weight"], inp["targets"], softcap=case.softcap)
-        return _loss(logps, inp)
-
-    return run, "linear_logprobs(softcap) + sums"
+    loss_fn = fastdpo.FastDPOLoss(beta=BETA, loss_type="sigmoid", softcap=case.softcap)
+    return (lambda: loss_fn(inp["hidden"], inp["weight"], inp["labels"], **refs).loss), "FastDPOLoss"
 
 
 def make_naive(inp, case):

@@ -150,7 +150,10 @@ LOSS_OPTIONS = [
     dict(loss_type="sigmoid", use_weighting=True),
     dict(loss_type="apo_zero", ld_alpha=0.5),
     dict(loss_type="sigmoid", average_log_prob=True, label_smoothing=0.1),
+    dict(loss_type="sigmoid", softcap=3.0, temperature=0.9),  # Gemma-style logits, the fused path on Triton
+    dict(loss_type="ipo", logit_scale=1.5),
 ]
+LOGIT_TRANSFORM = ("softcap", "temperature", "logit_scale")
 
 
 def _option_id(options):
@@ -170,9 +173,10 @@ def test_every_loss_type_matches_the_oracle(backend, dtype, tol, options):
                                                                    ref_hidden_states=ref_hs.to(DEVICE, dtype))
     h_ref, w_ref = as_reference(h), as_reference(w)
     targets = shifted_targets(labels)
-    stats = reference.token_stats(h_ref, w_ref, targets)
-    ref_tokens = reference.token_logprobs(ref_hs.to(dtype).double(), w_ref.detach(), targets)
-    cfg = LossConfig(beta=0.2, cdpo=True, **options)
+    transform = {k: v for k, v in options.items() if k in LOGIT_TRANSFORM}
+    stats = reference.token_stats(h_ref, w_ref, targets, **transform)
+    ref_tokens = reference.token_logprobs(ref_hs.to(dtype).double(), w_ref.detach(), targets, **transform)
+    cfg = LossConfig(beta=0.2, cdpo=True, **{k: v for k, v in options.items() if k not in LOGIT_TRANSFORM})
     expected = preference_loss_from_token_logps(cfg, stats.logps, targets != -100, ref_token_logps=ref_tokens,
                                                 log_sum_sq_probs=stats.log_sum_sq_probs)
     for name in ("loss", "chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards"):
