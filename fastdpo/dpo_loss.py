@@ -65,9 +65,9 @@ class FastDPOLoss(nn.Module):
                 ref_rejected_logps=None, ref_hidden_states=None, ref_lm_head_weight=None,
                 ref_lm_head_bias=None) -> DPOOutput:
         cfg = self.config
-        check_dpo_inputs(hidden_states, lm_head_weight, labels, ref_chosen_logps=ref_chosen_logps,
+        check_dpo_inputs(hidden_states, labels, ref_chosen_logps=ref_chosen_logps,
                          ref_rejected_logps=ref_rejected_logps, ref_hidden_states=ref_hidden_states,
-                         reference_free=not cfg.needs_reference)
+                         reference_required=cfg.needs_reference)
         backend = resolve_backend(self.backend, hidden_states.device)
         targets = shifted_targets(labels, self.ignore_index) if self.shift_labels else labels
         with_stats = self.token_metrics or cfg.needs_log_sum_sq_probs

@@ -60,8 +60,8 @@ def check_targets_in_range(targets: torch.Tensor, vocab_size: int, ignore_index:
         raise ValueError(f"{name} must be in [0, {vocab_size}) or ignore_index={ignore_index}; found {bad}")
 
 
-def check_dpo_inputs(hidden_states, lm_head_weight, labels, *, ref_chosen_logps, ref_rejected_logps,
-                     ref_hidden_states, reference_free: bool) -> None:
+def check_dpo_inputs(hidden_states, labels, *, ref_chosen_logps, ref_rejected_logps, ref_hidden_states,
+                     reference_required: bool) -> None:
     _require(isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3,
              "hidden_states must be a [2B, T, H] tensor (B chosen sequences, then B rejected)")
     num_seqs, seq_len = hidden_states.shape[:2]
@@ -70,18 +70,17 @@ def check_dpo_inputs(hidden_states, lm_head_weight, labels, *, ref_chosen_logps,
              f"hidden_states must hold an even number of sequences (chosen then rejected), got {num_seqs}")
     _require(isinstance(labels, torch.Tensor) and labels.shape == hidden_states.shape[:2],
              f"labels must have shape {(num_seqs, seq_len)}, got {getattr(labels, 'shape', type(labels).__name__)}")
-    if reference_free:
-        return
     has_logps = ref_chosen_logps is not None or ref_rejected_logps is not None
-    _require(has_logps or ref_hidden_states is not None,
+    _require(not reference_required or has_logps or ref_hidden_states is not None,
              "a reference is required unless reference_free=True: pass ref_chosen_logps and ref_rejected_logps, "
              "or ref_hidden_states")
+    # A reference that is given is checked even where the loss does not need one (it feeds the rewards).
     if has_logps:
         for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
             _require(t is not None and t.shape == (num_seqs // 2,),
                      f"{name} must have shape ({num_seqs // 2},), got {None if t is None else _shape(t)}")
         check_same_device(hidden_states=hidden_states, ref_chosen_logps=ref_chosen_logps,
                           ref_rejected_logps=ref_rejected_logps)
-    else:
-        _require(ref_hidden_states.shape[:2] == hidden_states.shape[:2],
+    elif ref_hidden_states is not None:
+        _require(ref_hidden_states.dim() == 3 and ref_hidden_states.shape[:2] == hidden_states.shape[:2],
                  f"ref_hidden_states must have shape ({num_seqs}, {seq_len}, H), got {_shape(ref_hidden_states)}")

@@ -44,6 +44,15 @@ def test_bad_dpo_inputs(overrides, match):
         dpo(**overrides)
 
 
+def test_a_given_reference_is_checked_even_when_the_loss_needs_none():
+    hs, w, labels, _ = batch()
+    with pytest.raises(ValueError, match="ref_chosen_logps must have shape"):
+        fastdpo.FastDPOLoss(loss_type="simpo", backend="torch")(hs, w, labels, ref_chosen_logps=torch.zeros(3),
+                                                                ref_rejected_logps=torch.zeros(3))
+    out = fastdpo.FastDPOLoss(loss_type="simpo", backend="torch")(hs, w, labels)  # none needed, none given
+    assert torch.isfinite(out.loss)
+
+
 def test_labels_out_of_range_after_shift_are_caught():
     hs, w, labels, refs = batch()
     labels[1, 4] = 10_000
@@ -68,6 +77,9 @@ def test_bad_backend_environment_variable(monkeypatch):
 
 
 def test_triton_on_cpu_tensors_without_the_interpreter(monkeypatch):
+    # Triton reads TRITON_INTERPRET when it is first imported and when kernels are decorated: do both
+    # under the suite's setting before switching it off here.
+    pytest.importorskip("fastdpo.kernels")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         fastdpo.linear_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]), backend="triton")
