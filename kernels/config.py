@@ -36,31 +36,51 @@ def device_capability(device: torch.device) -> int | None:
     return 10 * major + minor
 
 
-def forward_config(dtype: torch.dtype, capability: int | None) -> dict:
+def is_aligned(hidden_size: int, *tensors: torch.Tensor) -> bool:
+    """Whether Triton will specialize the launch as 16-aligned: hidden size and row strides multiples
+    of 16 elements and 16-byte aligned data. Then loads vectorize, the K loop is software-pipelined,
+    and registers go much further, so the launchers take the larger tiles below."""
+    return hidden_size % 16 == 0 and all(
+        t.data_ptr() % 16 == 0 and (t.dim() < 2 or t.stride(0) % 16 == 0) for t in tensors
+    )
+
+
+def forward_config(dtype: torch.dtype, capability: int | None, aligned: bool = False) -> dict:
     if capability is None:
         return _small_tiles()
     # The forward keeps the fp32 logits tile, its exponentials and the running statistics in
-    # registers. On Hopper, wgmma holds a 64 x 128 accumulator in 8 warps without spilling; Ampere's
-    # mma needs more registers per output, so there the vocab tile is 64. BLOCK_K=64 16-bit columns
-    # per MMA step. fp32 operands go through FMA-based dots that need twice the registers: 64 x 64 x 16.
-    # (tests/test_compile.py checks every choice for spills and shared memory on sm_80 and sm_90.)
+    # registers; every choice below is the largest that tests/test_compile.py finds free of spills
+    # (and within shared memory) on sm_80 and sm_90, with statistics and softcap compiled in.
+    # - aligned 16-bit: 128 tokens per block (W is re-read once per token block, so larger blocks
+    #   halve the W traffic) x 64 vocab rows, BLOCK_K=64, 3 stages (128 x 128 spills on sm_90 with
+    #   Triton 3.6 once the statistics are compiled in).
+    # - unaligned 16-bit (odd hidden sizes): scalar loads cost registers, so 64 tokens.
+    # - fp32 operands go through FMA-based dots with twice the registers: 64 x 64 x 16, 2 stages.
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=16, num_warps=8, num_stages=3)
-    block_v = 128 if capability >= 90 else 64
-    return dict(BLOCK_M=64, BLOCK_V=block_v, BLOCK_K=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=16, num_warps=8, num_stages=2)
+    hopper = capability >= 90
+    if aligned:
+        return dict(BLOCK_M=128, BLOCK_V=64, BLOCK_K=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_V=128 if hopper else 64, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
-def backward_config(dtype: torch.dtype, capability: int | None) -> dict:
+def backward_config(dtype: torch.dtype, capability: int | None, aligned: bool = False) -> dict:
     if capability is None:
         return dict(_small_tiles(), GROUP_M=4)
     # The backward keeps the d_logits tile alive across a second K loop (fp32 in registers plus a
-    # 16-bit copy as an MMA operand) next to the dX and dW partial products, so its tile is 64 x 64,
-    # with a K step of 64 on Hopper and 32 on Ampere (more registers per mma output). GROUP_M token
-    # blocks walk the vocabulary together so that their W tiles are reused from L2.
+    # 16-bit copy as an MMA operand) next to the dX and dW partial products. Each program adds its
+    # dX (BLOCK_M x H) and dW (BLOCK_V x H) contributions with atomics, so the atomic traffic falls
+    # as the tile grows: aligned launches take 128 x 128 on Hopper (3 stages, 160 KiB of shared
+    # memory) and 128 x 64 on Ampere; unaligned ones 64 x 64. GROUP_M token blocks walk the
+    # vocabulary together so that their W tiles are reused from L2.
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=1)
-    block_k = 64 if capability >= 90 else 32
-    return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=2)
+    hopper = capability >= 90
+    if aligned:
+        if hopper:
+            return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_V=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=64 if hopper else 32, GROUP_M=8, num_warps=8, num_stages=2)
 
 
 def num_vocab_splits(n_rows: int, vocab_size: int, block_m: int, block_v: int, device: torch.device,

@@ -17,7 +17,7 @@ frozen head (LoRA) costs no dW traffic at all.
 import triton
 import triton.language as tl
 
-from .config import backward_config, device_capability, input_precision
+from .config import backward_config, device_capability, is_aligned, input_precision
 from .logits_tile import logits_tile, transform_derivative
 
 
@@ -98,7 +98,8 @@ def logprob_backward(hidden, weight, bias, rows, targets, lse, grad, *, grad_hid
     n_rows, (vocab_size, hidden_size) = rows.numel(), weight.shape
     if n_rows == 0 or (grad_hidden is None and grad_weight is None and grad_bias is None):
         return
-    cfg = backward_config(hidden.dtype, device_capability(hidden.device))
+    aligned = is_aligned(hidden_size, *(t for t in (hidden, weight, bias, grad_hidden, grad_weight) if t is not None))
+    cfg = backward_config(hidden.dtype, device_capability(hidden.device), aligned)
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]) * triton.cdiv(vocab_size, cfg["BLOCK_V"]),)
     placeholder = lse  # any float32 tensor: the pointer of a gradient that is compiled out
     logprob_backward_kernel[grid](

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import forward_config, device_capability, input_precision, num_vocab_splits
+from .config import device_capability, forward_config, is_aligned, input_precision, num_vocab_splits
 from .logits_tile import logits_tile
 
 
@@ -98,7 +98,8 @@ def logprob_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0, sof
     float32 [splits, n]; the last four are None without `with_stats`.
     """
     n_rows, (vocab_size, hidden_size) = rows.numel(), weight.shape
-    cfg = forward_config(hidden.dtype, device_capability(hidden.device))
+    aligned = is_aligned(hidden_size, *(t for t in (hidden, weight, bias) if t is not None))
+    cfg = forward_config(hidden.dtype, device_capability(hidden.device), aligned)
     block_v = cfg["BLOCK_V"]
     splits = num_vocab_splits(n_rows, vocab_size, cfg["BLOCK_M"], block_v, hidden.device, num_splits)
     cols_per_split = triton.cdiv(triton.cdiv(vocab_size, splits), block_v) * block_v

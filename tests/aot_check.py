@@ -32,6 +32,20 @@ SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}  # bytes of dynamic shared memory
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+# What Triton's launcher specializes on when the hidden size and row strides are multiples of 16 and
+# the tensors are 16-byte aligned (the common case): the launchers then pick the larger "aligned"
+# configuration, whose loads vectorize and whose K loop is software-pipelined.
+ALIGNED_ARGS = ("x_ptr", "w_ptr", "b_ptr", "dx_ptr", "dw_ptr", "hidden_size", "stride_x", "stride_w", "stride_dx",
+                "stride_dw")
+
+
+def _attrs(kernel, aligned: bool) -> dict:
+    if not aligned:
+        return {}
+    names = kernel.arg_names
+    return {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED_ARGS if n in names}
+
+
 def _signature(kernel, types: dict, constexprs: dict) -> dict:
     names = kernel.arg_names
     return {name: ("constexpr" if name in constexprs else types.get(name, "i32")) for name in names}
@@ -42,11 +56,11 @@ def _launch_options(cfg: dict) -> tuple[dict, dict]:
     return {k: v for k, v in cfg.items() if k not in options}, options
 
 
-def forward_variants(capability: int):
+def forward_variants(capability: int, aligned: bool):
     for dtype in TRITON_TYPES:
         for with_stats in (False, True):
             for softcap in (False, True):
-                cfg = config.forward_config(dtype, capability)
+                cfg = config.forward_config(dtype, capability, aligned)
                 blocks, options = _launch_options(cfg)
                 t = TRITON_TYPES[dtype]
                 types = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "rows_ptr": "*i64",
@@ -59,10 +73,10 @@ def forward_variants(capability: int):
                 yield logprob_forward_kernel, types, constexprs, options, name
 
 
-def backward_variants(capability: int):
+def backward_variants(capability: int, aligned: bool):
     for dtype in TRITON_TYPES:
         for compute_dw in (False, True):
-            cfg = config.backward_config(dtype, capability)
+            cfg = config.backward_config(dtype, capability, aligned)
             blocks, options = _launch_options(cfg)
             t = TRITON_TYPES[dtype]
             types = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "rows_ptr": "*i64", "targets_ptr": "*i64",
@@ -97,13 +111,19 @@ def _resources(ptx: str, capability: int) -> dict:
 
 def compile_all(capability: int):
     target = GPUTarget("cuda", capability, 32)
-    variants = (*forward_variants(capability), *backward_variants(capability), *sigmoid_variants())
-    for kernel, types, constexprs, options, name in variants:
-        src = ASTSource(fn=kernel, signature=_signature(kernel, types, constexprs), constexprs=constexprs)
-        compiled = triton.compile(src, target=target, options=options)
-        res = _resources(compiled.asm["ptx"], capability)
-        yield dict(name=name, capability=capability, **res, shared=compiled.metadata.shared,
-                   shared_limit=SHARED_MEMORY_LIMIT[capability], wgmma="wgmma" in compiled.asm["ptx"])
+    for aligned in (True, False):
+        variants = (*forward_variants(capability, aligned), *backward_variants(capability, aligned))
+        if aligned:
+            variants += tuple(sigmoid_variants())
+        for kernel, types, constexprs, options, name in variants:
+            src = ASTSource(fn=kernel, signature=_signature(kernel, types, constexprs), constexprs=constexprs,
+                            attrs=_attrs(kernel, aligned))
+            compiled = triton.compile(src, target=target, options=options)
+            res = _resources(compiled.asm["ptx"], capability)
+            ttgir = compiled.asm["ttgir"]
+            yield dict(name=f"{name} {'aligned' if aligned else 'unaligned'}", capability=capability, **res,
+                       shared=compiled.metadata.shared, shared_limit=SHARED_MEMORY_LIMIT[capability],
+                       wgmma="wgmma" in compiled.asm["ptx"], pipelined="async_copy_global_to_local" in ttgir)
 
 
 if __name__ == "__main__":

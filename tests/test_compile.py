@@ -30,7 +30,7 @@ def test_every_variant_compiles(compiled):
     capability, rows = compiled
     names = {row["name"].split()[0] for row in rows}
     assert names == {"forward", "backward", "sigmoid_dpo"}
-    assert len(rows) == 12 + 6 + 1
+    assert len(rows) == 2 * (12 + 6) + 1  # aligned and unaligned launches, plus the loss kernel
 
 
 def test_no_register_spills(compiled):
@@ -43,6 +43,12 @@ def test_shared_memory_within_limit(compiled):
     _, rows = compiled
     over = [(r["name"], r["shared"], r["shared_limit"]) for r in rows if r["shared"] > r["shared_limit"]]
     assert not over, over
+
+
+def test_aligned_16bit_launches_are_software_pipelined(compiled):
+    _, rows = compiled
+    aligned = [r for r in rows if r["name"].endswith(" aligned") and ("bf16" in r["name"] or "fp16" in r["name"])]
+    assert aligned and all(r["pipelined"] for r in aligned), [r["name"] for r in aligned if not r["pipelined"]]
 
 
 def test_hopper_uses_wgmma_for_16bit_inputs(compiled):
