@@ -144,3 +144,17 @@ def test_torch_path_any_shape(tokens, hidden, vocab, bias, ignore_fraction):
 def test_triton_any_shape(tokens, hidden, vocab):
     h, w, b, targets = make_inputs((tokens,), hidden, vocab, torch.float32)
     check_against_reference(h, w, b, targets, "triton", 1e-4)
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+def test_triton_gpu_tile_configs_in_the_interpreter(monkeypatch, capability):
+    """The GPU launch configurations (larger tiles, GROUP_M swizzle) on odd sizes, run in the interpreter."""
+    config = importlib.import_module("fastdpo.kernels.config")
+    for module_name, name in (("logprob_forward", "forward_config"), ("logprob_backward", "backward_config")):
+        module = importlib.import_module(f"fastdpo.kernels.{module_name}")
+        gpu_config = getattr(config, name)
+        monkeypatch.setattr(module, name, lambda dtype, _cap, aligned, f=gpu_config: f(dtype, capability, aligned))
+    h, w, b, targets = make_inputs((150,), 64, 300, torch.float16)  # aligned: H % 16 == 0
+    check_against_reference(h, w, b, targets, "triton", 1e-2, softcap=5.0)
+    h, w, b, targets = make_inputs((70,), 31, 200, torch.float32)  # unaligned
+    check_against_reference(h, w, b, targets, "triton", 1e-4)
