@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .sequences import sequence_logps
+
 __all__ = [
     "LossConfig",
     "LossTerms",
@@ -239,11 +241,6 @@ def _check_finite(name: str, value) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # Per-token -> per-sequence reductions
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def sequence_logps(token_logps: Tensor, mask: Tensor) -> Tensor:
-    """Sum of ``token_logps`` over positions where ``mask`` is true: ``[S, T] -> [S]``."""
-    return torch.where(mask.bool(), token_logps, 0).sum(dim=-1)
 
 
 def ld_sequence_logps(token_logps: Tensor, mask: Tensor, ld_alpha: float) -> Tensor:

@@ -18,13 +18,15 @@ def completion_lengths(targets: torch.Tensor, ignore_index: int = -100) -> torch
     return (targets != ignore_index).sum(-1)
 
 
+def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of token_logps where mask is true: [S, T] -> [S] (whatever the masked positions hold)."""
+    return torch.where(mask.bool(), token_logps, 0).sum(dim=-1)
+
+
 def sequence_logprobs(token_logps: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                       average: bool = False) -> torch.Tensor:
-    """Sum (or mean over completion tokens) per sequence; 0 for a fully masked sequence.
-
-    token_logps are already 0 at ignored positions, so the sum needs no mask.
-    """
-    sums = token_logps.sum(-1)
+    """Sum (or mean over completion tokens) per sequence; 0 for a fully masked sequence."""
+    sums = sequence_logps(token_logps, targets != ignore_index)
     if not average:
         return sums
     return sums / completion_lengths(targets, ignore_index).clamp(min=1).to(sums.dtype)
