@@ -168,22 +168,23 @@ def _stack(a: VocabPartials, b: VocabPartials) -> VocabPartials:
 # --- backward ------------------------------------------------------------------------------------
 
 
-def backward(x: Rows, weight, bias, lse, grad, transform: Transform, *, dx, dw, db):
+def backward(x: Rows, weight, bias, lse, grad, transform: Transform, *, dx, dw, db, filter_eps: float = 0.0):
     """Accumulate into dx ([N, H], indexed by x.rows), dw ([V, H]) and db ([V]); each may be None.
 
-    All three are in the accumulation dtype and zero-initialised by the caller.
+    All three are in the accumulation dtype and zero-initialised by the caller. With filter_eps > 0,
+    a tile whose softmax stays below it (and, on the tiled path, that holds no target) adds nothing.
     """
     linear = transform.is_linear and bias is None
     for r0, r1 in token_blocks(len(x)):
         xb, targets = x.block(r0, r1), x.targets[r0:r1]
         block = _factored_block if linear else _tiled_block
         dx_block = block(xb, targets, weight, bias, lse[r0:r1], grad[r0:r1], transform, dw, db,
-                         need_dx=dx is not None)
+                         need_dx=dx is not None, filter_eps=filter_eps)
         if dx is not None:
             dx.index_copy_(0, x.rows[r0:r1], dx_block)
 
 
-def _factored_block(xb, targets, weight, _bias, lse, grad, transform: Transform, dw, _db, need_dx):
+def _factored_block(xb, targets, weight, _bias, lse, grad, transform: Transform, dw, _db, need_dx, filter_eps):
     """The backward of a linear head with the per-token scalar g_i pulled out of every tile.
 
     dz = g (onehot - P) with P = exp(c X W^T - lse), so
@@ -200,6 +201,8 @@ def _factored_block(xb, targets, weight, _bias, lse, grad, transform: Transform,
     for v0, v1 in slices:
         w = weight[v0:v1].to(xb.dtype)
         probs = torch.addmm(neg_lse, xb, w.T, alpha=factor, out=tile[:, : v1 - v0]).exp_()
+        if filter_eps and bool(probs.max() < filter_eps):  # the onehot term is added exactly below
+            continue
         if need_dx:
             expected_w.addmm_(probs, w)
         if dw is not None:
@@ -213,12 +216,15 @@ def _factored_block(xb, targets, weight, _bias, lse, grad, transform: Transform,
     return None
 
 
-def _tiled_block(xb, targets, weight, bias, lse, grad, transform: Transform, dw, db, need_dx):
+def _tiled_block(xb, targets, weight, bias, lse, grad, transform: Transform, dw, db, need_dx, filter_eps):
     dx = torch.zeros_like(xb) if need_dx else None
     for v0, v1 in vocab_slices(weight.shape[0], xb.shape[0]):
         w, b = _weight_slice(weight, bias, v0, v1, xb.dtype)
         z = _logits(xb, w, b, transform)
-        d_raw = transform.scale_gradient_(_logits_gradient(z, targets - v0, lse, grad), z)
+        d_z = _logits_gradient(z, targets - v0, lse, grad, filter_eps)
+        if d_z is None:
+            continue
+        d_raw = transform.scale_gradient_(d_z, z)
         if need_dx:
             dx.addmm_(d_raw, w)
         if dw is not None:
@@ -228,10 +234,13 @@ def _tiled_block(xb, targets, weight, bias, lse, grad, transform: Transform, dw,
     return dx
 
 
-def _logits_gradient(z, local_targets, lse, grad):
-    """g * (onehot - softmax), built in one new tile."""
-    d_z = torch.sub(z, lse[:, None]).exp_().mul_(-grad[:, None])
+def _logits_gradient(z, local_targets, lse, grad, filter_eps=0.0):
+    """g * (onehot - softmax), built in one new tile; None when the gradient filter drops the tile."""
+    probs = torch.sub(z, lse[:, None]).exp_()
     in_tile = (local_targets >= 0) & (local_targets < z.shape[1])
+    if filter_eps and not bool(in_tile.any()) and bool(probs.max() < filter_eps):
+        return None
+    d_z = probs.mul_(-grad[:, None])
     rows = in_tile.nonzero().squeeze(1)
     d_z[rows, local_targets[rows]] += grad[rows]
     return d_z

@@ -20,7 +20,7 @@ from .validation import check_logprob_inputs
 class LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index, logit_scale, softcap, temperature, with_stats,
-                backend):
+                backend, grad_filter_eps):
         hidden_2d = hidden.reshape(-1, hidden.shape[-1])
         flat_targets = targets.reshape(-1)
         rows = (flat_targets != ignore_index).nonzero().squeeze(1)
@@ -42,7 +42,7 @@ class LinearLogProbs(torch.autograd.Function):
 
         ctx.save_for_backward(hidden_2d, weight, bias, rows, row_targets, lse)
         ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
-        ctx.backend, ctx.transform = backend, transform
+        ctx.backend, ctx.transform, ctx.grad_filter_eps = backend, transform, grad_filter_eps
         stats = stats if with_stats else stats[:1]
         outputs = [_scatter(stat, rows, flat_targets.numel()).view(targets.shape) for stat in stats]
         if not with_stats:
@@ -69,15 +69,16 @@ class LinearLogProbs(torch.autograd.Function):
             from .kernels import logprob_backward
 
             logprob_backward(hidden_2d, weight, bias, rows, row_targets, lse, grad_rows, grad_hidden=dx,
-                             grad_weight=dw, grad_bias=db, **ctx.transform)
+                             grad_weight=dw, grad_bias=db, filter_eps=ctx.grad_filter_eps, **ctx.transform)
         else:
             chunked.backward(chunked.Rows(hidden_2d, rows, row_targets), weight, bias, lse, grad_rows,
-                             chunked.Transform(**ctx.transform), dx=dx, dw=dw, db=db)
+                             chunked.Transform(**ctx.transform), dx=dx, dw=dw, db=db,
+                             filter_eps=ctx.grad_filter_eps)
         return (
             None if dx is None else dx.to(ctx.hidden_dtype).view(ctx.hidden_shape),
             None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype),
-            *([None] * 7),
+            *([None] * 8),
         )
 
 
@@ -99,7 +100,7 @@ def _scatter(values: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tenso
 
 def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100, *, temperature: float = 1.0,
                     softcap: float | None = None, logit_scale: float = 1.0, with_stats: bool = False,
-                    backend: str | None = None):
+                    backend: str | None = None, grad_filter_eps: float = 0.0):
     """Per-token log-probabilities of `targets` under logits = transform(hidden @ weight.T + bias).
 
     hidden [..., H], weight [V, H], targets [...] (not shifted; `ignore_index` positions get 0).
@@ -107,6 +108,8 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
     Returns float32 log-probs shaped like `targets` (float64 for float64 inputs on the torch and
     reference backends), differentiable w.r.t. hidden, weight and bias; with `with_stats`, a
     TokenStats whose other fields (entropy, log sum p^2, mean logit, is_top1) carry no gradient.
+    grad_filter_eps > 0 lets the backward skip (token block, vocab tile) pairs that hold no target
+    and whose softmax stays below it (Cut Cross-Entropy's gradient filter); 0 is exact.
     """
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
     backend = resolve_backend(backend, device)
@@ -116,12 +119,12 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     check_logprob_inputs(hidden, weight, targets, bias, ignore_index, backend, temperature=temperature,
-                         softcap=softcap)
+                         softcap=softcap, grad_filter_eps=grad_filter_eps)
     transform = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
     if backend == "reference":
         stats = reference.token_stats(hidden, weight, targets, bias, ignore_index, **transform)
         return stats if with_stats else stats.logps
     with torch.autocast(device.type, enabled=False):
         out = LinearLogProbs.apply(hidden, weight, bias, targets, ignore_index, logit_scale, softcap, temperature,
-                                   with_stats, backend)
+                                   with_stats, backend, float(grad_filter_eps))
     return TokenStats(*out) if with_stats else out

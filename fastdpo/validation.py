@@ -27,7 +27,7 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
 
 
 def check_logprob_inputs(hidden, weight, targets, bias, ignore_index: int, backend: str, *, temperature=1.0,
-                         softcap=None) -> None:
+                         softcap=None, grad_filter_eps=0.0) -> None:
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         _require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
     _require(hidden.dim() >= 1, "hidden must have a trailing hidden dimension")
@@ -50,6 +50,7 @@ def check_logprob_inputs(hidden, weight, targets, bias, ignore_index: int, backe
                  f"backend='triton' supports {TRITON_DTYPES} inputs, got {hidden.dtype}; use backend='torch'")
     _require(temperature > 0, f"temperature must be > 0, got {temperature}")
     _require(softcap is None or softcap > 0, f"softcap must be None or > 0, got {softcap}")
+    _require(0 <= grad_filter_eps < 1, f"grad_filter_eps must be in [0, 1), got {grad_filter_eps}")
     check_targets_in_range(targets, weight.shape[0], ignore_index)
 
 

@@ -64,21 +64,23 @@ def forward_config(dtype: torch.dtype, capability: int | None, aligned: bool = F
     return dict(BLOCK_M=64, BLOCK_V=128 if hopper else 64, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
-def backward_config(dtype: torch.dtype, capability: int | None, aligned: bool = False) -> dict:
+def backward_config(dtype: torch.dtype, capability: int | None, aligned: bool = False,
+                    grad_filter: bool = False) -> dict:
     if capability is None:
         return dict(_small_tiles(), GROUP_M=4)
     # The backward keeps the d_logits tile alive across a second K loop (fp32 in registers plus a
     # 16-bit copy as an MMA operand) next to the dX and dW partial products. Each program adds its
     # dX (BLOCK_M x H) and dW (BLOCK_V x H) contributions with atomics, so the atomic traffic falls
-    # as the tile grows: aligned launches take 128 x 128 on Hopper (3 stages, 160 KiB of shared
-    # memory) and 128 x 64 on Ampere; unaligned ones 64 x 64. GROUP_M token blocks walk the
-    # vocabulary together so that their W tiles are reused from L2.
+    # as the tile grows: aligned launches take 128 x 128 on Hopper (128 x 64 with the gradient
+    # filter, whose branch keeps more values alive) and 128 x 64 on Ampere; unaligned ones 64 x 64.
+    # GROUP_M token blocks walk the vocabulary together so that their W tiles are reused from L2.
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=1)
     hopper = capability >= 90
     if aligned:
         if hopper:
-            return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+            block_v = 64 if grad_filter else 128
+            return dict(BLOCK_M=128, BLOCK_V=block_v, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
         return dict(BLOCK_M=128, BLOCK_V=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=64 if hopper else 32, GROUP_M=8, num_warps=8, num_stages=2)
 

@@ -12,6 +12,11 @@ forward, forms dL/draw in registers, and streams H in BLOCK_K slices, adding its
 contributions to fp32 buffers with atomics (every X row and W row is shared by many programs).
 dX, dW and db are each skipped at compile time when the input does not require a gradient, so a
 frozen head (LoRA) costs no dW traffic at all.
+
+Optional gradient filter (Cut Cross-Entropy's, Wijmans et al. 2024): with filter_eps > 0 a program
+whose |onehot - softmax| stays below filter_eps everywhere skips its dX / dW / db products. On a
+trained model most of the vocabulary is such tiles; each skipped d_logit is below filter_eps * |g|.
+filter_eps = 0 (the default) is exact.
 """
 
 import triton
@@ -40,8 +45,8 @@ def logprob_backward_kernel(
     x_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, grad_ptr,
     dx_ptr, dw_ptr, db_ptr,
     n_rows, vocab_size, hidden_size, stride_x, stride_w, stride_dx, stride_dw,
-    logit_scale, softcap, inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    logit_scale, softcap, inv_temperature, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
     COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -61,12 +66,28 @@ def logprob_backward_kernel(
         logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K,
         INPUT_PRECISION,
     )
-    onehot = tl.where(cols[None, :] == targets[:, None], 1.0, 0.0)
-    d_z = grad[:, None] * (onehot - tl.exp(z - lse[:, None]))
-    d_raw = d_z * transform_derivative(z, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
-    # tl.where, not a multiply: padded rows/columns may hold inf, and 0 * inf would be NaN.
-    d_raw = tl.where(row_mask[:, None] & col_mask[None, :], d_raw, 0.0)
+    valid = row_mask[:, None] & col_mask[None, :]
+    # onehot - softmax; tl.where, not a multiply: padded rows/columns may hold inf (0 * inf = NaN).
+    d_soft = tl.where(valid, tl.where(cols[None, :] == targets[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None]), 0.0)
+    needed = True
+    if FILTER:  # Cut Cross-Entropy's criterion: some |onehot - softmax| reaches filter_eps
+        needed = tl.max(tl.max(tl.abs(d_soft), axis=1), axis=0) >= filter_eps
+    if needed:
+        d_raw = grad[:, None] * d_soft * transform_derivative(z, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+        accumulate_products(
+            d_raw, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, rows, row_mask, cols, col_mask, hidden_size,
+            stride_x, stride_w, stride_dx, stride_dw, COMPUTE_DX, COMPUTE_DW, COMPUTE_DB, BLOCK_K, INPUT_PRECISION,
+        )
 
+
+@triton.jit
+def accumulate_products(
+    d_raw, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, rows, row_mask, cols, col_mask, hidden_size,
+    stride_x, stride_w, stride_dx, stride_dw,
+    COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """db += colsum(d_raw); dX[rows] += d_raw @ W[cols]; dW[cols] += d_raw^T @ X[rows], H in BLOCK_K slices."""
     if COMPUTE_DB:
         tl.atomic_add(db_ptr + cols, tl.sum(d_raw, axis=0), mask=col_mask)
     # The MMAs take d_raw in the input dtype (as cuBLAS would); accumulation stays fp32.
@@ -89,7 +110,7 @@ def logprob_backward_kernel(
 
 
 def logprob_backward(hidden, weight, bias, rows, targets, lse, grad, *, grad_hidden, grad_weight, grad_bias,
-                     logit_scale=1.0, softcap=None, temperature=1.0):
+                     logit_scale=1.0, softcap=None, temperature=1.0, filter_eps=0.0):
     """Accumulate the log-prob gradients of the selected rows into fp32 buffers.
 
     grad_hidden: float32 [N, H] or None (rows index into it), grad_weight: float32 [V, H] or None,
@@ -99,7 +120,7 @@ def logprob_backward(hidden, weight, bias, rows, targets, lse, grad, *, grad_hid
     if n_rows == 0 or (grad_hidden is None and grad_weight is None and grad_bias is None):
         return
     aligned = is_aligned(hidden_size, *(t for t in (hidden, weight, bias, grad_hidden, grad_weight) if t is not None))
-    cfg = backward_config(hidden.dtype, device_capability(hidden.device), aligned)
+    cfg = backward_config(hidden.dtype, device_capability(hidden.device), aligned, grad_filter=filter_eps > 0)
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]) * triton.cdiv(vocab_size, cfg["BLOCK_V"]),)
     placeholder = lse  # any float32 tensor: the pointer of a gradient that is compiled out
     logprob_backward_kernel[grid](
@@ -110,8 +131,8 @@ def logprob_backward(hidden, weight, bias, rows, targets, lse, grad, *, grad_hid
         n_rows, vocab_size, hidden_size, hidden.stride(0), weight.stride(0),
         hidden_size if grad_hidden is None else grad_hidden.stride(0),
         hidden_size if grad_weight is None else grad_weight.stride(0),
-        float(logit_scale), float(softcap or 1.0), 1.0 / float(temperature),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        float(logit_scale), float(softcap or 1.0), 1.0 / float(temperature), float(filter_eps),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, FILTER=filter_eps > 0,
         COMPUTE_DX=grad_hidden is not None, COMPUTE_DW=grad_weight is not None, COMPUTE_DB=grad_bias is not None,
         INPUT_PRECISION=input_precision(hidden.dtype), **cfg,
     )

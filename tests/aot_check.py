@@ -75,16 +75,17 @@ def forward_variants(capability: int, aligned: bool):
 
 def backward_variants(capability: int, aligned: bool):
     for dtype in TRITON_TYPES:
-        for compute_dw in (False, True):
-            cfg = config.backward_config(dtype, capability, aligned)
+        for compute_dw, grad_filter in ((False, False), (True, False), (True, True)):
+            cfg = config.backward_config(dtype, capability, aligned, grad_filter)
             blocks, options = _launch_options(cfg)
             t = TRITON_TYPES[dtype]
             types = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "rows_ptr": "*i64", "targets_ptr": "*i64",
                      "lse_ptr": "*fp32", "grad_ptr": "*fp32", "dx_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32",
-                     "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32"}
-            constexprs = dict(blocks, HAS_BIAS=True, HAS_SOFTCAP=True, COMPUTE_DX=True, COMPUTE_DW=compute_dw,
-                              COMPUTE_DB=True, INPUT_PRECISION=config.input_precision(dtype))
-            yield logprob_backward_kernel, types, constexprs, options, f"backward {t} dW={compute_dw}"
+                     "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32", "filter_eps": "fp32"}
+            constexprs = dict(blocks, HAS_BIAS=True, HAS_SOFTCAP=True, FILTER=grad_filter, COMPUTE_DX=True,
+                              COMPUTE_DW=compute_dw, COMPUTE_DB=True, INPUT_PRECISION=config.input_precision(dtype))
+            name = f"backward {t} dW={compute_dw} filter={grad_filter}"
+            yield logprob_backward_kernel, types, constexprs, options, name
 
 
 def sigmoid_variants():
