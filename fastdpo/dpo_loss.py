@@ -37,7 +37,7 @@ class FastDPOLoss(nn.Module):
     `token_metrics=True` adds the kernel-pass aggregates (entropy, mean logits, top-1 accuracy).
     `temperature`, `softcap` (Gemma's final_logit_softcapping) and `logit_scale` transform the logits
     as in linear_logprobs, for the policy and the reference alike. `grad_filter_eps` (default 0,
-    exact) lets the backward skip vocabulary tiles whose softmax stays below it (see linear_logprobs).
+    exact) lets the backward skip tiles whose |onehot - softmax| stays below it (see linear_logprobs).
     """
 
     def __init__(self, beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid", label_smoothing: float = 0.0,
@@ -72,6 +72,7 @@ class FastDPOLoss(nn.Module):
                          reference_required=cfg.needs_reference)
         backend = resolve_backend(self.backend, hidden_states.device)
         targets = shifted_targets(labels, self.ignore_index) if self.shift_labels else labels
+        completion = targets != self.ignore_index
         with_stats = self.token_metrics or cfg.needs_log_sum_sq_probs
         policy = linear_logprobs(hidden_states, lm_head_weight, targets, lm_head_bias, self.ignore_index,
                                  with_stats=with_stats, backend=backend, grad_filter_eps=self.grad_filter_eps,
@@ -88,14 +89,14 @@ class FastDPOLoss(nn.Module):
             out = self._fused_sigmoid(token_logps, targets, ref_chosen_logps, ref_rejected_logps, ref_token_logps)
         else:
             terms = preference_loss_from_token_logps(
-                cfg, token_logps, targets != self.ignore_index, ref_token_logps=ref_token_logps,
+                cfg, token_logps, completion, ref_token_logps=ref_token_logps,
                 ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
                 log_sum_sq_probs=policy.log_sum_sq_probs if with_stats else None,
             )
             out = DPOOutput.from_sequences(terms.loss, terms.chosen_logps, terms.rejected_logps, terms.chosen_rewards,
                                            terms.rejected_rewards)
         if self.token_metrics:
-            out.token_metrics = _token_metrics(policy, targets != self.ignore_index)
+            out.token_metrics = _token_metrics(policy, completion)
         return out
 
     def _is_plain_sigmoid(self) -> bool:

@@ -108,8 +108,9 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
     Returns float32 log-probs shaped like `targets` (float64 for float64 inputs on the torch and
     reference backends), differentiable w.r.t. hidden, weight and bias; with `with_stats`, a
     TokenStats whose other fields (entropy, log sum p^2, mean logit, is_top1) carry no gradient.
-    grad_filter_eps > 0 lets the backward skip (token block, vocab tile) pairs that hold no target
-    and whose softmax stays below it (Cut Cross-Entropy's gradient filter); 0 is exact.
+    grad_filter_eps > 0 lets the backward skip (token block, vocab tile) pairs whose |onehot - softmax|
+    stays below it everywhere (Cut Cross-Entropy's gradient filter; the torch path skips only tiles
+    without a target); each skipped d_logit is below grad_filter_eps * |g|. 0 is exact.
     """
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
     backend = resolve_backend(backend, device)
