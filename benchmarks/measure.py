@@ -127,14 +127,35 @@ def _status_kib(field: str) -> int:
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
 
 
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to trim or fix
+        return None
+
+
+def fix_mmap_threshold(nbytes: int = 128 << 10) -> bool:
+    """Serve allocations of nbytes or more that the heap has no free block for by mmap, unmapped when freed.
+
+    glibc starts at this threshold (128 KiB) but raises it to the size of any mmap'd block that is freed, up
+    to 32 MiB. After that, large buffers come from the heap too, and how much of a step's memory reads as new
+    depends on the heap's history: one step of an earlier fastdpo (per-block buffers; quick case, V=65536,
+    66.0 MiB of gradients) read 67.5 MiB in some processes and 68.3 in others. It is set after the timed runs:
+    mmap'ing large buffers costs page faults that implementations allocating many would pay in time. Returns
+    False where it cannot be set (not glibc).
+    """
+    libc = _libc()
+    m_mmap_threshold = -3  # from <malloc.h>; setting it also turns the dynamic adjustment off
+    return bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(m_mmap_threshold, nbytes))
+
+
 def _release_free_heap() -> None:
     # glibc keeps freed blocks resident; without trimming, a baseline read after the warm-up would include memory
     # the next run reuses for free, and the measured peak would be too low.
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def reset_peak_rss() -> int:
@@ -150,11 +171,13 @@ def peak_rss() -> int:
 
 
 def cpu_measure(run, hidden, weight, max_runs: int = 3, budget_s: float = 10.0) -> tuple[list[float], int]:
-    """Timed runs after the caller's warm-up: at least one, at most max_runs, stopping once budget_s is spent.
+    """Timed runs after the caller's warm-up, then the peak memory of one more step.
 
-    Returns (times in ms, peak RSS above the baseline taken just before the first timed run).
+    Timing: at least one run, at most max_runs, stopping once budget_s is spent, with glibc as it comes.
+    Memory: the peak RSS of one step above the baseline taken just before it, with the mmap threshold fixed
+    afterwards (fix_mmap_threshold), so one step for every implementation whatever its speed, as on the GPU.
+    Returns (times in ms, peak bytes).
     """
-    base = reset_peak_rss()
     times, spent = [], 0.0
     while len(times) < max_runs and (not times or spent + times[-1] / 1e3 <= budget_s):
         t0 = time.perf_counter()
@@ -162,6 +185,10 @@ def cpu_measure(run, hidden, weight, max_runs: int = 3, budget_s: float = 10.0) 
         dt = time.perf_counter() - t0
         times.append(dt * 1e3)
         spent += dt
+    hidden.grad = weight.grad = None  # the step's new gradients count, as they do in the first step
+    fix_mmap_threshold()
+    base = reset_peak_rss()
+    step(run, hidden, weight)
     return times, max(0, peak_rss() - base)
 
 

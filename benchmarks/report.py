@@ -75,7 +75,9 @@ def markdown(results: dict) -> str:
     if results.get("command"):
         parts += [f"`{results['command']}`", ""]
     parts += ["Sigmoid DPO (beta 0.1, zero reference log-probs) from hidden states [2B, T, H] and an LM head [V, H]: "
-              "forward + backward. ms: median; peak MiB: memory above the inputs during one step; rel err: the "
+              "forward + backward. ms: median; peak MiB: memory above the inputs during one step (on CPU the peak RSS "
+              "of that step in the implementation's own process, glibc's mmap threshold fixed at 128 KiB); "
+              "rel err: the "
               "largest of the relative errors of the loss and of the hidden/weight gradients against float64.", ""]
     if results.get("cases"):
         parts += ["| case | tokens scored | mean entropy (nats) | target is top-1 | mean target log-prob |"

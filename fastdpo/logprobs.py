@@ -35,8 +35,10 @@ class LinearLogProbs(torch.autograd.Function):
             merged = merge(VocabPartials(*logprob_forward(hidden_2d, weight, bias, rows, row_targets,
                                                           with_stats=with_stats, **transform)))
         else:
-            merged = chunked.forward_partials(chunked.Rows(hidden_2d, rows, row_targets), weight, bias,
-                                              chunked.Transform(**transform), with_stats)
+            x = chunked.Rows(hidden_2d, rows, row_targets)
+            ctx.buffers = chunked.BlockBuffers(x, weight.shape[0])  # reused by the backward
+            merged = chunked.forward_partials(x, weight, bias, chunked.Transform(**transform), with_stats,
+                                              ctx.buffers)
         lse = logsumexp(merged)
         stats = token_stats(merged, lse, weight.shape[0])
 
@@ -73,7 +75,7 @@ class LinearLogProbs(torch.autograd.Function):
         else:
             chunked.backward(chunked.Rows(hidden_2d, rows, row_targets), weight, bias, lse, grad_rows,
                              chunked.Transform(**ctx.transform), dx=dx, dw=dw, db=db,
-                             filter_eps=ctx.grad_filter_eps)
+                             filter_eps=ctx.grad_filter_eps, buffers=ctx.buffers)
         return (
             None if dx is None else dx.to(ctx.hidden_dtype).view(ctx.hidden_shape),
             None if dw is None else dw.to(weight.dtype),

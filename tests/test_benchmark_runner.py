@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -370,3 +371,21 @@ def test_plots_are_written(tmp_path):
     paths = report.write_plots(results, tmp_path, {"tiny": "tiny"})
     assert [p.name for p in paths] == ["time.png", "memory.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_cpu_peak_is_one_steps_new_memory():
+    # In a subprocess: cpu_measure fixes glibc's mmap threshold for the rest of the process.
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(REPO)!r})
+from benchmarks import measure
+h = torch.zeros(4, 8, requires_grad=True)
+w = torch.zeros(1 << 20, 8, requires_grad=True)  # its gradient: 32 MiB
+times, peak = measure.cpu_measure(lambda: w.sum() + h.sum(), h, w, max_runs=3, budget_s=10.0)
+print(len(times), peak)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    runs, peak = map(int, out.split())
+    assert runs == 3
+    assert 32 << 20 <= peak < 33 << 20, f"{peak / 2**20:.2f} MiB for a 32 MiB gradient"

@@ -27,12 +27,12 @@ TRANSFORMS = [
 ]
 
 
-def make_inputs(shape, hidden, vocab, dtype, bias=True, ignore_index=-100):
+def make_inputs(shape, hidden, vocab, dtype, bias=True, ignore_index=-100, ignore_fraction=0.3):
     # Weight scale keeps the logits' spread realistic (a few nats) for every hidden size.
     h = torch.randn(*shape, hidden, dtype=torch.float64)
     w = torch.randn(vocab, hidden, dtype=torch.float64) * (2.0 / hidden**0.5)
     b = torch.randn(vocab, dtype=torch.float64) if bias else None
-    targets = random_targets(shape, vocab, ignore_index=ignore_index)
+    targets = random_targets(shape, vocab, ignore_fraction, ignore_index)
     return leaf(h, dtype), leaf(w, dtype), None if b is None else leaf(b, dtype), targets.to(DEVICE)
 
 
@@ -94,6 +94,30 @@ def test_frozen_inputs_get_no_gradient(backend, frozen):
     trained, trained_ref = (w, w_ref) if frozen == "hidden" else (h, h_ref)
     assert (h if frozen == "hidden" else w).grad is None
     assert_close(trained.grad, trained_ref.grad, 1e-4, "grad of the trained input")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.bfloat16, 1e-2)], ids=["float64", "bfloat16"])
+@pytest.mark.parametrize("bias,softcap,with_stats", [(False, None, False), (False, None, True), (True, 4.0, False)],
+                         ids=["linear", "linear-stats", "bias-softcap"])
+def test_torch_path_several_token_blocks(monkeypatch, dtype, tol, bias, softcap, with_stats):
+    """Blocks of 16 rows and 128-column slices: 37 scored rows end in a 5-row block that reuses the
+    buffers sized for the first, and V=300 ends in a 44-column slice. bfloat16 inputs are gathered
+    into float32 buffers."""
+    chunked = importlib.import_module("fastdpo.chunked")
+    monkeypatch.setattr(chunked, "TOKEN_BLOCK", 16)
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 16 * 128)
+    h, w, b, targets = make_inputs((50,), 31, 300, dtype, bias=bias, ignore_fraction=0.26)
+    logps = fastdpo.linear_logprobs(h, w, targets, b, softcap=softcap, with_stats=with_stats, backend="torch")
+    logps = logps.logps if with_stats else logps
+    refs = [as_reference(t) for t in (h, w)] + [None if b is None else as_reference(b)]
+    expected = reference.token_logprobs(*refs[:2], targets.cpu(), refs[2], softcap=softcap)
+    assert_close(logps, expected, 1e-10 if dtype == torch.float64 else 1e-5, "logps")
+    upstream = torch.randn(targets.shape, dtype=torch.float64)
+    (logps * upstream.to(logps)).sum().backward()
+    (expected * upstream).sum().backward()
+    for name, got, want in zip(("hidden", "weight", "bias"), (h, w, b), refs):
+        if got is not None:
+            assert_close(got.grad, want.grad, tol, f"grad {name}")
 
 
 def test_triton_vocab_splits_merge(monkeypatch):
