@@ -103,7 +103,11 @@ def write_markdown(results: dict, out_dir: Path) -> Path:
 
 
 def write_plots(results: dict, out_dir: Path, case_groups: dict[str, str]) -> list[Path]:
-    """time.png and memory.png: one panel per case group, x = tokens, one line per implementation."""
+    """time.png and memory.png: one panel per case group, x = tokens, one line per implementation.
+
+    A group measured at a single token count (the quick CPU set) gets horizontal bars instead: a column
+    of points on one x would hide implementations behind each other.
+    """
     try:
         import matplotlib
 
@@ -114,27 +118,49 @@ def write_plots(results: dict, out_dir: Path, case_groups: dict[str, str]) -> li
         return []
     groups = sorted({case_groups.get(r["case"], r["case"]) for r in results["rows"]})
     impls = list(dict.fromkeys(r["impl"] for r in results["rows"]))
+    colors = {impl: f"C{i}" for i, impl in enumerate(impls)}  # the same colour in every panel
     paths = []
     for key, label, scale, fname in (("ms", "forward+backward (ms)", 1.0, "time.png"),
                                      ("peak_mem_bytes", "peak memory above inputs (MiB)", 1 / MiB, "memory.png")):
         fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.8), squeeze=False)
         for ax, group in zip(axes[0], groups):
+            series = {}
             for impl in impls:
                 pts = sorted((r["tokens"], r[key] * scale) for r in results["rows"]
                              if r["impl"] == impl and r["status"] == "ok" and r[key] is not None
                              and case_groups.get(r["case"], r["case"]) == group)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=impl)
-            ax.set_title(group)
-            ax.set_xlabel("tokens")
-            ax.set_ylabel(label)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.grid(True, which="both", alpha=0.3)
-        axes[0][-1].legend(fontsize=8)
+                    series[impl] = pts
+            _draw_panel(ax, series, colors, label, group)
         fig.suptitle(f"{results['device']}: {label}")
         fig.tight_layout()
         fig.savefig(out_dir / fname, dpi=110)
         plt.close(fig)
         paths.append(out_dir / fname)
     return paths
+
+
+def _draw_panel(ax, series: dict, colors: dict, label: str, title: str) -> None:
+    token_counts = sorted({tokens for pts in series.values() for tokens, _ in pts})
+    if len(token_counts) == 1:
+        names = list(series)
+        values = [series[name][0][1] for name in names]
+        bars = ax.barh(names, values, color=[colors[name] for name in names])
+        ax.bar_label(bars, labels=[f"{v:,.0f}" if v >= 100 else f"{v:.2f}" for v in values], fontsize=8, padding=2)
+        ax.invert_yaxis()  # first implementation on top
+        ax.set_xscale("log")
+        ax.set_xlim(min(values) / 2, max(values) * 4)  # room for the labels
+        ax.set_xlabel(label)
+        ax.set_title(f"{title}, {token_counts[0]} tokens")
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+        return
+    for impl, pts in series.items():
+        ax.plot(*zip(*pts), marker="o", label=impl, color=colors[impl])
+    ax.set_title(title)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel(label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    if series:
+        ax.legend(fontsize=8)

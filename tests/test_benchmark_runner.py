@@ -364,10 +364,12 @@ def test_roofline_columns():
     assert "roofline" not in rows[1]
 
 
-def test_plots_are_written(tmp_path):
+@pytest.mark.parametrize("sizes", [1, 2], ids=["bars-for-one-size", "lines-over-sizes"])
+def test_plots_are_written(tmp_path, sizes):
     pytest.importorskip("matplotlib")
     results = _results()
-    results["rows"].append({**_row("naive"), "tokens": 2 * TINY.tokens})
+    if sizes == 2:
+        results["rows"].append({**_row("naive"), "tokens": 2 * TINY.tokens})
     paths = report.write_plots(results, tmp_path, {"tiny": "tiny"})
     assert [p.name for p in paths] == ["time.png", "memory.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
