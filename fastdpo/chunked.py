@@ -99,10 +99,10 @@ class BlockBuffers:
     """The [block, H] and [block, slice] buffers that every token block reuses.
 
     One allocation per step (the autograd function hands the forward's to the backward), not a few
-    per block. Measured on the quick benchmark (V=65536, 10 blocks, 66.0 MiB of gradients): with
-    per-block buffers a step's peak RSS ranged over 67.3-68.3 MiB between processes; with one buffer
-    per pass the heap could still place the backward's away from the forward's freed one and count
-    it twice. The vocabulary slices are fixed so that the last, shorter block fits the same tile.
+    per block. Measured on the quick benchmark: with per-block buffers a step's peak RSS ranged over
+    67.3-68.3 MiB between processes at V=65536 (66.0 MiB of gradients); with one buffer per pass,
+    34.6-35.1 MiB at V=32768 (34.0 of gradients), and with one per step 34.5-34.9. The vocabulary
+    slices are fixed so that the last, shorter block fits the same tile.
     """
 
     def __init__(self, x: Rows, vocab_size: int):
