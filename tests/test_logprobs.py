@@ -27,12 +27,12 @@ TRANSFORMS = [
 ]
 
 
-def make_inputs(shape, hidden, vocab, dtype, bias=True, ignore_index=-100, ignore_fraction=0.3):
+def make_inputs(shape, hidden, vocab, dtype, bias=True, ignore_index=-100):
     # Weight scale keeps the logits' spread realistic (a few nats) for every hidden size.
     h = torch.randn(*shape, hidden, dtype=torch.float64)
     w = torch.randn(vocab, hidden, dtype=torch.float64) * (2.0 / hidden**0.5)
     b = torch.randn(vocab, dtype=torch.float64) if bias else None
-    targets = random_targets(shape, vocab, ignore_fraction, ignore_index)
+    targets = random_targets(shape, vocab, ignore_index=ignore_index)
     return leaf(h, dtype), leaf(w, dtype), None if b is None else leaf(b, dtype), targets.to(DEVICE)
 
 
@@ -106,7 +106,9 @@ def test_torch_path_several_token_blocks(monkeypatch, dtype, tol, bias, softcap,
     chunked = importlib.import_module("fastdpo.chunked")
     monkeypatch.setattr(chunked, "TOKEN_BLOCK", 16)
     monkeypatch.setattr(chunked, "TILE_ELEMENTS", 16 * 128)
-    h, w, b, targets = make_inputs((50,), 31, 300, dtype, bias=bias, ignore_fraction=0.26)
+    h, w, b, targets = make_inputs((50,), 31, 300, dtype, bias=bias)
+    targets = torch.randint(0, 300, (50,), device=DEVICE)
+    targets[torch.randperm(50)[:13]] = -100  # 37 scored rows: blocks of 16, 16 and 5
     logps = fastdpo.linear_logprobs(h, w, targets, b, softcap=softcap, with_stats=with_stats, backend="torch")
     logps = logps.logps if with_stats else logps
     refs = [as_reference(t) for t in (h, w)] + [None if b is None else as_reference(b)]
