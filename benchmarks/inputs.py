@@ -222,7 +222,8 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     """targets[:, t] = labels[:, t + 1], last position ignored: the same shape as the hidden states.
 
     Peers that do not shift get these, so that they score hidden[:, t] against the next token without slicing
-    (and copying) the hidden states.
+    (and copying) the hidden states. The twin of fastdpo.sequences.shifted_targets on purpose: the harness and its
+    float64 reference share no code with the library they check.
     """
     targets = torch.full_like(labels, IGNORE_INDEX)
     targets[:, :-1] = labels[:, 1:]

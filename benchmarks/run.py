@@ -30,9 +30,8 @@ if str(REPO) not in sys.path:  # `python benchmarks/run.py` puts benchmarks/ fir
 from benchmarks import report  # noqa: E402
 from benchmarks.impls import IMPLS  # noqa: E402
 from benchmarks.inputs import Case, case_set  # noqa: E402
+from benchmarks.report import MiB  # noqa: E402
 from benchmarks.worker import TAG_INFO, TAG_ROW, TAG_START, base_row  # noqa: E402
-
-MiB = 1 << 20
 
 
 # --- arguments ----------------------------------------------------------------------------------------------------

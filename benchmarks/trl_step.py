@@ -11,6 +11,7 @@ largest relative difference of the logged loss. No downloads (HF_HUB_OFFLINE=1).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -55,17 +56,12 @@ def run(args, patched: bool):
         learning_rate=1e-3, logging_steps=1, disable_tqdm=True,
     )
     timer = StepTimer()
-    context = patch_trl() if patched else None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer = DPOTrainer(model=policy, ref_model=ref, args=config, train_dataset=dataset,
-                                 processing_class=tiny_tokenizer(), callbacks=[timer])
-            trainer.remove_callback(PrinterCallback)  # keep the output to the summary
-            trainer.train()
-    finally:
-        if context is not None:
-            context.__exit__(None, None, None)
+    with patch_trl() if patched else contextlib.nullcontext(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = DPOTrainer(model=policy, ref_model=ref, args=config, train_dataset=dataset,
+                             processing_class=tiny_tokenizer(), callbacks=[timer])
+        trainer.remove_callback(PrinterCallback)  # keep the output to the summary
+        trainer.train()
     losses = [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     return timer.times[1:], losses
 

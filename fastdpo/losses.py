@@ -325,13 +325,18 @@ class PairTerms(NamedTuple):
     def delta_score(self) -> Tensor:
         return self.chosen_scores - self.rejected_scores
 
+    @property
+    def delta_score_per_token(self) -> Tensor:
+        """s_w/|y_w| - s_l/|y_l|: the length-normalised score difference (IPO, length-normalised DPO)."""
+        return self.chosen_scores / self.chosen_lengths - self.rejected_scores / self.rejected_lengths
+
 
 def sigmoid_loss(p: PairTerms, c: LossConfig) -> Tensor:
     """DPO (Rafailov et al. 2023, arXiv:2305.18290, Eq. 7): -log sigma(beta * (s_w - s_l)), s = f-divergence score
     (log-ratio for reverse KL). Like TRL 1.16 it ignores ``label_smoothing`` unless ``cdpo=True`` (conservative DPO,
     Mitchell 2023: -(1 - eps) log sigma(z) - eps log sigma(-z), as TRL <= 1.9)."""
     if c.cdpo:
-        return _smoothed_logistic(p.delta_score, c)
+        return _smoothed_logistic(c.beta * p.delta_score, c.label_smoothing)
     return -F.logsigmoid(c.beta * p.delta_score)
 
 
@@ -344,8 +349,7 @@ def hinge_loss(p: PairTerms, c: LossConfig) -> Tensor:
 def ipo_loss(p: PairTerms, c: LossConfig) -> Tensor:
     """IPO (Azar et al. 2023, arXiv:2310.12036, Eq. 17, beta = tau): (s_w/|y_w| - s_l/|y_l| - 1/(2 tau))^2, with
     TRL's per-token normalisation of the scores (confirmed with the IPO authors, per TRL)."""
-    delta = p.chosen_scores / p.chosen_lengths - p.rejected_scores / p.rejected_lengths
-    return (delta - 1 / (2 * c.beta)) ** 2
+    return (p.delta_score_per_token - 1 / (2 * c.beta)) ** 2
 
 
 def exo_pair_loss(p: PairTerms, c: LossConfig) -> Tensor:
@@ -389,10 +393,9 @@ def sppo_hard_loss(p: PairTerms, c: LossConfig) -> Tensor:
     return (p.chosen_logratios - 0.5 / c.beta) ** 2 + (p.rejected_logratios + 0.5 / c.beta) ** 2
 
 
-def _smoothed_logistic(delta: Tensor, c: LossConfig) -> Tensor:
-    """-(1 - eps) log sigma(beta d) - eps log sigma(-beta d) (conservative-DPO smoothing)."""
-    z = c.beta * delta
-    return -F.logsigmoid(z) * (1 - c.label_smoothing) - F.logsigmoid(-z) * c.label_smoothing
+def _smoothed_logistic(z: Tensor, eps: float) -> Tensor:
+    """-(1 - eps) log sigma(z) - eps log sigma(-z) (conservative-DPO / SimPO label smoothing)."""
+    return -F.logsigmoid(z) * (1 - eps) - F.logsigmoid(-z) * eps
 
 
 def aot_loss(p: PairTerms, c: LossConfig) -> Tensor:
@@ -402,7 +405,7 @@ def aot_loss(p: PairTerms, c: LossConfig) -> Tensor:
     the differences of the sorted values. Output order is the sorted order, not the pair order."""
     logratios, _ = torch.sort(p.chosen_logps - p.rejected_logps, dim=0)
     ref_logratios, _ = torch.sort(p.ref_chosen_logps - p.ref_rejected_logps, dim=0)
-    return _smoothed_logistic(logratios - ref_logratios, c)
+    return _smoothed_logistic(c.beta * (logratios - ref_logratios), c.label_smoothing)
 
 
 def aot_unpaired_loss(p: PairTerms, c: LossConfig) -> Tensor:
@@ -410,7 +413,7 @@ def aot_unpaired_loss(p: PairTerms, c: LossConfig) -> Tensor:
     sort chosen and rejected log(pi/pi_ref) independently; smoothed logistic loss of the sorted differences."""
     chosen_sorted, _ = torch.sort(p.chosen_logratios, dim=0)
     rejected_sorted, _ = torch.sort(p.rejected_logratios, dim=0)
-    return _smoothed_logistic(chosen_sorted - rejected_sorted, c)
+    return _smoothed_logistic(c.beta * (chosen_sorted - rejected_sorted), c.label_smoothing)
 
 
 def apo_zero_loss(p: PairTerms, c: LossConfig) -> Tensor:
@@ -450,8 +453,7 @@ def sft_loss(p: PairTerms, c: LossConfig) -> Tensor:
 def sigmoid_norm_loss(p: PairTerms, c: LossConfig) -> Tensor:
     """Length-normalised DPO (as in Tulu 3, Lambert et al. 2024, arXiv:2411.15124, length-normalised DPO
     objective; SimPO-style normalisation with a reference): -log sigma(beta (s_w/|y_w| - s_l/|y_l|))."""
-    delta = p.chosen_scores / p.chosen_lengths - p.rejected_scores / p.rejected_lengths
-    return -F.logsigmoid(c.beta * delta)
+    return -F.logsigmoid(c.beta * p.delta_score_per_token)
 
 
 def simpo_loss(p: PairTerms, c: LossConfig) -> Tensor:
@@ -459,7 +461,7 @@ def simpo_loss(p: PairTerms, c: LossConfig) -> Tensor:
     arXiv:2405.14734, Eq. 6): -log sigma(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma), with the label
     smoothing of the paper's code: -(1-eps) log sigma(z) - eps log sigma(-z). Reference-free; gamma = simpo_gamma."""
     z = c.beta * (p.chosen_sum_logps / p.chosen_lengths - p.rejected_sum_logps / p.rejected_lengths) - c.simpo_gamma
-    return -F.logsigmoid(z) * (1 - c.label_smoothing) - F.logsigmoid(-z) * c.label_smoothing
+    return _smoothed_logistic(z, c.label_smoothing)
 
 
 def _log1mexp(x: Tensor) -> Tensor:
@@ -681,13 +683,13 @@ def preference_loss_from_token_logps(
     lengths = mask.sum(-1)
     sums = sequence_logps(token_logps, mask)
 
-    def reduce(x: Tensor) -> Tensor:
+    def reduce(x: Tensor, plain_sums: Tensor | None = None) -> Tensor:
         if c.ld_alpha is not None:
             return ld_sequence_logps(x, mask, c.ld_alpha)
-        s = sequence_logps(x, mask)
+        s = sequence_logps(x, mask) if plain_sums is None else plain_sums
         return s / lengths.clamp(min=1).to(s.dtype) if c.average_log_prob else s
 
-    logps = reduce(token_logps)
+    logps = reduce(token_logps, sums)
     if ref_token_logps is not None:
         if ref_chosen_logps is not None or ref_rejected_logps is not None:
             raise ValueError("Pass either `ref_token_logps` or `ref_chosen_logps`/`ref_rejected_logps`, not both.")

@@ -125,19 +125,17 @@ class _FastDPOLogProbHead:
         outputs=("log_probs",) + _OPTIONAL_OUTPUTS,
     ):
         stock = _STATE.stock_head
-        if not _STATE.active:
-            return stock.apply(
-                hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs
-            )
-        reason = _stock_reason(hidden, weight)
+        reason = _stock_reason(hidden, weight) if _STATE.active else None
+        if _STATE.active and reason is None:
+            return _fastdpo_head(hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale,
+                                 outputs)
         if reason is not None:
             if stock is None:
                 raise RuntimeError(f"fastdpo.patch_trl(): {reason} is not supported and TRL's own head is unavailable")
             _warn_once(reason, f"fastdpo.patch_trl(): {reason}; using TRL's own chunked log-prob head for it.")
-            return stock.apply(
-                hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs
-            )
-        return _fastdpo_head(hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, outputs)
+        return stock.apply(
+            hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs
+        )
 
 
 def _fastdpo_head(hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs):
@@ -151,9 +149,8 @@ def _fastdpo_head(hidden, weight, bias, targets, temperature, softcap, logit_sca
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:
         compute_dtype = hidden.dtype
-    h = hidden if hidden.dtype == compute_dtype else hidden.to(compute_dtype)
-    w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
-    b = None if bias is None else (bias if bias.dtype == compute_dtype else bias.to(compute_dtype))
+    h, w = hidden.to(compute_dtype), weight.to(compute_dtype)  # .to returns the tensor itself when no cast is needed
+    b = None if bias is None else bias.to(compute_dtype)
     with_stats = any(name in outputs for name in _OPTIONAL_OUTPUTS)
     kwargs = dict(temperature=float(temperature), softcap=softcap, logit_scale=float(logit_scale))
     with torch.autocast(device_type, enabled=False):
