@@ -1,8 +1,12 @@
 """Launch configurations: one fixed, checked choice per (dtype, device kind); no autotuning.
 
-Autotuning would rerun kernels that accumulate with atomics (and take minutes under the
-interpreter), so each kernel has a default that tests/test_compile.py builds for sm_80 and sm_90
-and checks for register spills and shared-memory use.
+One GEMM tile serves both kernels that form logits tiles (the forward's statistics and the
+backward's d_logits), so that the backward recomputes exactly the forward's tiles: the same
+(token block x vocabulary tile) partition, the same K order, the same bits. The tile depends only on
+the dtype and the device, never on pointer alignment or on whether statistics or gradients are
+wanted: the policy's and the reference's log-probs come out bitwise identical for the same inputs.
+tests/test_compile.py builds every configuration for sm_80 and sm_90 and checks spills, shared
+memory, wgmma and the absence of atomics; benchmarks/cost_model.py reads the same functions.
 """
 
 import os
@@ -22,12 +26,6 @@ def input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _small_tiles() -> dict:
-    # The interpreter runs tiles as numpy arrays: small tiles keep CI fast and still exercise every
-    # mask (tl.dot needs every dimension >= 16).
-    return dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, num_warps=4, num_stages=1)
-
-
 def device_capability(device: torch.device) -> int | None:
     """sm version as an int (80, 90, ...), or None off CUDA (the interpreter)."""
     if device.type != "cuda":
@@ -36,63 +34,44 @@ def device_capability(device: torch.device) -> int | None:
     return 10 * major + minor
 
 
-def is_aligned(hidden_size: int, *tensors: torch.Tensor) -> bool:
-    """Whether Triton will specialize the launch as 16-aligned: hidden size and row strides multiples
-    of 16 elements and 16-byte aligned data. Then loads vectorize, the K loop is software-pipelined,
-    and registers go much further, so the launchers take the larger tiles below."""
-    return hidden_size % 16 == 0 and all(
-        t.data_ptr() % 16 == 0 and (t.dim() < 2 or t.stride(0) % 16 == 0) for t in tensors
-    )
+def gemm_config(dtype: torch.dtype, capability: int | None) -> dict:
+    """The logits tile: BLOCK_M scored tokens x BLOCK_V vocabulary rows, K loop of BLOCK_K.
 
-
-def forward_config(dtype: torch.dtype, capability: int | None, aligned: bool = False) -> dict:
+    - Interpreter (capability None): 16 x 32 x 16, the smallest tl.dot allows; numpy runs the tiles,
+      so small ones keep the tests fast and still cross every mask.
+    - 16-bit inputs: 128 x 128 x 64 with 8 warps (two warpgroups of wgmma m64n128k16 on sm_90, mma.sync
+      on sm_80), 4 stages on sm_90 (4 x 32 KiB of operands in shared memory) and 3 on sm_80 (its 164 KiB).
+      At 128 x 128 every loaded element feeds 128 multiply-adds: 64 FLOP per byte from L2.
+    - fp32 inputs (FMA, or tf32 MMA): 64 x 64 x 32, 4 warps, 3 stages; fp32 operands take twice the
+      registers and shared memory of 16-bit ones.
+    GROUP_M token blocks sweep the vocabulary together (Triton's grouped matmul order), so a W tile
+    is read from HBM once per group and then served from L2 to the other GROUP_M - 1 blocks.
+    """
     if capability is None:
-        return _small_tiles()
-    # The forward keeps the fp32 logits tile, its exponentials and the running statistics in
-    # registers; every choice below is the largest that tests/test_compile.py finds free of spills
-    # (and within shared memory) on sm_80 and sm_90, with statistics and softcap compiled in.
-    # - aligned 16-bit: 128 tokens per block (W is re-read once per token block, so larger blocks
-    #   halve the W traffic) x 64 vocab rows, BLOCK_K=64, 3 stages (128 x 128 spills on sm_90 with
-    #   Triton 3.6 once the statistics are compiled in).
-    # - unaligned 16-bit (odd hidden sizes): scalar loads cost registers, so 64 tokens.
-    # - fp32 operands go through FMA-based dots with twice the registers: 64 x 64 x 16, 2 stages.
+        return dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=16, num_warps=8, num_stages=2)
-    hopper = capability >= 90
-    if aligned:
-        return dict(BLOCK_M=128, BLOCK_V=64, BLOCK_K=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_V=128 if hopper else 64, BLOCK_K=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4 if capability >= 90 else 3)
 
 
-def backward_config(dtype: torch.dtype, capability: int | None, aligned: bool = False,
-                    grad_filter: bool = False) -> dict:
-    if capability is None:
-        return dict(_small_tiles(), GROUP_M=4)
-    # The backward keeps the d_logits tile alive across a second K loop (fp32 in registers plus a
-    # 16-bit copy as an MMA operand) next to the dX and dW partial products. Each program adds its
-    # dX (BLOCK_M x H) and dW (BLOCK_V x H) contributions with atomics, so the atomic traffic falls
-    # as the tile grows: aligned launches take 128 x 128 on Hopper (128 x 64 with the gradient
-    # filter, whose branch keeps more values alive) and 128 x 64 on Ampere; unaligned ones 64 x 64.
-    # GROUP_M token blocks walk the vocabulary together so that their W tiles are reused from L2.
-    if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=1)
-    hopper = capability >= 90
-    if aligned:
-        if hopper:
-            block_v = 64 if grad_filter else 128
-            return dict(BLOCK_M=128, BLOCK_V=block_v, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-        return dict(BLOCK_M=128, BLOCK_V=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=64 if hopper else 32, GROUP_M=8, num_warps=8, num_stages=2)
+# The backward's d_logits workspace, [scored tokens, chunk] in the input dtype. 1 GiB holds 32,768
+# vocabulary columns of 16,384 bf16 rows (a quarter of Llama 3's vocabulary): chunk GEMMs of
+# 16k x 32k x 4k, large enough for cuBLAS to run at full speed, in 4 chunks.
+MAX_DEFAULT_WORKSPACE = 1 << 30
+INTERPRETER_WORKSPACE = 64 << 20
 
 
-def num_vocab_splits(n_rows: int, vocab_size: int, block_m: int, block_v: int, device: torch.device,
-                     requested: int | None = None) -> int:
-    """How many programs share one token block's vocabulary: enough to fill every SM twice."""
-    max_splits = triton.cdiv(vocab_size, block_v)
-    if requested is not None:
-        return max(1, min(requested, max_splits))
+def default_workspace_bytes(device: torch.device) -> int:
+    """A quarter of the device's free memory, at most 1 GiB (64 MiB off CUDA)."""
     if device.type != "cuda":
-        return 1
-    token_blocks = triton.cdiv(n_rows, block_m)
-    target_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(max_splits, triton.cdiv(target_programs, token_blocks)))
+        return INTERPRETER_WORKSPACE
+    free, _total = torch.cuda.mem_get_info(device)
+    return min(MAX_DEFAULT_WORKSPACE, free // 4)
+
+
+def vocab_chunk_width(n_rows: int, vocab_size: int, element_bytes: int, block_v: int, workspace_bytes: int) -> int:
+    """Vocabulary columns per backward chunk: the most whole BLOCK_V tiles whose [n_rows, width]
+    d_logits fit in workspace_bytes, at least one tile and at most the (tile-rounded) vocabulary."""
+    per_tile = max(1, n_rows) * block_v * element_bytes
+    tiles = max(1, workspace_bytes // per_tile)
+    return min(tiles, triton.cdiv(vocab_size, block_v)) * block_v
