@@ -37,7 +37,8 @@ class FastDPOLoss(nn.Module):
     `token_metrics=True` adds the kernel-pass aggregates (entropy, mean logits, top-1 accuracy).
     `temperature`, `softcap` (Gemma's final_logit_softcapping) and `logit_scale` transform the logits
     as in linear_logprobs, for the policy and the reference alike. `grad_filter_eps` (default 0,
-    exact) lets the backward skip tiles whose |onehot - softmax| stays below it (see linear_logprobs).
+    exact) lets the backward skip tiles whose |onehot - softmax| stays below it, and `workspace_bytes`
+    bounds the Triton backward's d_logits workspace (see linear_logprobs).
     """
 
     def __init__(self, beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid", label_smoothing: float = 0.0,
@@ -46,7 +47,8 @@ class FastDPOLoss(nn.Module):
                  f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
                  use_weighting: bool = False, ld_alpha: float | None = None, discopop_tau: float = 0.05,
                  simpo_gamma: float = 0.5, token_metrics: bool = False, temperature: float = 1.0,
-                 softcap: float | None = None, logit_scale: float = 1.0, grad_filter_eps: float = 0.0):
+                 softcap: float | None = None, logit_scale: float = 1.0, grad_filter_eps: float = 0.0,
+                 workspace_bytes: int | None = None):
         super().__init__()
         self.config = LossConfig(
             loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
@@ -57,7 +59,7 @@ class FastDPOLoss(nn.Module):
         self.ignore_index, self.shift_labels, self.backend = ignore_index, shift_labels, backend
         self.token_metrics = token_metrics
         self.logit_transform = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
-        self.grad_filter_eps = grad_filter_eps
+        self.grad_filter_eps, self.workspace_bytes = grad_filter_eps, workspace_bytes
 
     @property
     def beta(self) -> float:
@@ -76,6 +78,7 @@ class FastDPOLoss(nn.Module):
         with_stats = self.token_metrics or cfg.needs_log_sum_sq_probs
         policy = linear_logprobs(hidden_states, lm_head_weight, targets, lm_head_bias, self.ignore_index,
                                  with_stats=with_stats, backend=backend, grad_filter_eps=self.grad_filter_eps,
+                                 workspace_bytes=self.workspace_bytes,
                                  **self.logit_transform)
         token_logps = policy.logps if with_stats else policy
         # A reference given to a loss that needs none (sft, simpo, orpo) still feeds the logged rewards.

@@ -20,7 +20,7 @@ from .validation import check_logprob_inputs
 class LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index, logit_scale, softcap, temperature, with_stats,
-                backend, grad_filter_eps):
+                backend, grad_filter_eps, workspace_bytes):
         hidden_2d = hidden.reshape(-1, hidden.shape[-1])
         flat_targets = targets.reshape(-1)
         rows = (flat_targets != ignore_index).nonzero().squeeze(1)
@@ -32,8 +32,9 @@ class LinearLogProbs(torch.autograd.Function):
             from .kernels import logprob_forward
 
             hidden_2d, weight = _row_major(hidden_2d), _row_major(weight)
-            merged = merge(VocabPartials(*logprob_forward(hidden_2d, weight, bias, rows, row_targets,
-                                                          with_stats=with_stats, **transform)))
+            table, target_logit = logprob_forward(hidden_2d, weight, bias, rows, row_targets, with_stats=with_stats,
+                                                  **transform)
+            merged = merge(VocabPartials(table[0], table[1], target_logit[None], *table[2:]))
         else:
             x = chunked.Rows(hidden_2d, rows, row_targets)
             ctx.buffers = chunked.BlockBuffers(x, weight.shape[0])  # reused by the backward
@@ -45,6 +46,7 @@ class LinearLogProbs(torch.autograd.Function):
         ctx.save_for_backward(hidden_2d, weight, bias, rows, row_targets, lse)
         ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
         ctx.backend, ctx.transform, ctx.grad_filter_eps = backend, transform, grad_filter_eps
+        ctx.workspace_bytes = workspace_bytes
         stats = stats if with_stats else stats[:1]
         outputs = [_scatter(stat, rows, flat_targets.numel()).view(targets.shape) for stat in stats]
         if not with_stats:
@@ -57,6 +59,8 @@ class LinearLogProbs(torch.autograd.Function):
         hidden_2d, weight, bias, rows, row_targets, lse = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         grad_rows = grad_logps.reshape(-1).index_select(0, rows).to(lse.dtype).contiguous()
+        if ctx.backend == "triton" and rows.numel() > 0:
+            return _triton_backward(ctx, hidden_2d, weight, bias, rows, row_targets, lse, grad_rows)
         # fp32 (fp64 for fp64 inputs) accumulators, cast to the input dtypes at the end: for fp32
         # inputs the cast is free and the accumulators are the gradients themselves.
         acc_dtype = lse.dtype
@@ -67,11 +71,6 @@ class LinearLogProbs(torch.autograd.Function):
         dx, dw, db = zeros(hidden_2d.shape, need_dx), zeros(weight.shape, need_dw), zeros(weight.shape[:1], need_db)
         if rows.numel() == 0:  # nothing was scored: the gradients are zero
             pass
-        elif ctx.backend == "triton":
-            from .kernels import logprob_backward
-
-            logprob_backward(hidden_2d, weight, bias, rows, row_targets, lse, grad_rows, grad_hidden=dx,
-                             grad_weight=dw, grad_bias=db, filter_eps=ctx.grad_filter_eps, **ctx.transform)
         else:
             chunked.backward(chunked.Rows(hidden_2d, rows, row_targets), weight, bias, lse, grad_rows,
                              chunked.Transform(**ctx.transform), dx=dx, dw=dw, db=db,
@@ -80,8 +79,24 @@ class LinearLogProbs(torch.autograd.Function):
             None if dx is None else dx.to(ctx.hidden_dtype).view(ctx.hidden_shape),
             None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype),
-            *([None] * 8),
+            *([None] * 9),
         )
+
+
+def _triton_backward(ctx, hidden_2d, weight, bias, rows, row_targets, lse, grad_rows):
+    """The vocabulary-chunked backward (fastdpo.vocab_chunks): dW comes back in the weight's dtype,
+    dX for the scored rows in fp32, scattered here into the hidden states' shape and dtype."""
+    from .vocab_chunks import backward
+
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dx_rows, dw, db = backward(hidden_2d, weight, bias, rows, row_targets, lse, grad_rows, ctx.transform,
+                               need_dx=need_dx, need_dw=need_dw, need_db=need_db,
+                               workspace_bytes=ctx.workspace_bytes, filter_eps=ctx.grad_filter_eps)
+    dx = None
+    if dx_rows is not None:
+        dx = torch.zeros(hidden_2d.shape, dtype=ctx.hidden_dtype, device=hidden_2d.device)
+        dx = dx.index_copy_(0, rows, dx_rows.to(ctx.hidden_dtype)).view(ctx.hidden_shape)
+    return dx, dw, None if db is None else db.to(bias.dtype), *([None] * 9)
 
 
 def _no_partials(hidden: torch.Tensor, with_stats: bool) -> VocabPartials:
@@ -102,7 +117,7 @@ def _scatter(values: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tenso
 
 def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100, *, temperature: float = 1.0,
                     softcap: float | None = None, logit_scale: float = 1.0, with_stats: bool = False,
-                    backend: str | None = None, grad_filter_eps: float = 0.0):
+                    backend: str | None = None, grad_filter_eps: float = 0.0, workspace_bytes: int | None = None):
     """Per-token log-probabilities of `targets` under logits = transform(hidden @ weight.T + bias).
 
     hidden [..., H], weight [V, H], targets [...] (not shifted; `ignore_index` positions get 0).
@@ -113,6 +128,10 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
     grad_filter_eps > 0 lets the backward skip (token block, vocab tile) pairs whose |onehot - softmax|
     stays below it everywhere (Cut Cross-Entropy's gradient filter; the torch path skips only tiles
     without a target); each skipped d_logit is below grad_filter_eps * |g|. 0 is exact.
+    workspace_bytes bounds the Triton backward's d_logits workspace ([scored tokens, chunk] in the
+    input dtype; at least one 128-column tile): None takes 1/64 of the device's memory, at most 1 GiB.
+    Smaller workspaces mean more, narrower vocabulary chunks: the same result up to the rounding of
+    dX's chunk sums (for given inputs and workspace, the bits are reproducible).
     """
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
     backend = resolve_backend(backend, device)
@@ -123,11 +142,14 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
         bias = None if bias is None else bias.to(dtype)
     check_logprob_inputs(hidden, weight, targets, bias, ignore_index, backend, temperature=temperature,
                          softcap=softcap, grad_filter_eps=grad_filter_eps)
+    if workspace_bytes is not None and (isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int)
+                                        or workspace_bytes <= 0):
+        raise ValueError(f"workspace_bytes must be None or a positive int (bytes), got {workspace_bytes!r}")
     transform = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
     if backend == "reference":
         stats = reference.token_stats(hidden, weight, targets, bias, ignore_index, **transform)
         return stats if with_stats else stats.logps
     with torch.autocast(device.type, enabled=False):
         out = LinearLogProbs.apply(hidden, weight, bias, targets, ignore_index, logit_scale, softcap, temperature,
-                                   with_stats, backend, float(grad_filter_eps))
+                                   with_stats, backend, float(grad_filter_eps), workspace_bytes)
     return TokenStats(*out) if with_stats else out

@@ -4,9 +4,11 @@ transform(x) = softcap * tanh(x * logit_scale / softcap) / temperature   (with s
              = x * logit_scale / temperature                             (without)
 
 This is TRL's order (scale, cap, then temperature), so a patched TRL trainer sees the same logits.
-The tile lives in registers only: callers fold it into running statistics (forward) or turn it into
-d_logits and then into dX / dW contributions (backward). X rows are addressed through an index
-vector so that prompt and padding tokens are never touched and never copied.
+The tile lives in registers only: the forward folds it into per-row softmax partials, the backward
+turns it into d_logits. Both kernels run the same GEMM: one program per (token block x vocabulary
+tile), in the grouped order of Triton's matmul tutorial, with the tile shape of config.gemm_config.
+X rows are addressed through an index vector so that prompt and padding tokens are never touched
+and never copied.
 """
 
 import triton
@@ -35,6 +37,24 @@ def transform_derivative(z, logit_scale, softcap, inv_temperature, HAS_SOFTCAP: 
         return logit_scale * inv_temperature * (1 - capped * capped)
     else:
         return logit_scale * inv_temperature
+
+
+@triton.jit
+def grouped_tile(pid, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_M: tl.constexpr):
+    """(token block, vocabulary tile) of a linear program id, GROUP_M token blocks at a time.
+
+    Programs that run together share GROUP_M X blocks and sweep the same W tiles, so each W tile is
+    read from HBM once per group and reused from L2 by the group's other blocks: W traffic is
+    V*H*bytes per group instead of per token block.
+    """
+    blocks_m = tl.cdiv(n_rows, BLOCK_M)
+    tiles_v = tl.cdiv(n_cols, BLOCK_V)
+    per_group = GROUP_M * tiles_v
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+    return pid_m, pid_v
 
 
 @triton.jit

@@ -1,119 +1,105 @@
-"""Forward of the fused LM-head log-prob: per-token partial softmax statistics, logits never stored.
+"""Forward of the fused LM-head log-prob: a GEMM whose epilogue keeps softmax partials, not logits.
 
-For a token block X (BLOCK_M rows picked by index) and a contiguous slice of the vocabulary, the
-kernel streams W in tiles of BLOCK_V rows, forms z = transform(X W^T + b) in registers and keeps,
-per token, the online-softmax state over the slice (Milakov & Gimelshein 2018):
+One program per (token block, vocabulary tile), in grouped order (logits_tile.grouped_tile). It forms
+z = transform(X W^T + b) for its BLOCK_M x BLOCK_V tile in registers and writes, per token row i and
+vocabulary tile j, the tile's softmax partials into a table [fields, tiles, rows]:
 
-    m = max_v z_v,   s = sum_v exp(z_v - m),   t = z_target   (0 if the target is outside the slice)
+    m_ij = max_{v in j} z_iv,   s_ij = sum_{v in j} exp(z_iv - m_ij)
 
-and, when statistics are requested, also
-    a = sum_v exp(z_v - m) z_v       (entropy  = lse - a / s)
-    q = sum_v exp(2 (z_v - m))       (log sum p^2 = log q - 2 log s, after merging)
-    u = sum_v z_v                    (mean logit = u / V)
-    b = max_{v < target} z_v         (the target is the first argmax iff t >= max z and t > b)
+and, when statistics are requested,
+    a_ij = sum exp(z_iv - m_ij) z_iv        q_ij = sum exp(2 (z_iv - m_ij))
+    u_ij = sum z_iv                          b_ij = max_{v in j, v < target_i} z_iv
 
-When token blocks alone cannot fill the GPU, the vocabulary is split across programs (grid axis 1)
-and each split writes its own partial row; the caller merges the splits with a logsumexp, which is
-O(tokens x splits) work. The whole forward is one pass over W per token block.
+The tile holding row i's target writes t_i = z_{i, target_i} to a [rows] vector (one writer per
+element). fastdpo.softmax_stats.merge folds the table over the tile axis in a fixed order:
+lse_i = M_i + log sum_j s_ij e^{m_ij - M_i} with M_i = max_j m_ij, and logp_i = t_i - lse_i.
+No locks, no atomics: every element of the outputs has exactly one writer, so results are bitwise
+reproducible, and the max/sum path is the same code whether or not statistics are compiled in.
+
+Cost at the Llama-3-8B head (n = 16,384 scored tokens, H = 4096, V = 128,256, bf16, 128 x 128 x 64
+tiles, GROUP_M = 8; benchmarks/cost_model.py computes these from config.gemm_config):
+    FLOPs  2 n V H = 17.2 TFLOP                                (21.5 ms at 800 TFLOP/s)
+    HBM    W once per group of 8 token blocks: 16 x 1.05 GB = 16.8 GB; X once: 0.13 GB;
+           table 2 x 4 x n x V/128 = 131 MB (6 fields with statistics: 394 MB)   (~5.7 ms at 3 TB/s,
+           overlapped with the MMAs)
+    atomics 0
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .config import device_capability, forward_config, is_aligned, input_precision, num_vocab_splits
-from .logits_tile import logits_tile
+from .config import device_capability, gemm_config, input_precision
+from .logits_tile import grouped_tile, logits_tile
+
+STAT_FIELDS = 6  # m, s, a, q, u, b
+PLAIN_FIELDS = 2  # m, s
 
 
 @triton.jit
 def logprob_forward_kernel(
-    x_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr,
-    max_ptr, sum_exp_ptr, target_logit_ptr,
-    z_sum_exp_ptr, sq_sum_exp_ptr, z_sum_ptr, max_before_ptr,
-    n_rows, vocab_size, hidden_size, stride_x, stride_w, cols_per_split,
+    x_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, table_ptr, target_logit_ptr,
+    n_rows, vocab_size, hidden_size, stride_x, stride_w,
     logit_scale, softcap, inv_temperature,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_STATS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
+    pid_m, pid_v = grouped_tile(tl.program_id(0), n_rows, vocab_size, BLOCK_M, BLOCK_V, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = offs_m < n_rows
     rows = tl.load(rows_ptr + offs_m, mask=row_mask, other=0).to(tl.int64)
-    targets = tl.load(targets_ptr + offs_m, mask=row_mask, other=-1)
-    col_start = split * cols_per_split
+    targets = tl.load(targets_ptr + offs_m, mask=row_mask, other=-1).to(tl.int32)  # V < 2^31: half the registers
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < vocab_size
 
-    running_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    sum_exp = tl.zeros((BLOCK_M,), tl.float32)
-    target_logit = tl.zeros((BLOCK_M,), tl.float32)
-    z_sum_exp = tl.zeros((BLOCK_M,), tl.float32)
-    sq_sum_exp = tl.zeros((BLOCK_M,), tl.float32)
-    z_sum = tl.zeros((BLOCK_M,), tl.float32)
-    max_before = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    z = logits_tile(
+        x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_size, stride_x, stride_w,
+        logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K,
+        INPUT_PRECISION,
+    )
+    z = tl.where(col_mask[None, :], z, float("-inf"))  # every tile has at least one real column
+    is_target = cols[None, :] == targets[:, None]
+    in_tile = (targets >= pid_v * BLOCK_V) & (targets < pid_v * BLOCK_V + BLOCK_V)
+    tl.store(target_logit_ptr + offs_m, tl.sum(tl.where(is_target, z, 0.0), axis=1), mask=row_mask & in_tile)
 
-    # Every split walks cols_per_split columns (a multiple of BLOCK_V); only the last split runs past
-    # the vocabulary, into tiles that the mask empties. It has no more tiles than the others, so the
-    # critical path is unchanged.
-    for tile in range(0, cols_per_split // BLOCK_V):
-        cols = col_start + tile * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_mask = cols < vocab_size
-        z = logits_tile(
-            x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_size, stride_x, stride_w,
-            logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K,
-            INPUT_PRECISION,
-        )
-        z = tl.where(col_mask[None, :], z, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(z, axis=1))
-        rescale = tl.exp(running_max - new_max)  # exp(-inf) = 0 on the first tile
-        p = tl.exp(z - new_max[:, None])
-        sum_exp = sum_exp * rescale + tl.sum(p, axis=1)
-        target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
-        if WITH_STATS:
-            z_finite = tl.where(col_mask[None, :], z, 0.0)  # keeps 0 * -inf out of the sums
-            z_sum_exp = z_sum_exp * rescale + tl.sum(p * z_finite, axis=1)
-            sq_sum_exp = sq_sum_exp * rescale * rescale + tl.sum(p * p, axis=1)
-            z_sum += tl.sum(z_finite, axis=1)
-            before = tl.where(cols[None, :] < targets[:, None], z, float("-inf"))
-            max_before = tl.maximum(max_before, tl.max(before, axis=1))
-        running_max = new_max
-
-    out = split * n_rows + offs_m
-    tl.store(max_ptr + out, running_max, mask=row_mask)
-    tl.store(sum_exp_ptr + out, sum_exp, mask=row_mask)
-    tl.store(target_logit_ptr + out, target_logit, mask=row_mask)
+    # int64 offsets: fields x tiles x rows passes 2^31 at a million scored tokens.
+    n_tiles = tl.cdiv(vocab_size, BLOCK_V)
+    field = n_tiles.to(tl.int64) * n_rows
+    out = table_ptr + pid_v.to(tl.int64) * n_rows + offs_m
+    if WITH_STATS:  # the statistics of z alone first: z and p are then never live beside them
+        z_finite = tl.where(col_mask[None, :], z, 0.0)  # keeps 0 * -inf out of the sums
+        tl.store(out + 4 * field, tl.sum(z_finite, axis=1), mask=row_mask)
+        before = tl.where(cols[None, :] < targets[:, None], z, float("-inf"))
+        tl.store(out + 5 * field, tl.max(before, axis=1), mask=row_mask)
+    tile_max = tl.max(z, axis=1)
+    p = tl.exp(z - tile_max[:, None])
+    tl.store(out, tile_max, mask=row_mask)
+    tl.store(out + field, tl.sum(p, axis=1), mask=row_mask)
     if WITH_STATS:
-        tl.store(z_sum_exp_ptr + out, z_sum_exp, mask=row_mask)
-        tl.store(sq_sum_exp_ptr + out, sq_sum_exp, mask=row_mask)
-        tl.store(z_sum_ptr + out, z_sum, mask=row_mask)
-        tl.store(max_before_ptr + out, max_before, mask=row_mask)
-
+        tl.store(out + 2 * field, tl.sum(p * tl.where(col_mask[None, :], z, 0.0), axis=1), mask=row_mask)
+        tl.store(out + 3 * field, tl.sum(p * p, axis=1), mask=row_mask)
 
 def logprob_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0, softcap=None, temperature=1.0,
-                    with_stats=False, num_splits=None):
-    """Partial softmax statistics of the selected rows of `hidden` ([N, H]) against `weight` ([V, H]).
+                    with_stats=False):
+    """Per-(vocabulary tile, row) softmax partials of the selected rows of `hidden` ([N, H]).
 
     rows: int64 [n] indices into hidden; targets: int64 [n] in [0, V).
-    Returns (max, sum_exp, target_logit, z_sum_exp, sq_sum_exp, z_sum, max_before_target), each
-    float32 [splits, n]; the last four are None without `with_stats`.
+    Returns (table, target_logit): table float32 [2 or 6, tiles, n] (m, s and, with statistics,
+    a, q, u, b as in the module docstring), target_logit float32 [n].
     """
     n_rows, (vocab_size, hidden_size) = rows.numel(), weight.shape
-    aligned = is_aligned(hidden_size, *(t for t in (hidden, weight, bias) if t is not None))
-    cfg = forward_config(hidden.dtype, device_capability(hidden.device), aligned)
-    block_v = cfg["BLOCK_V"]
-    splits = num_vocab_splits(n_rows, vocab_size, cfg["BLOCK_M"], block_v, hidden.device, num_splits)
-    cols_per_split = triton.cdiv(triton.cdiv(vocab_size, splits), block_v) * block_v
-    splits = triton.cdiv(vocab_size, cols_per_split)  # no empty split after rounding up
-    n_outputs = 7 if with_stats else 3
-    partials = torch.empty((n_outputs, splits, n_rows), device=hidden.device, dtype=torch.float32)
-    stat_ptrs = list(partials[3:]) if with_stats else [partials[0]] * 4  # unused pointers when no stats
-    grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), splits)
+    cfg = gemm_config(hidden.dtype, device_capability(hidden.device), hidden_size)
+    n_tiles = triton.cdiv(vocab_size, cfg["BLOCK_V"])
+    fields = STAT_FIELDS if with_stats else PLAIN_FIELDS
+    table = torch.empty((fields, n_tiles, n_rows), device=hidden.device, dtype=torch.float32)
+    target_logit = torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
+    grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]) * n_tiles,)
     logprob_forward_kernel[grid](
-        hidden, weight, bias if bias is not None else weight, rows, targets,
-        partials[0], partials[1], partials[2], *stat_ptrs,
-        n_rows, vocab_size, hidden_size, hidden.stride(0), weight.stride(0), cols_per_split,
+        hidden, weight, bias if bias is not None else weight, rows, targets, table, target_logit,
+        n_rows, vocab_size, hidden_size, hidden.stride(0), weight.stride(0),
         float(logit_scale), float(softcap or 1.0), 1.0 / float(temperature),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_STATS=with_stats,
         INPUT_PRECISION=input_precision(hidden.dtype), **cfg,
     )
-    return tuple(partials) if with_stats else (*partials, None, None, None, None)
+    return table, target_logit

@@ -24,7 +24,7 @@ from triton.compiler import ASTSource
 from triton.backends.nvidia.compiler import get_ptxas
 
 from fastdpo.kernels import config
-from fastdpo.kernels.logprob_backward import logprob_backward_kernel
+from fastdpo.kernels.logprob_backward import logits_grad_kernel
 from fastdpo.kernels.logprob_forward import logprob_forward_kernel
 from fastdpo.kernels.sigmoid_dpo import sigmoid_dpo_kernel
 
@@ -33,10 +33,9 @@ TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 
 
 # What Triton's launcher specializes on when the hidden size and row strides are multiples of 16 and
-# the tensors are 16-byte aligned (the common case): the launchers then pick the larger "aligned"
-# configuration, whose loads vectorize and whose K loop is software-pipelined.
-ALIGNED_ARGS = ("x_ptr", "w_ptr", "b_ptr", "dx_ptr", "dw_ptr", "hidden_size", "stride_x", "stride_w", "stride_dx",
-                "stride_dw")
+# the tensors are 16-byte aligned (the common case): loads vectorize and the K loop is pipelined.
+# Hidden sizes off the 16-multiple get their own, smaller tile (config.gemm_config).
+ALIGNED_ARGS = ("x_ptr", "w_ptr", "b_ptr", "out_ptr", "hidden_size", "stride_x", "stride_w", "stride_out")
 
 
 def _attrs(kernel, aligned: bool) -> dict:
@@ -56,36 +55,33 @@ def _launch_options(cfg: dict) -> tuple[dict, dict]:
     return {k: v for k, v in cfg.items() if k not in options}, options
 
 
-def forward_variants(capability: int, aligned: bool):
-    for dtype in TRITON_TYPES:
+def _operand_types(t: str) -> dict:
+    return {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "rows_ptr": "*i64", "targets_ptr": "*i64",
+            "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32"}
+
+
+def forward_variants(capability: int, hidden_size: int):
+    for dtype, t in TRITON_TYPES.items():
+        blocks, options = _launch_options(config.gemm_config(dtype, capability, hidden_size))
         for with_stats in (False, True):
             for softcap in (False, True):
-                cfg = config.forward_config(dtype, capability, aligned)
-                blocks, options = _launch_options(cfg)
-                t = TRITON_TYPES[dtype]
-                types = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "rows_ptr": "*i64",
-                         "targets_ptr": "*i64", "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32",
-                         **{p: "*fp32" for p in ("max_ptr", "sum_exp_ptr", "target_logit_ptr", "z_sum_exp_ptr",
-                                                 "sq_sum_exp_ptr", "z_sum_ptr", "max_before_ptr")}}
+                types = dict(_operand_types(t), table_ptr="*fp32", target_logit_ptr="*fp32")
                 constexprs = dict(blocks, HAS_BIAS=True, HAS_SOFTCAP=softcap, WITH_STATS=with_stats,
                                   INPUT_PRECISION=config.input_precision(dtype))
                 name = f"forward {t} stats={with_stats} softcap={softcap}"
                 yield logprob_forward_kernel, types, constexprs, options, name
 
 
-def backward_variants(capability: int, aligned: bool):
-    for dtype in TRITON_TYPES:
-        for compute_dw, grad_filter in ((False, False), (True, False), (True, True)):
-            cfg = config.backward_config(dtype, capability, aligned, grad_filter)
-            blocks, options = _launch_options(cfg)
-            t = TRITON_TYPES[dtype]
-            types = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "rows_ptr": "*i64", "targets_ptr": "*i64",
-                     "lse_ptr": "*fp32", "grad_ptr": "*fp32", "dx_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32",
-                     "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32", "filter_eps": "fp32"}
-            constexprs = dict(blocks, HAS_BIAS=True, HAS_SOFTCAP=True, FILTER=grad_filter, COMPUTE_DX=True,
-                              COMPUTE_DW=compute_dw, COMPUTE_DB=True, INPUT_PRECISION=config.input_precision(dtype))
-            name = f"backward {t} dW={compute_dw} filter={grad_filter}"
-            yield logprob_backward_kernel, types, constexprs, options, name
+def backward_variants(capability: int, hidden_size: int):
+    for dtype, t in TRITON_TYPES.items():
+        blocks, options = _launch_options(config.gemm_config(dtype, capability, hidden_size))
+        for grad_filter in (False, True):
+            for softcap in (False, True):
+                types = dict(_operand_types(t), lse_ptr="*fp32", grad_ptr="*fp32", out_ptr=f"*{t}", filter_eps="fp32")
+                constexprs = dict(blocks, HAS_BIAS=True, HAS_SOFTCAP=softcap, FILTER=grad_filter,
+                                  INPUT_PRECISION=config.input_precision(dtype))
+                name = f"logits_grad {t} filter={grad_filter} softcap={softcap}"
+                yield logits_grad_kernel, types, constexprs, options, name
 
 
 def sigmoid_variants():
@@ -113,18 +109,21 @@ def _resources(ptx: str, capability: int) -> dict:
 def compile_all(capability: int):
     target = GPUTarget("cuda", capability, 32)
     for aligned in (True, False):
-        variants = (*forward_variants(capability, aligned), *backward_variants(capability, aligned))
+        # The unaligned launches are those of hidden sizes off the 16-multiple (config picks their tile).
+        hidden_size = 4096 if aligned else 4095
+        variants = (*forward_variants(capability, hidden_size), *backward_variants(capability, hidden_size))
         if aligned:
             variants += tuple(sigmoid_variants())
         for kernel, types, constexprs, options, name in variants:
             src = ASTSource(fn=kernel, signature=_signature(kernel, types, constexprs), constexprs=constexprs,
                             attrs=_attrs(kernel, aligned))
             compiled = triton.compile(src, target=target, options=options)
-            res = _resources(compiled.asm["ptx"], capability)
-            ttgir = compiled.asm["ttgir"]
+            ptx = compiled.asm["ptx"]
+            res = _resources(ptx, capability)
             yield dict(name=f"{name} {'aligned' if aligned else 'unaligned'}", capability=capability, **res,
                        shared=compiled.metadata.shared, shared_limit=SHARED_MEMORY_LIMIT[capability],
-                       wgmma="wgmma" in compiled.asm["ptx"], pipelined="async_copy_global_to_local" in ttgir)
+                       wgmma="wgmma" in ptx, pipelined="async_copy_global_to_local" in compiled.asm["ttgir"],
+                       atomics=sorted(set(re.findall(r"\b(?:atom|red)\.[\w.]+", ptx))))
 
 
 if __name__ == "__main__":

@@ -46,3 +46,40 @@ def test_bf16_dpo_loss_with_computed_reference():
     expected.loss.backward()
     assert_close(hs.grad, h_ref.grad, BF16_TOL, "grad hidden")
     assert_close(w.grad, w_ref.grad, BF16_TOL, "grad weight")
+
+
+def _llama_like_step(tokens=4096, hidden=4096, vocab=128256, workspace_bytes=None):
+    h = torch.randn(tokens, hidden, device="cuda").bfloat16().requires_grad_()
+    w = (torch.randn(vocab, hidden, device="cuda") * hidden**-0.5 * 3).bfloat16().requires_grad_()
+    targets = random_targets((tokens,), vocab).cuda()
+    return h, w, targets
+
+
+def test_bf16_step_is_bitwise_reproducible():
+    h, w, targets = _llama_like_step(tokens=2048, hidden=1024, vocab=50257)
+    runs = []
+    for _ in range(2):
+        h.grad = w.grad = None
+        logps = fastdpo.linear_logprobs(h, w, targets, backend="triton", workspace_bytes=64 << 20)
+        (logps * torch.linspace(-1, 1, logps.numel(), device="cuda")).sum().backward()
+        runs.append((logps.detach(), h.grad, w.grad))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_bf16_step_memory_is_gradients_plus_workspace():
+    """Peak above the inputs: dW and dX in bf16, the workspace, O(n x H) fp32 and the partials table;
+    never an fp32 [V, H] buffer (which alone would be 2.1 GB here)."""
+    tokens, hidden, vocab, workspace = 4096, 4096, 128256, 256 << 20
+    h, w, targets = _llama_like_step(tokens, hidden, vocab)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fastdpo.linear_logprobs(h, w, targets, backend="triton", workspace_bytes=workspace).sum().backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    gradients = 2 * (vocab * hidden + tokens * hidden)
+    n_scored = int((targets != -100).sum())
+    fp32_rows = 3 * 4 * n_scored * hidden  # dX accumulator, one chunk's product, the scatter's cast
+    table = 2 * 4 * n_scored * (vocab // 128 + 1)
+    assert peak <= gradients + workspace + fp32_rows + table + (64 << 20), peak / 2**20
