@@ -241,7 +241,8 @@ def triton_tiling(cfg: dict, elem: int, device: Device) -> Tiling:
     return Tiling(cfg["BLOCK_M"], cfg["BLOCK_V"], cfg["GROUP_M"], device.sms * per_sm)
 
 
-def operand_traffic(m: int, n: int, k: int, a_elem: int, b_elem: int, tiling: Tiling, device: Device) -> tuple[float, float]:
+def operand_traffic(m: int, n: int, k: int, a_elem: int, b_elem: int, tiling: Tiling,
+                    device: Device) -> tuple[float, float]:
     """HBM bytes read for A [m, k] and B [n, k] by a grouped-order tiled GEMM (see the module docstring)."""
     blocks_m, blocks_n = math.ceil(m / tiling.block_m), math.ceil(n / tiling.block_n)
     rows_window = min(tiling.group_m, blocks_m)
@@ -351,7 +352,8 @@ def fastdpo(shape: Shape, device: Device, options: Options = Options()) -> Predi
                                    resident_programs=tiling.resident))
 
 
-def _fastdpo_peak(shape: Shape, fields: int, field_bytes: float, workspace: float, need_dx: bool, need_dw: bool) -> float:
+def _fastdpo_peak(shape: Shape, fields: int, field_bytes: float, workspace: float, need_dx: bool,
+                  need_dw: bool) -> float:
     n, H, V, e = shape.n, shape.hidden, shape.vocab, shape.elem
     rows = n * (4 + 2 * INDEX_BYTES)  # lse, rows, targets
     kept_lse = field_bytes  # per-tile lse, saved for the backward

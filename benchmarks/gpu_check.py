@@ -92,7 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"--skip: unknown part(s) {unknown}; choose from {list(PARTS)}")
     if args.budget_s <= WRITE_RESERVE_S:
-        p.error(f"--budget-s must exceed {WRITE_RESERVE_S:.0f} s (the time kept to write the results), got {args.budget_s}")
+        p.error(f"--budget-s must exceed {WRITE_RESERVE_S:.0f} s (the time kept to write the results), "
+                f"got {args.budget_s}")
     if args.wheels is not None and not args.wheels.is_dir():
         p.error(f"--wheels: {args.wheels} is not a folder")
     return args
@@ -258,7 +259,8 @@ def versions() -> dict:
     import torch
 
     out = dict(python=platform.python_version(), torch=torch.__version__, cuda=str(torch.version.cuda),
-               driver=_command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or "unknown",
+               driver=_command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+               or "unknown",
                commit=_command_output(["git", "-C", str(REPO), "rev-parse", "HEAD"]) or "unknown")
     for name in ("triton", "fastdpo", "trl", "transformers", "liger-kernel", "cut-cross-entropy", "quack-kernels"):
         try:
@@ -299,7 +301,8 @@ def markdown(results: dict) -> str:
         lines += ["", f"Peak memory above the inputs, forward+backward: {_fmt(mem and mem / 2**30, '.2f')} GiB "
                       f"measured, {_fmt(shape.get('model_peak_bytes', 0) / 2**30, '.2f')} GiB modelled."]
         if shape.get("checks"):
-            lines += ["", "Checks: " + "; ".join(f"{k}: {'ok' if ok else 'MISSED'}" for k, ok in shape["checks"].items())]
+            verdicts = (f"{k}: {'ok' if ok else 'MISSED'}" for k, ok in shape["checks"].items())
+            lines += ["", "Checks: " + "; ".join(verdicts)]
     bench = results.get("parts", {}).get("bench", {})
     if bench.get("files"):
         lines += ["", f"Side-by-side benchmark: {bench.get('out')}/ ({', '.join(bench['files'])})"]
@@ -367,15 +370,17 @@ def measure_ceilings(bench) -> dict:
     return dict(bf16_tflops=2 * 8192**3 / mm_ms / 1e9, copy_tbps=2 * src.numel() * 4 / copy_ms / 1e9)
 
 
-def measure_shape(n: int, hidden: int, vocab: int, bench, device_name: str) -> dict:
+def measure_shape(n: int, hidden: int, vocab: int, bench, device_name: str, device: str = "cuda",
+                  dtype_name: str = "bfloat16") -> dict:
+    """One shape's phases; device/dtype are parameters only so that a CPU test can walk this code."""
     import torch
 
     import fastdpo
     from fastdpo import kernels
     from fastdpo.kernels import config
 
-    dev = torch.device("cuda")
-    dtype = torch.bfloat16
+    dev = torch.device(device)
+    dtype = getattr(torch, dtype_name)
     h = torch.randn(n, hidden, device=dev, dtype=dtype)
     w = (torch.randn(vocab, hidden, device=dev) * hidden**-0.5 * 3).to(dtype)
     targets = torch.randint(0, vocab, (n,), device=dev)
@@ -449,9 +454,10 @@ def measure_shape(n: int, hidden: int, vocab: int, bench, device_name: str) -> d
 
     row("forward + backward (end to end)", step, cublas="cuBLAS 8P",
         note="cuBLAS column: 2 x logits + dX + dW products alone")
-    out["peak_bytes"] = _peak_above_inputs(step, hg, wg)
+    out["peak_bytes"] = _peak_above_inputs(step, hg, wg) if dev.type == "cuda" else None
     ratios = {r["phase"]: r["x_cublas"] for r in out["rows"] if r["x_cublas"] is not None}
-    out["checks"] = {f"{k} within {CUBLAS_RATIO_TARGET}x of cuBLAS": v <= CUBLAS_RATIO_TARGET for k, v in ratios.items()}
+    out["checks"] = {f"{k} within {CUBLAS_RATIO_TARGET}x of cuBLAS": v <= CUBLAS_RATIO_TARGET
+                     for k, v in ratios.items()}
     return out
 
 
@@ -460,7 +466,7 @@ def _mm_fp32(a, b):
 
     try:
         return torch.mm(a, b, out_dtype=torch.float32)
-    except TypeError:  # a torch without mm(out_dtype=)
+    except (TypeError, NotImplementedError, RuntimeError):  # a torch or device without mm(out_dtype=)
         return torch.mm(a, b).float()
 
 

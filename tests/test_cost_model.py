@@ -230,3 +230,38 @@ def test_gpu_check_tolerates_a_failing_benchmark_runner(tmp_path):
     res = gpu_check.run_bench(tmp_path, None, timeout_s=120)  # no CUDA here: run.py refuses --device cuda
     assert res["status"].startswith("error: benchmarks/run.py exit")
     assert (tmp_path / "bench.log").exists()
+
+
+def test_gpu_check_phase_measurement_code_runs_on_cpu(monkeypatch):
+    """Walk measure_shape on CPU with stand-in kernels (fp32, tiny shape): every row present, failures recorded."""
+    import types
+
+    import torch
+
+    calls = []
+
+    def logprob_forward(h, w, bias, rows, targets, **_):
+        tiles = -(-w.shape[0] // 32)
+        return torch.zeros(2, tiles, rows.numel()), torch.zeros(rows.numel())
+
+    def logits_grad(h, w, bias, rows, targets, lse, grad, out, col_start, **_):
+        calls.append((col_start, out.shape[1]))
+        out.zero_()
+
+    fake = types.ModuleType("fastdpo.kernels")
+    fake.logprob_forward, fake.logits_grad, fake.config = logprob_forward, logits_grad, cm.kernel_config
+    monkeypatch.setitem(sys.modules, "fastdpo.kernels", fake)
+    monkeypatch.setitem(sys.modules, "fastdpo.kernels.config", cm.kernel_config)
+    monkeypatch.setattr(cm.kernel_config, "INTERPRETER_WORKSPACE", 24 * 32 * 4 * 2)  # two 32-column chunks
+    def bench(fn):
+        fn()
+        return 1.0
+
+    out = gpu_check.measure_shape(24, 16, 70, bench, "cpu test", device="cpu", dtype_name="float32")
+    assert out["chunks"] == 2 and sorted(calls) == [(0, 64), (64, 6)]
+    phases = [r["phase"] for r in out["rows"]]
+    assert set(gpu_check.MEASURED_TO_MODEL) <= set(phases) and gpu_check.CUBLAS_LOGITS in phases
+    for r in out["rows"]:
+        assert r["ms"] == 1.0 or r["phase"] in out["errors"]
+    fwd = next(r for r in out["rows"] if r["phase"] == "forward kernel")
+    assert fwd["x_cublas"] == 1.0 and fwd["model_ms"] > 0
