@@ -41,6 +41,7 @@ import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import torch
@@ -293,10 +294,9 @@ INDEX_BYTES = 8  # int64 rows and targets
 
 
 def default_workspace(device: Device, shape: Shape) -> int:
-    """config.default_workspace_bytes as it would answer on `device` with only the inputs allocated."""
-    inputs = shape.positions * shape.hidden * shape.elem + shape.vocab * shape.hidden * shape.elem
-    free = max(0, int(device.memory_bytes - inputs))
-    with mock.patch.object(torch.cuda, "mem_get_info", lambda *_a, **_k: (free, int(device.memory_bytes))):
+    """config.default_workspace_bytes as it would answer on `device` (it reads the device's total memory)."""
+    properties = SimpleNamespace(total_memory=int(device.memory_bytes))
+    with mock.patch.object(torch.cuda, "get_device_properties", lambda *_a, **_k: properties):
         return kernel_config.default_workspace_bytes(torch.device("cuda"))
 
 

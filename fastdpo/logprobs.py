@@ -35,6 +35,9 @@ class LinearLogProbs(torch.autograd.Function):
             table, target_logit = logprob_forward(hidden_2d, weight, bias, rows, row_targets, with_stats=with_stats,
                                                   **transform)
             merged = merge(VocabPartials(table[0], table[1], target_logit[None], *table[2:]))
+            # Each (vocabulary tile, row)'s logsumexp, [tiles, n] fp32, kept for the backward: with the
+            # row's lse it gives the tile's exact probability mass, which a sparse backward can budget.
+            ctx.tile_lse = table[0] + torch.log(table[1])
         else:
             x = chunked.Rows(hidden_2d, rows, row_targets)
             ctx.buffers = chunked.BlockBuffers(x, weight.shape[0])  # reused by the backward
