@@ -304,7 +304,7 @@ def fastdpo(shape: Shape, device: Device, options: Options = Options()) -> Predi
     """Issue 9: GEMM-tiled forward with a [F, vocab tiles, n] partials table, backward in vocabulary chunks
     (Triton d_logits into a workspace, then cuBLAS dX and dW), no atomics, no fp32 [V, H] buffer."""
     n, H, V, e = shape.n, shape.hidden, shape.vocab, shape.elem
-    cfg = kernel_config.gemm_config(shape.dtype, device.capability)
+    cfg = kernel_config.gemm_config(shape.dtype, device.capability, shape.hidden)
     tiling = triton_tiling(cfg, e, device)
     vocab_tiles = math.ceil(V / cfg["BLOCK_V"])
     field_bytes = 4.0 * vocab_tiles * n  # one fp32 [vocab tiles, n] field of the table

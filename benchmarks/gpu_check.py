@@ -385,7 +385,7 @@ def measure_shape(n: int, hidden: int, vocab: int, bench, device_name: str, devi
     w = (torch.randn(vocab, hidden, device=dev) * hidden**-0.5 * 3).to(dtype)
     targets = torch.randint(0, vocab, (n,), device=dev)
     rows = torch.arange(n, device=dev)
-    cfg = config.gemm_config(dtype, config.device_capability(dev))
+    cfg = config.gemm_config(dtype, config.device_capability(dev), hidden)
     workspace = config.default_workspace_bytes(dev)
     width = config.vocab_chunk_width(n, vocab, h.element_size(), cfg["BLOCK_V"], workspace)
     starts = list(range(0, vocab, width))
