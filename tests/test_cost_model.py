@@ -22,11 +22,11 @@ LLAMA_16K = cm.Shape(16384, 4096, 128256)
 
 def test_model_reads_the_launch_config(monkeypatch):
     base = cm.fastdpo(LLAMA_16K, H100)
-    assert base.details["config"] == cm.kernel_config.gemm_config(LLAMA_16K.dtype, H100.capability)
+    assert base.details["config"] == cm.kernel_config.gemm_config(LLAMA_16K.dtype, H100.capability, LLAMA_16K.hidden)
     original = cm.kernel_config.gemm_config
 
-    def narrow_tiles(dtype, capability):
-        return dict(original(dtype, capability), BLOCK_V=64, GROUP_M=1)
+    def narrow_tiles(dtype, capability, hidden_size=None):
+        return dict(original(dtype, capability, hidden_size), BLOCK_V=64, GROUP_M=1)
 
     monkeypatch.setattr(cm.kernel_config, "gemm_config", narrow_tiles)
     narrow = cm.fastdpo(LLAMA_16K, H100)
