@@ -20,7 +20,7 @@ from .validation import check_logprob_inputs
 class LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index, logit_scale, softcap, temperature, with_stats,
-                backend, grad_filter_eps, workspace_bytes):
+                backend, grad_filter_eps, workspace_bytes, grad_tolerance):
         hidden_2d = hidden.reshape(-1, hidden.shape[-1])
         flat_targets = targets.reshape(-1)
         rows = (flat_targets != ignore_index).nonzero().squeeze(1)
@@ -49,7 +49,7 @@ class LinearLogProbs(torch.autograd.Function):
         ctx.save_for_backward(hidden_2d, weight, bias, rows, row_targets, lse)
         ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
         ctx.backend, ctx.transform, ctx.grad_filter_eps = backend, transform, grad_filter_eps
-        ctx.workspace_bytes = workspace_bytes
+        ctx.workspace_bytes, ctx.grad_tolerance = workspace_bytes, grad_tolerance
         stats = stats if with_stats else stats[:1]
         outputs = [_scatter(stat, rows, flat_targets.numel()).view(targets.shape) for stat in stats]
         if not with_stats:
@@ -82,7 +82,7 @@ class LinearLogProbs(torch.autograd.Function):
             None if dx is None else dx.to(ctx.hidden_dtype).view(ctx.hidden_shape),
             None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype),
-            *([None] * 9),
+            *([None] * 10),
         )
 
 
@@ -94,12 +94,13 @@ def _triton_backward(ctx, hidden_2d, weight, bias, rows, row_targets, lse, grad_
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     dx_rows, dw, db = backward(hidden_2d, weight, bias, rows, row_targets, lse, grad_rows, ctx.transform,
                                need_dx=need_dx, need_dw=need_dw, need_db=need_db,
-                               workspace_bytes=ctx.workspace_bytes, filter_eps=ctx.grad_filter_eps)
+                               workspace_bytes=ctx.workspace_bytes, filter_eps=ctx.grad_filter_eps,
+                               tolerance=ctx.grad_tolerance, tile_lse=ctx.tile_lse)
     dx = None
     if dx_rows is not None:
         dx = torch.zeros(hidden_2d.shape, dtype=ctx.hidden_dtype, device=hidden_2d.device)
         dx = dx.index_copy_(0, rows, dx_rows.to(ctx.hidden_dtype)).view(ctx.hidden_shape)
-    return dx, dw, None if db is None else db.to(bias.dtype), *([None] * 9)
+    return dx, dw, None if db is None else db.to(bias.dtype), *([None] * 10)
 
 
 def _no_partials(hidden: torch.Tensor, with_stats: bool) -> VocabPartials:
@@ -120,7 +121,8 @@ def _scatter(values: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tenso
 
 def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100, *, temperature: float = 1.0,
                     softcap: float | None = None, logit_scale: float = 1.0, with_stats: bool = False,
-                    backend: str | None = None, grad_filter_eps: float = 0.0, workspace_bytes: int | None = None):
+                    backend: str | None = None, grad_filter_eps: float = 0.0, workspace_bytes: int | None = None,
+                    grad_tolerance: float = 0.0):
     """Per-token log-probabilities of `targets` under logits = transform(hidden @ weight.T + bias).
 
     hidden [..., H], weight [V, H], targets [...] (not shifted; `ignore_index` positions get 0).
@@ -154,5 +156,6 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
         return stats if with_stats else stats.logps
     with torch.autocast(device.type, enabled=False):
         out = LinearLogProbs.apply(hidden, weight, bias, targets, ignore_index, logit_scale, softcap, temperature,
-                                   with_stats, backend, float(grad_filter_eps), workspace_bytes)
+                                   with_stats, backend, float(grad_filter_eps), workspace_bytes,
+                                   float(grad_tolerance))
     return TokenStats(*out) if with_stats else out

@@ -27,25 +27,72 @@ from __future__ import annotations
 import torch
 
 from .kernels.config import default_workspace_bytes, device_capability, gemm_config, vocab_chunk_width
+from .sparse_plan import kept_pairs, pair_lists, tile_chunks
 
 
-def chunk_width(n_rows: int, weight: torch.Tensor, workspace_bytes: int | None) -> int:
-    if workspace_bytes is None:
-        workspace_bytes = default_workspace_bytes(weight.device)
+def chunk_width(n_rows: int, weight: torch.Tensor, workspace_bytes: int) -> int:
     block_v = gemm_config(weight.dtype, device_capability(weight.device), weight.shape[1])["BLOCK_V"]
     return vocab_chunk_width(n_rows, weight.shape[0], weight.element_size(), block_v, workspace_bytes)
 
 
 def backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform: dict, *, need_dx: bool, need_dw: bool,
-             need_db: bool, workspace_bytes: int | None = None, filter_eps: float = 0.0):
-    """(dX of the scored rows fp32 [n, H], dW [V, H] in the weight's dtype, db fp32 [V]); None where not needed."""
-    from .kernels import logits_grad
+             need_db: bool, workspace_bytes: int | None = None, filter_eps: float = 0.0, tolerance: float = 0.0,
+             tile_lse: torch.Tensor | None = None):
+    """(dX of the scored rows fp32 [n, H], dW [V, H] in the weight's dtype, db fp32 [V]); None where not needed.
 
+    tolerance > 0 (with the forward's tile_lse) takes the block-sparse path when it skips enough
+    pairs to pay (fastdpo.sparse_plan, kernels/sparse_backward.py).
+    """
     n_rows, (vocab_size, hidden_size) = rows.numel(), weight.shape
     dx = torch.zeros((n_rows, hidden_size), dtype=torch.float32, device=weight.device) if need_dx else None
     dw = torch.empty_like(weight) if need_dw else None
     db = torch.empty(vocab_size, dtype=torch.float32, device=weight.device) if need_db else None
-    x_scored = hidden_2d.index_select(0, rows) if need_dw else None  # the dW GEMM's operand, [n, H]
+    if workspace_bytes is None:
+        workspace_bytes = default_workspace_bytes(weight.device)
+    if tolerance > 0:
+        cfg = gemm_config(weight.dtype, device_capability(weight.device), hidden_size)
+        kept = kept_pairs(tile_lse, lse, targets, cfg["BLOCK_M"], cfg["BLOCK_V"], tolerance)
+        if kept.float().mean() <= SPARSE_BREAK_EVEN:
+            _sparse_backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform, kept, cfg, workspace_bytes,
+                             dx, dw, db)
+            return dx, dw, db
+    _dense_backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform, workspace_bytes, filter_eps,
+                    dx, dw, db)
+    return dx, dw, db
+
+
+# Above this kept fraction the dense chunks win: cuBLAS's GEMMs are faster than the block-sparse Triton
+# ones (the cost model assumes 85% of cuBLAS for Triton GEMM tiles).
+SPARSE_BREAK_EVEN = 0.8
+
+
+def _sparse_backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform, kept, cfg, workspace_bytes,
+                     dx, dw, db):
+    from .kernels.sparse_backward import sparse_dw, sparse_dx, sparse_logits_grad
+
+    tile_elements = cfg["BLOCK_M"] * cfg["BLOCK_V"]
+    max_pairs = max(1, workspace_bytes // (tile_elements * weight.element_size()))
+    chunks = [pair_lists(kept, first, last) for first, last in tile_chunks(kept, max_pairs)]
+    workspace = torch.empty((max(pairs.count for pairs in chunks), tile_elements), dtype=weight.dtype,
+                            device=weight.device)
+    for index, pairs in enumerate(chunks):
+        d_tiles = workspace[: pairs.count]
+        if pairs.count:
+            sparse_logits_grad(hidden_2d, weight, bias, rows, targets, lse, grad, pairs.pair_block, pairs.pair_tile,
+                               d_tiles, **transform)
+        if dx is not None:
+            sparse_dx(d_tiles, weight, pairs.block_start, pairs.pair_tile, dx, accumulate=index > 0)
+        if dw is not None or db is not None:
+            sparse_dw(d_tiles, hidden_2d, rows, pairs.tile_start, pairs.csc_block, pairs.csc_slot, pairs.first_tile,
+                      dw, db, weight.shape[0])
+
+
+def _dense_backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform, workspace_bytes, filter_eps,
+                    dx, dw, db):
+    from .kernels import logits_grad
+
+    n_rows, vocab_size = rows.numel(), weight.shape[0]
+    x_scored = hidden_2d.index_select(0, rows) if dw is not None else None  # the dW GEMM's operand, [n, H]
     width = chunk_width(n_rows, weight, workspace_bytes)
     workspace = torch.empty((n_rows, width), dtype=weight.dtype, device=weight.device)
     for c0 in range(0, vocab_size, width):
@@ -53,13 +100,12 @@ def backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform: dict,
         d_logits = workspace[:, : c1 - c0]
         logits_grad(hidden_2d, weight, bias, rows, targets, lse, grad, d_logits, c0, filter_eps=filter_eps,
                     **transform)
-        if need_dx:
+        if dx is not None:
             accumulate_product(dx, d_logits, weight[c0:c1])
-        if need_dw:
+        if dw is not None:
             torch.mm(d_logits.T, x_scored, out=dw[c0:c1])
-        if need_db:
+        if db is not None:
             torch.sum(d_logits, dim=0, dtype=torch.float32, out=db[c0:c1])
-    return dx, dw, db
 
 
 def accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -27,6 +27,12 @@ from fastdpo.kernels import config
 from fastdpo.kernels.logprob_backward import logits_grad_kernel
 from fastdpo.kernels.logprob_forward import logprob_forward_kernel
 from fastdpo.kernels.sigmoid_dpo import sigmoid_dpo_kernel
+from fastdpo.kernels.sparse_backward import (
+    sparse_dw_kernel,
+    sparse_dx_kernel,
+    sparse_gemm_options,
+    sparse_logits_grad_kernel,
+)
 
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}  # bytes of dynamic shared memory per block (opt-in max)
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -35,7 +41,8 @@ TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 # What Triton's launcher specializes on when the hidden size and row strides are multiples of 16 and
 # the tensors are 16-byte aligned (the common case): loads vectorize and the K loop is pipelined.
 # Hidden sizes off the 16-multiple get their own, smaller tile (config.gemm_config).
-ALIGNED_ARGS = ("x_ptr", "w_ptr", "b_ptr", "out_ptr", "hidden_size", "stride_x", "stride_w", "stride_out")
+ALIGNED_ARGS = ("x_ptr", "w_ptr", "b_ptr", "out_ptr", "d_ptr", "dx_ptr", "dw_ptr", "hidden_size", "stride_x",
+                "stride_w", "stride_out", "stride_dx", "stride_dw")
 
 
 def _attrs(kernel, aligned: bool) -> dict:
@@ -84,6 +91,32 @@ def backward_variants(capability: int, hidden_size: int):
                 yield logits_grad_kernel, types, constexprs, options, name
 
 
+def sparse_variants(capability: int, hidden_size: int):
+    """The block-sparse backward (grad_tolerance > 0): d_logits over a work list, dX and dW GEMMs."""
+    for dtype, t in TRITON_TYPES.items():
+        cfg, gemm_tiles = sparse_gemm_options(dtype, capability, hidden_size)
+        options = {k: cfg[k] for k in ("num_warps", "num_stages")}
+        precision = config.input_precision(dtype)
+        for softcap in (False, True):
+            types = dict(_operand_types(t), lse_ptr="*fp32", grad_ptr="*fp32", pair_block_ptr="*i32",
+                         pair_tile_ptr="*i32", out_ptr=f"*{t}")
+            constexprs = dict(HAS_BIAS=True, HAS_SOFTCAP=softcap, BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"],
+                              BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION=precision)
+            yield sparse_logits_grad_kernel, types, constexprs, options, f"sparse_logits_grad {t} softcap={softcap}"
+        tiles, options = _launch_options(gemm_tiles)
+        tiles["INPUT_PRECISION"] = precision
+        for accumulate in (False, True):
+            types = {"d_ptr": f"*{t}", "w_ptr": f"*{t}", "block_start_ptr": "*i32", "pair_tile_ptr": "*i32",
+                     "dx_ptr": "*fp32"}
+            yield (sparse_dx_kernel, types, dict(tiles, ACCUMULATE=accumulate), options,
+                   f"sparse_dx {t} accumulate={accumulate}")
+        for compute_dw, compute_db in ((True, True), (True, False), (False, True)):
+            types = {"d_ptr": f"*{t}", "x_ptr": f"*{t}", "rows_ptr": "*i64", "tile_start_ptr": "*i32",
+                     "pair_block_ptr": "*i32", "pair_slot_ptr": "*i32", "dw_ptr": f"*{t}", "db_ptr": "*fp32"}
+            yield (sparse_dw_kernel, types, dict(tiles, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db), options,
+                   f"sparse_dw {t} dW={compute_dw} db={compute_db}")
+
+
 def sigmoid_variants():
     types = {"logps_ptr": "*fp32", "targets_ptr": "*i64", "ref_ptr": "*fp32", "seq_logps_ptr": "*fp32",
              "loss_ptr": "*fp32", "seq_grad_ptr": "*fp32", "beta": "fp32", "label_smoothing": "fp32"}
@@ -111,7 +144,8 @@ def compile_all(capability: int):
     for aligned in (True, False):
         # The unaligned launches are those of hidden sizes off the 16-multiple (config picks their tile).
         hidden_size = 4096 if aligned else 4095
-        variants = (*forward_variants(capability, hidden_size), *backward_variants(capability, hidden_size))
+        variants = (*forward_variants(capability, hidden_size), *backward_variants(capability, hidden_size),
+                    *sparse_variants(capability, hidden_size))
         if aligned:
             variants += tuple(sigmoid_variants())
         for kernel, types, constexprs, options, name in variants:
