@@ -423,8 +423,12 @@ def _sparse_code():
 
 def stand_in_kept(blocks: int, tiles: int, fraction: float) -> torch.Tensor:
     """bool [blocks, tiles] with `fraction` of the pairs kept, spread evenly over the tiles (for the chunking)."""
-    index = torch.arange(blocks * tiles, dtype=torch.float64).view(tiles, blocks).T
-    return torch.frac(index * fraction) < fraction
+    total = blocks * tiles
+    count = round(fraction * total)
+    kept = torch.zeros(total, dtype=torch.bool)
+    if count:
+        kept[torch.arange(count, dtype=torch.int64) * total // count] = True  # evenly spaced, tile-major
+    return kept.view(tiles, blocks).T
 
 
 def sparse_chunk_pairs(blocks: int, tiles: int, fraction: float, max_pairs: int) -> list[tuple[int, float]]:
@@ -491,8 +495,6 @@ def fastdpo_sparse(shape: Shape, device: Device, options: Options = Options()) -
         phases.append(memory_phase("dX_scored zeros", 4.0 * n * H))
     chunk_phases = []
     for index, (chunk_tiles, pairs) in enumerate(chunks):
-        if pairs <= 0:
-            continue
         share = pairs / (blocks * vocab_tiles)  # of all pairs: the FLOPs are this share of the dense 2nVH
         distinct = pairs * (s / blocks + 1 - s)  # kept tiles, counted once per tile
         per_block = pairs / blocks
@@ -500,9 +502,9 @@ def fastdpo_sparse(shape: Shape, device: Device, options: Options = Options()) -
         flops = 2.0 * share * n * V * H
         w_lg = _reused_reads(pairs, distinct, w_row_tile, per_block * w_row_tile, resident_lg / max(1.0, per_block),
                              device)
-        chunk_phases.append(Phase("sparse_logits_grad kernel", flops=flops, efficiency=TRITON_EFFICIENCY,
-                                  hbm_bytes=w_lg + n * H * e + d_bytes
-                                  + n * (4 + 4 + 2 * INDEX_BYTES)))
+        if pairs > 0:  # an empty chunk launches no logits kernel; its dW tiles are still written (zeros)
+            chunk_phases.append(Phase("sparse_logits_grad kernel", flops=flops, efficiency=TRITON_EFFICIENCY,
+                                      hbm_bytes=w_lg + n * H * e + d_bytes + n * (4 + 4 + 2 * INDEX_BYTES)))
         d_reads = d_bytes if d_bytes <= l2 else d_bytes * h_slices
         if need_dx:
             w_dx = distinct * w_row_tile * math.ceil(blocks / resident_gemm)
@@ -517,7 +519,7 @@ def fastdpo_sparse(shape: Shape, device: Device, options: Options = Options()) -
     phases += merge_phases(chunk_phases)
     if need_dx:
         phases.append(memory_phase("dX scatter", shape.positions * H * e + 4.0 * n * H + 3.0 * n * H * e, launches=3))
-    workspace_used = max(pairs for _, pairs in chunks) * tile_bytes if chunks else 0.0
+    workspace_used = min(max_pairs, math.ceil(max(pairs for _, pairs in chunks))) * tile_bytes  # whole tiles
     dw = V * H * e if need_dw else 0.0
     dx32 = 4.0 * n * H if need_dx else 0.0
     rows = n * (4 + 2 * INDEX_BYTES)
