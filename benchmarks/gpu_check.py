@@ -10,6 +10,10 @@ part; whatever finished is written after every part):
           dW GEMMs, forward and forward+backward end to end) next to cost_model.py's prediction and next to
           cuBLAS (torch.mm) for the same GEMM shapes ("within 1.35x of cuBLAS"), the peak memory above the
           inputs next to the model's, and the device's measured ceilings (bf16 GEMM rate, copy bandwidth)
+  sparse  grad_tolerance=2**-10 (issue 13) at Llama-3-8B 16k on trained-LM-like inputs (benchmarks/inputs.py)
+          and on the random ones: the kept fraction f the plan gives (sparse_plan.kept_pairs on the forward
+          kernel's tile logsumexps) and the share of kept pairs in shared tiles, forward+backward with and
+          without the tolerance, the plan and the three sparse kernels alone, each next to cost_model.py at f
   bench   `python benchmarks/run.py --device cuda --out <results>/bench` with every peer that imports; stopped
           at the remaining budget (run.py rewrites its results after each case, so finished cases stay)
 Results: <out>/gpu_check.json and gpu_check.md (default out: benchmarks/results/<device-name-slug>/, e.g.
@@ -17,7 +21,7 @@ nvidia-h100-80gb-hbm3), with the logs; torch, triton, CUDA and driver versions a
 Without a CUDA device it prints why and exits with status 2, running nothing.
 
 Fits one 10-minute device call: the default budget is 540 s of wall time in all (setup <= 90 s, tests
-<= 150 s, phases <= 150 s, the bench gets the rest less 15 s to write the results).
+<= 150 s, phases <= 150 s, sparse <= 120 s, the bench gets the rest less 15 s to write the results).
 
 Carrying the peers. The GPU image has torch, triton and transformers but none of the peers, and nothing can be
 downloaded there, so their wheels travel with the call. Here (no GPU), once, in the repository root:
@@ -59,14 +63,19 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/gpu_check.py` puts benchmarks/ first on sys.path
     sys.path.insert(0, str(REPO))
 
-PARTS = ("setup", "tests", "phases", "bench")
+PARTS = ("setup", "tests", "phases", "sparse", "bench")
 DEFAULT_BUDGET_S = 540.0
-PART_CAPS_S = {"setup": 90.0, "tests": 150.0, "phases": 150.0}
+PART_CAPS_S = {"setup": 90.0, "tests": 150.0, "phases": 150.0, "sparse": 120.0}
 WRITE_RESERVE_S = 15.0
 COPY_LIMIT = 8  # files that come back from a device call
 CUBLAS_RATIO_TARGET = 1.35  # issue 9: measured within 1.35x of cuBLAS for the same GEMMs
 # Phase shapes (scored tokens, H, V), most important first; later ones run while the part's time lasts.
 PHASE_SHAPES = ((16384, 4096, 128256), (4096, 4096, 128256), (8192, 2304, 256000))
+CHILD_PARTS = ("phases", "sparse")  # parts that run in a child process on the GPU
+# The sparse part: Llama-3-8B head, 16 sequences of 1024 tokens (trained-LM-like inputs score only the completions),
+# grad_tolerance 2**-10 (issue 13's setting).
+SPARSE_SHAPE = (16384, 4096, 128256)
+SPARSE_TOLERANCE = 2.0**-10
 NO_GPU_MESSAGE = ("gpu_check.py: no CUDA device here (torch.cuda.is_available() is False); nothing was run. "
                   "It is meant for a session with a GPU: see `python benchmarks/gpu_check.py --help`.")
 
@@ -83,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="wall-clock seconds for everything")
     p.add_argument("--skip", default="", help=f"comma-separated parts to skip, of {','.join(PARTS)}")
     # internal: one part in a child process
-    p.add_argument("--part", choices=("phases",), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--part", choices=CHILD_PARTS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--part-out", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--part-budget-s", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -213,11 +222,12 @@ def run_tests(out_dir: Path, site: Path | None, timeout_s: float) -> dict:
     return res
 
 
-def run_phases(out_dir: Path, site: Path | None, timeout_s: float) -> dict:
-    part_json = out_dir / "phases.json"
+def run_phases(out_dir: Path, site: Path | None, timeout_s: float, part: str = "phases") -> dict:
+    """A child part (phases or sparse) in its own process; it rewrites <part>.json as it goes."""
+    part_json = out_dir / f"{part}.json"
     part_json.unlink(missing_ok=True)
-    res = run_logged([sys.executable, str(Path(__file__).resolve()), "--part", "phases", "--part-out", str(part_json),
-                      "--part-budget-s", str(max(1.0, timeout_s - 10))], timeout_s, out_dir / "phases.log",
+    res = run_logged([sys.executable, str(Path(__file__).resolve()), "--part", part, "--part-out", str(part_json),
+                      "--part-budget-s", str(max(1.0, timeout_s - 10))], timeout_s, out_dir / f"{part}.log",
                      env=child_env(site))
     if part_json.exists():  # the child rewrites it after every shape, so a timeout keeps what it measured
         res.update(json.loads(part_json.read_text()))
@@ -303,6 +313,7 @@ def markdown(results: dict) -> str:
         if shape.get("checks"):
             verdicts = (f"{k}: {'ok' if ok else 'MISSED'}" for k, ok in shape["checks"].items())
             lines += ["", "Checks: " + "; ".join(verdicts)]
+    lines += sparse_markdown(results.get("parts", {}).get("sparse", {}))
     bench = results.get("parts", {}).get("bench", {})
     if bench.get("files"):
         lines += ["", f"Side-by-side benchmark: {bench.get('out')}/ ({', '.join(bench['files'])})"]
@@ -537,6 +548,189 @@ def phases_child(part_out: Path, budget_s: float) -> int:
     return 0
 
 
+# --- the sparse part (child process, on the GPU): grad_tolerance's block-sparse backward ------------------------------
+
+
+def kept_statistics(tile_lse, lse, targets, block_m: int, block_v: int, tolerance: float) -> dict:
+    """The plan's kept fraction f of (token block, vocabulary tile) pairs, and the share s of the kept pairs in
+    tiles every block keeps, read from the distinct kept tiles as the cost model counts them:
+    distinct = pairs (s / blocks + 1 - s)."""
+    from fastdpo import sparse_plan
+
+    kept = sparse_plan.kept_pairs(tile_lse, lse, targets, block_m, block_v, tolerance)
+    blocks, tiles = kept.shape
+    pairs = int(kept.sum())
+    distinct = int(kept.any(0).sum())
+    shared = (1 - distinct / pairs) / (1 - 1 / blocks) if pairs and blocks > 1 else 0.0
+    return dict(kept_fraction=pairs / (blocks * tiles), kept_shared=min(1.0, max(0.0, shared)), pairs=pairs,
+                distinct_tiles=distinct, blocks=blocks, tiles=tiles, kept=kept)
+
+
+def sparse_model(n: int, hidden: int, vocab: int, device_name: str, workspace_bytes: int, f: float,
+                 shared: float, tokens: int | None = None) -> dict:
+    """The cost model at the measured f and s: dense and grad_tolerance totals (ms), its per-phase sparse times."""
+    from benchmarks import cost_model as cm
+
+    device = cm.DEVICES["h200" if "h200" in device_name.lower() else "h100"]
+    shape = cm.Shape(n, hidden, vocab, tokens=tokens)
+    options = cm.Options(workspace_bytes=workspace_bytes, kept_fraction=f, kept_shared=shared)
+    dense = cm.fastdpo(shape, device, options)
+    sparse = cm.fastdpo_sparse(shape, device, options)
+    phases = {ph.name: ph.time_s(device, shape.dtype) * 1e3 for ph in sparse.phases}
+    return dict(dense_ms=dense.time_s * 1e3, tolerance_ms=sparse.time_s * 1e3, path=sparse.details["path"],
+                ratio=sparse.time_s / dense.time_s, phases_ms=phases, device=device.name)
+
+
+def _case_inputs(kind: str, n: int, hidden: int, vocab: int, dev, dtype):
+    """(hidden [N, H], weight [V, H], targets [N] with -100 where not scored) of one input kind."""
+    import torch
+
+    if kind == "random":  # measure_shape's inputs: every position scored, a near-flat softmax
+        h = torch.randn(n, hidden, device=dev, dtype=dtype)
+        w = (torch.randn(vocab, hidden, device=dev) * hidden**-0.5 * 3).to(dtype)
+        return h, w, torch.randint(0, vocab, (n,), device=dev)
+    from benchmarks import inputs as bench_inputs
+
+    seq_len = min(1024, max(2, n // 2))
+    case = bench_inputs.Case("gpu-check-lm-like", "gpu-check", max(2, n // seq_len), seq_len, hidden, vocab,
+                             str(dtype).removeprefix("torch."))
+    made = bench_inputs.make_inputs(case, device=str(dev))
+    targets = bench_inputs.shifted_targets(made["labels"]).flatten()
+    return made["hidden"].flatten(0, 1), made["weight"], targets
+
+
+def measure_sparse(n: int, hidden: int, vocab: int, bench, device_name: str, device: str = "cuda",
+                   dtype_name: str = "bfloat16", kinds=("trained-LM-like", "random"),
+                   tolerance: float = SPARSE_TOLERANCE) -> list[dict]:
+    """Per input kind: the kept fraction the plan gives, forward+backward with grad_tolerance and without, the
+    plan and the sparse kernels alone, each next to the cost model at that f (device/dtype: for a CPU test)."""
+    import torch
+
+    import fastdpo
+    from fastdpo import kernels, sparse_plan, vocab_chunks
+    from fastdpo.kernels import config, sparse_backward
+
+    dev, dtype = torch.device(device), getattr(torch, dtype_name)
+    out = []
+    for kind in kinds:
+        h, w, targets = _case_inputs(kind, n, hidden, vocab, dev, dtype)
+        rows = (targets != -100).nonzero().squeeze(1)
+        row_targets = targets[rows]
+        cfg, _tiles = sparse_backward.sparse_gemm_options(dtype, config.device_capability(dev), hidden)
+        table, _ = kernels.logprob_forward(h, w, None, rows, row_targets)
+        tile_lse = table[0] + torch.log(table[1])
+        lse = torch.logsumexp(tile_lse, dim=0)
+        stats = kept_statistics(tile_lse, lse, row_targets, cfg["BLOCK_M"], cfg["BLOCK_V"], tolerance)
+        kept = stats.pop("kept")
+        workspace = config.default_workspace_bytes(dev)
+        res = dict(inputs=kind, scored_rows=rows.numel(), tolerance=tolerance, **stats,
+                   break_even=vocab_chunks.SPARSE_BREAK_EVEN, workspace_bytes=workspace, rows=[], errors={},
+                   model=sparse_model(rows.numel(), hidden, vocab, device_name, workspace, stats["kept_fraction"],
+                                      stats["kept_shared"], tokens=h.shape[0]))
+        measured = {}
+
+        def row(phase, fn, model_ms=None):
+            try:
+                ms = bench(fn)
+            except Exception as exc:  # noqa: BLE001 - keep measuring the other rows
+                res["errors"][phase] = f"{type(exc).__name__}: {exc}"[:500]
+                ms = None
+            measured[phase] = ms
+            res["rows"].append(dict(phase=phase, ms=ms, model_ms=model_ms))
+
+        model = res["model"]
+        row("sparse plan: kept_pairs", lambda: sparse_plan.kept_pairs(tile_lse, lse, row_targets, cfg["BLOCK_M"],
+                                                                        cfg["BLOCK_V"], tolerance),
+            model["phases_ms"].get("sparse plan: kept_pairs (torch)"))
+        max_pairs = max(1, workspace // (cfg["BLOCK_M"] * cfg["BLOCK_V"] * h.element_size()))
+        if 0 < stats["pairs"] <= max_pairs:  # one chunk: time the three kernels alone
+            _time_sparse_kernels(row, model["phases_ms"], h, w, rows, row_targets, lse, kept, cfg)
+        hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
+        upstream = torch.randn(targets.shape, device=dev)
+
+        def step(tol):
+            def run():
+                hg.grad = wg.grad = None
+                logps = fastdpo.linear_logprobs(hg, wg, targets, backend="triton", grad_tolerance=tol)
+                (logps * upstream).sum().backward()
+            return run
+
+        row("forward + backward, exact", step(0.0), model["dense_ms"])
+        row(f"forward + backward, grad_tolerance={tolerance:g}", step(tolerance), model["tolerance_ms"])
+        exact, sparse = measured.get("forward + backward, exact"), measured.get(f"forward + backward, "
+                                                                               f"grad_tolerance={tolerance:g}")
+        res["measured_ratio"] = sparse / exact if exact and sparse else None
+        out.append(res)
+        del h, w, hg, wg, table, tile_lse
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def _time_sparse_kernels(row, model_ms, h, w, rows, targets, lse, kept, cfg) -> None:
+    import torch
+
+    from fastdpo import sparse_plan
+    from fastdpo.kernels import sparse_backward
+
+    pairs = sparse_plan.pair_lists(kept, 0, kept.shape[1])
+    d_tiles = torch.empty((pairs.count, cfg["BLOCK_M"] * cfg["BLOCK_V"]), dtype=w.dtype, device=w.device)
+    grad = torch.randn(rows.numel(), device=w.device)
+    dx = torch.zeros((rows.numel(), h.shape[1]), dtype=torch.float32, device=w.device)
+    dw = torch.empty_like(w)
+    row("sparse_logits_grad kernel", lambda: sparse_backward.sparse_logits_grad(
+        h, w, None, rows, targets, lse, grad, pairs.pair_block, pairs.pair_tile, d_tiles),
+        model_ms.get("sparse_logits_grad kernel"))
+    row("sparse_dx kernel", lambda: sparse_backward.sparse_dx(d_tiles, w, pairs.block_start, pairs.pair_tile, dx,
+                                                              accumulate=False), model_ms.get("sparse_dx kernel"))
+    row("sparse_dw kernel", lambda: sparse_backward.sparse_dw(d_tiles, h, rows, pairs.tile_start, pairs.csc_block,
+                                                              pairs.csc_slot, 0, dw, None, w.shape[0]),
+        model_ms.get("sparse_dw kernel (writes every tile)"))
+
+
+def sparse_child(part_out: Path, budget_s: float) -> int:
+    import torch
+    import triton.testing
+
+    device_name = torch.cuda.get_device_name(0)
+
+    def bench(fn):
+        fn()  # compile and warm up outside the timing
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")
+
+    n, hidden, vocab = SPARSE_SHAPE
+    result = dict(device=device_name, budget_s=budget_s, shape=dict(n=n, hidden=hidden, vocab=vocab), cases=[])
+    try:
+        result["cases"] = measure_sparse(n, hidden, vocab, bench, device_name)
+    except Exception as exc:  # noqa: BLE001
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["traceback"] = traceback.format_exc()[-2000:]
+    part_out.write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def sparse_markdown(part: dict) -> list[str]:
+    lines = []
+    for case in part.get("cases", []):
+        m = case.get("model", {})
+        lines += ["", f"## grad_tolerance={case.get('tolerance', 0):g} on {case['inputs']} inputs "
+                      f"({case.get('scored_rows')} scored rows, H={part.get('shape', {}).get('hidden')}, "
+                      f"V={part.get('shape', {}).get('vocab')})", "",
+                  f"Kept fraction f = {case['kept_fraction']:.4f} ({case['pairs']} of {case['blocks']} x "
+                  f"{case['tiles']} pairs; {case['distinct_tiles']} distinct tiles, shared share s = "
+                  f"{case['kept_shared']:.2f}); dispatch threshold {case.get('break_even')}. Model at that f and s: "
+                  f"{_fmt(m.get('tolerance_ms'), '.1f')} ms ({m.get('path')} path) vs "
+                  f"{_fmt(m.get('dense_ms'), '.1f')} ms dense, {_fmt(m.get('ratio'), '.2f')}x; measured "
+                  f"{_fmt(case.get('measured_ratio'), '.2f')}x.", "",
+                  "| phase | measured ms | model ms |", "|---|---|---|"]
+        for r in case.get("rows", []):
+            lines.append(f"| {r['phase']} | {_fmt(r.get('ms'), '.2f')} | {_fmt(r.get('model_ms'), '.2f')} |")
+    if part.get("error"):
+        lines += ["", f"Sparse part error: {part['error']}"]
+    return lines
+
+
 # --- main ---------------------------------------------------------------------------------------------------------
 
 
@@ -545,6 +739,8 @@ def main(argv=None, cuda_available: bool | None = None, device_name: str | None 
     args = parse_args(argv)
     if args.part == "phases":
         return phases_child(args.part_out, args.part_budget_s or 120.0)
+    if args.part == "sparse":
+        return sparse_child(args.part_out, args.part_budget_s or 120.0)
     import torch
 
     if not (torch.cuda.is_available() if cuda_available is None else cuda_available):
@@ -564,7 +760,8 @@ def main(argv=None, cuda_available: bool | None = None, device_name: str | None 
         return info
 
     steps = [("setup", do_setup), ("tests", lambda t: run_tests(out_dir, site, t)),
-             ("phases", lambda t: run_phases(out_dir, site, t)), ("bench", lambda t: run_bench(out_dir, site, t))]
+             ("phases", lambda t: run_phases(out_dir, site, t)),
+             ("sparse", lambda t: run_phases(out_dir, site, t, part="sparse")), ("bench", lambda t: run_bench(out_dir, site, t))]
     for part, fn in steps:
         if part in args.skip:
             results["parts"][part] = dict(status="skipped: --skip")

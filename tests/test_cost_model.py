@@ -311,7 +311,7 @@ def test_gpu_check_parts_fail_alone(tmp_path):
 
 def test_gpu_check_writes_and_copies_results(tmp_path, capsys):
     out, dest = tmp_path / "results", tmp_path / "back"
-    rc = gpu_check.main(["--out", str(out), "--copy-to", str(dest), "--skip", "setup,tests,phases,bench"],
+    rc = gpu_check.main(["--out", str(out), "--copy-to", str(dest), "--skip", "setup,tests,phases,sparse,bench"],
                         cuda_available=True, device_name="NVIDIA H100 80GB HBM3")
     assert rc == 0
     saved = json.loads((out / "gpu_check.json").read_text())
@@ -375,3 +375,51 @@ def test_gpu_check_phase_measurement_code_runs_on_cpu(monkeypatch):
         assert r["ms"] == 1.0 or r["phase"] in out["errors"]
     fwd = next(r for r in out["rows"] if r["phase"] == "forward kernel")
     assert fwd["x_cublas"] == 1.0 and fwd["model_ms"] > 0
+
+
+def test_gpu_check_kept_statistics_reads_f_and_sharing():
+    import torch
+
+    blocks, bm, bv, tiles = 4, 16, 32, 6
+    n = blocks * bm
+    lse = torch.zeros(n)
+
+    def table(hot_tiles):  # per row: mass 1/len on its hot tiles, 1e-12 elsewhere
+        mass = torch.full((tiles, n), 1e-12)
+        for row, hot in enumerate(hot_tiles):
+            mass[hot, row] = 1.0 / len(hot)
+        return mass.log()
+
+    same = [[0, 1]] * n
+    stats = gpu_check.kept_statistics(table(same), lse, torch.zeros(n, dtype=torch.long), bm, bv, 2**-10)
+    assert stats["kept_fraction"] == pytest.approx(2 / tiles) and stats["kept_shared"] == pytest.approx(1.0)
+    own = [[row // bm] for row in range(n)]
+    targets = torch.tensor([(row // bm) * bv for row in range(n)])
+    stats = gpu_check.kept_statistics(table(own), lse, targets, bm, bv, 2**-10)
+    assert stats["kept_fraction"] == pytest.approx(1 / tiles) and stats["kept_shared"] == pytest.approx(0.0)
+    assert stats["pairs"] == blocks and stats["distinct_tiles"] == blocks
+
+
+def test_gpu_check_sparse_part_runs_on_cpu(monkeypatch):
+    """Walk measure_sparse with the real kernels in the interpreter (fp32, tiny shape): every row timed."""
+    monkeypatch.setattr(vocab_chunks, "SPARSE_BREAK_EVEN", 1.0)
+
+    def bench(fn):
+        fn()
+        return 1.0
+
+    cases = gpu_check.measure_sparse(48, 16, 300, bench, "cpu test", device="cpu", dtype_name="float32",
+                                     tolerance=2**-6)
+    assert [c["inputs"] for c in cases] == ["trained-LM-like", "random"]
+    for case in cases:
+        assert not case["errors"], case["errors"]
+        assert 0 < case["kept_fraction"] <= 1 and 0 <= case["kept_shared"] <= 1
+        phases = [r["phase"] for r in case["rows"]]
+        assert "sparse plan: kept_pairs" in phases and "forward + backward, grad_tolerance=0.015625" in phases
+        assert case["model"]["tolerance_ms"] > 0 and case["measured_ratio"] == 1.0
+    lm_like = cases[0]
+    assert "sparse_dx kernel" in [r["phase"] for r in lm_like["rows"]]
+    assert lm_like["scored_rows"] < 48  # prompts and padding are not scored
+    text = gpu_check.markdown(dict(device="cpu", parts=dict(sparse=dict(status="ok", shape=dict(hidden=16, vocab=300),
+                                                                        cases=cases))))
+    assert "grad_tolerance=0.015625 on trained-LM-like inputs" in text and "| sparse_dx kernel | 1.00 |" in text
