@@ -601,7 +601,7 @@ def _case_inputs(kind: str, n: int, hidden: int, vocab: int, dev, dtype):
 
 def measure_sparse(n: int, hidden: int, vocab: int, bench, device_name: str, device: str = "cuda",
                    dtype_name: str = "bfloat16", kinds=("trained-LM-like", "random"),
-                   tolerance: float = SPARSE_TOLERANCE) -> list[dict]:
+                   tolerance: float = SPARSE_TOLERANCE, stand_in_fraction: float = 0.1) -> list[dict]:
     """Per input kind: the kept fraction the plan gives, forward+backward with grad_tolerance and without, the
     plan and the sparse kernels alone, each next to the cost model at that f (device/dtype: for a CPU test)."""
     import torch
@@ -661,10 +661,40 @@ def measure_sparse(n: int, hidden: int, vocab: int, bench, device_name: str, dev
                                                                                f"grad_tolerance={tolerance:g}")
         res["measured_ratio"] = sparse / exact if exact and sparse else None
         out.append(res)
+        if kind == kinds[-1] and stand_in_fraction:  # the kernels at a set f, whatever the inputs give
+            out.append(_stand_in_case(h, w, rows, row_targets, lse, cfg, stand_in_fraction, bench, device_name,
+                                      workspace))
         del h, w, hg, wg, table, tile_lse
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+def _stand_in_case(h, w, rows, targets, lse, cfg, fraction, bench, device_name, workspace) -> dict:
+    """The three sparse kernels on the last inputs with cost_model.stand_in_kept's mask at `fraction` (pairs
+    spread evenly over the tiles): calibrates the kernels' model where the inputs keep too much."""
+    from benchmarks import cost_model as cm
+
+    blocks, tiles = -(-rows.numel() // cfg["BLOCK_M"]), -(-w.shape[0] // cfg["BLOCK_V"])
+    kept = cm.stand_in_kept(blocks, tiles, fraction).to(w.device)
+    pairs, distinct = int(kept.sum()), int(kept.any(0).sum())
+    shared = min(1.0, max(0.0, (1 - distinct / pairs) / (1 - 1 / blocks))) if pairs and blocks > 1 else 0.0
+    res = dict(inputs=f"stand-in mask f={fraction:g}", scored_rows=rows.numel(), tolerance=0.0,
+               kept_fraction=pairs / (blocks * tiles), kept_shared=shared, pairs=pairs, distinct_tiles=distinct,
+               blocks=blocks, tiles=tiles, rows=[], errors={},
+               model=sparse_model(rows.numel(), h.shape[1], w.shape[0], device_name, workspace, pairs / (blocks * tiles),
+                                  shared, tokens=h.shape[0]))
+
+    def row(phase, fn, model_ms=None):
+        try:
+            ms = bench(fn)
+        except Exception as exc:  # noqa: BLE001
+            res["errors"][phase] = f"{type(exc).__name__}: {exc}"[:500]
+            ms = None
+        res["rows"].append(dict(phase=phase, ms=ms, model_ms=model_ms))
+
+    _time_sparse_kernels(row, res["model"]["phases_ms"], h, w, rows, targets, lse, kept, cfg)
+    return res
 
 
 def _time_sparse_kernels(row, model_ms, h, w, rows, targets, lse, kept, cfg) -> None:
