@@ -38,9 +38,13 @@ def main() -> int:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    import importlib
+
     import triton.testing
 
-    from fastdpo.kernels import logprob_backward, logprob_forward
+    # the modules (the package exports functions of the same names)
+    logprob_forward = importlib.import_module("fastdpo.kernels.logprob_forward")
+    logprob_backward = importlib.import_module("fastdpo.kernels.logprob_backward")
 
     n, hidden, vocab = args.tokens, args.hidden, args.vocab
     h = torch.randn(n, hidden, device="cuda").bfloat16()
