@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .config import device_capability, gemm_config, input_precision
-from .logits_tile import logits_tile, transform_derivative
+from .logits_tile import grouped_tile, logits_tile, transform_derivative
 
 
 @triton.jit
@@ -66,13 +66,15 @@ def sparse_dx_kernel(
     d_ptr, w_ptr, block_start_ptr, pair_tile_ptr, dx_ptr,
     n_rows, vocab_size, hidden_size, stride_w, stride_dx,
     ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """dX[M, h-slice] (+)= sum over the kept pairs of token block M of D[k] @ W[j_k, h-slice], fp32.
 
-    The product's K is the tile's BLOCK_V columns, taken BLOCK_K at a time (the forward's K step)."""
-    pid_m = tl.program_id(0)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    The product's K is the tile's BLOCK_V columns, taken BLOCK_K at a time (the forward's K step).
+    Grouped order: GROUP token blocks sweep the H slices together, so their D tiles are read from HBM
+    once and W's rows once per group (not once per H slice, nor once per block)."""
+    pid_m, pid_h = grouped_tile(tl.program_id(0), n_rows, hidden_size, BLOCK_M, BLOCK_H, GROUP)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < hidden_size
     acc = tl.zeros((BLOCK_M, BLOCK_H), tl.float32)
     for k in range(tl.load(block_start_ptr + pid_m), tl.load(block_start_ptr + pid_m + 1)):
@@ -96,17 +98,17 @@ def sparse_dx_kernel(
 @triton.jit
 def sparse_dw_kernel(
     d_ptr, x_ptr, rows_ptr, tile_start_ptr, pair_block_ptr, pair_slot_ptr, dw_ptr, db_ptr,
-    first_tile, n_rows, vocab_size, hidden_size, stride_x, stride_dw,
+    first_tile, n_tiles, h_extent, n_rows, vocab_size, hidden_size, stride_x, stride_dw,
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """dW[j, h-slice] = sum over the kept pairs of tile j of D[k]^T @ X[M_k, h-slice], written once in the
     weight's dtype (zeros for a tile nobody kept); db[j] likewise, by the programs of the first h-slice.
 
-    The product's K is the block's BLOCK_M rows, taken BLOCK_K at a time."""
-    local = tl.program_id(0)
-    pid_h = tl.program_id(1)
+    The product's K is the block's BLOCK_M rows, taken BLOCK_K at a time. Grouped order: GROUP
+    vocabulary tiles sweep the H slices together (their D tiles are read once, X once per group)."""
+    local, pid_h = grouped_tile(tl.program_id(0), n_tiles * BLOCK_V, h_extent, BLOCK_V, BLOCK_H, GROUP)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < hidden_size
     acc = tl.zeros((BLOCK_V, BLOCK_H), tl.float32)
@@ -141,8 +143,13 @@ def sparse_gemm_options(dtype, capability, hidden_size) -> tuple[dict, dict]:
     cfg = gemm_config(dtype, capability, hidden_size)
     # The GEMMs' output tiles: BLOCK_M (or BLOCK_V) x BLOCK_V columns of H, the shape of the logits tile.
     # 8 warps: fp32's 4 leave the dW kernel spilling on sm_90 (tests/test_compile.py); 16-bit tiles have 8.
+    # GROUP: dX groups the forward's GROUP_M token blocks; dW groups 4x as many vocabulary tiles, each of
+    # which holds only the few blocks that kept it (at f = 0.1 and 16k tokens, 32 tiles' D is ~13 MB).
     return cfg, dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"],
-                     num_warps=max(8, cfg["num_warps"]), num_stages=cfg["num_stages"])
+                     num_warps=max(8, cfg["num_warps"]), num_stages=cfg["num_stages"], GROUP=cfg["GROUP_M"])
+
+
+DW_GROUP_FACTOR = 4
 
 
 def _options_for(t):
@@ -168,7 +175,7 @@ def sparse_dx(d_tiles, weight, block_start, pair_tile, dx, *, accumulate: bool):
     """dx (fp32 [n, H]) (+)= the block-sparse product of the listed tiles with W (CSR: block_start, pair_tile)."""
     _, tiles = _options_for(weight)
     (vocab_size, hidden_size) = weight.shape
-    grid = (block_start.numel() - 1, triton.cdiv(hidden_size, tiles["BLOCK_H"]))
+    grid = ((block_start.numel() - 1) * triton.cdiv(hidden_size, tiles["BLOCK_H"]),)
     sparse_dx_kernel[grid](
         d_tiles, weight, block_start, pair_tile, dx, dx.shape[0], vocab_size, hidden_size, weight.stride(0),
         dx.stride(0), ACCUMULATE=accumulate, INPUT_PRECISION=input_precision(weight.dtype), **tiles,
@@ -179,12 +186,14 @@ def sparse_dw(d_tiles, hidden, rows, tile_start, pair_block, pair_slot, first_ti
     """dW and db of the vocabulary tiles [first_tile, first_tile + len(tile_start) - 1) (CSC lists)."""
     _, tiles = _options_for(hidden)
     hidden_size = hidden.shape[1]
-    h_slices = triton.cdiv(hidden_size, tiles["BLOCK_H"]) if dw is not None else 1
+    h_extent = hidden_size if dw is not None else 1  # db alone: one program per tile
+    n_tiles = tile_start.numel() - 1
+    grid = (n_tiles * triton.cdiv(h_extent, tiles["BLOCK_H"]),)
     placeholder = d_tiles
-    sparse_dw_kernel[(tile_start.numel() - 1, h_slices)](
+    sparse_dw_kernel[grid](
         d_tiles, hidden, rows, tile_start, pair_block, pair_slot,
         placeholder if dw is None else dw, placeholder if db is None else db,
-        first_tile, rows.numel(), vocab_size, hidden_size, hidden.stride(0), hidden_size if dw is None else dw.stride(0),
-        COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None, INPUT_PRECISION=input_precision(hidden.dtype), **tiles,
+        first_tile, n_tiles, h_extent, rows.numel(), vocab_size, hidden_size, hidden.stride(0),
+        hidden_size if dw is None else dw.stride(0), COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None,
+        INPUT_PRECISION=input_precision(hidden.dtype), **dict(tiles, GROUP=tiles["GROUP"] * DW_GROUP_FACTOR),
     )
-
