@@ -82,15 +82,20 @@ class _EntropyHasNoGradient(torch.autograd.Function):
 
     TRL's head makes the entropy differentiable; fastdpo's stats carry no gradient. DPOTrainer only logs the entropy
     (detached), so this never fires there; it turns a silently missing gradient into a clear error for anyone who
-    backpropagates through `outputs.entropy` of a patched model.
+    backpropagates through `outputs.entropy` of a patched model. An all-zero gradient is not a use of the entropy:
+    DDP with find_unused_parameters (its output sink) and compiled graphs hand every output a gradient, zeros for
+    the unused ones, and that must pass.
     """
 
     @staticmethod
     def forward(ctx, entropy, anchor):
+        ctx.set_materialize_grads(False)
         return entropy.clone()
 
     @staticmethod
     def backward(ctx, grad):
+        if grad is None or torch.compiler.is_compiling() or not bool(grad.ne(0).any()):
+            return None, None
         raise RuntimeError(
             "fastdpo.patch_trl(): the patched fused LM head does not propagate gradients through `entropy` "
             "(DPOTrainer only logs it). Call fastdpo.unpatch_trl() before building a trainer that trains on the "
