@@ -114,6 +114,11 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
     stays below it everywhere (Cut Cross-Entropy's gradient filter; the torch path skips only tiles
     without a target); each skipped d_logit is below grad_filter_eps * |g|. 0 is exact.
     """
+    from . import distributed  # heads split across processes: VocabShard, DTensor and ZeRO-3 heads (issue 10)
+    if distributed.is_distributed_head(hidden, weight):
+        return distributed.linear_logprobs(hidden, weight, targets, bias, ignore_index, temperature=temperature,
+                                           softcap=softcap, logit_scale=logit_scale, with_stats=with_stats,
+                                           backend=backend, grad_filter_eps=grad_filter_eps)
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
     backend = resolve_backend(backend, device)
     if torch.is_autocast_enabled(device.type) and hidden.is_floating_point():

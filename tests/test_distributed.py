@@ -1,0 +1,107 @@
+"""Heads split across processes, with 2 gloo ranks on CPU, against the single-process float64 oracle.
+
+Each suite is one torchrun launch of tests/distributed_worker.py (imports paid once); every check in it compares
+loss / log-probs and the gradients of the head and the hidden states with fastdpo.reference on the same inputs, on
+each rank, or records the ValueError it expects. Vocabulary 301 over 2 ranks: shards of 151 and 150 rows, labels in
+both, at both ends of the vocabulary, masked positions and a fully masked row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+WORLD = 2
+FP64, FP32 = 1e-12, 1e-5
+
+
+def gloo_available() -> bool:
+    return dist.is_available() and dist.is_gloo_available()
+
+
+def run_suite(suite: str, tmp_path_factory, timeout=240, env=None) -> list[dict]:
+    """Run one worker suite on WORLD gloo ranks; the per-rank results."""
+    if not gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    out = tmp_path_factory.mktemp(suite)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", str(WORKER),
+           suite, str(out)]
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env)
+    results = [out / f"rank{r}.json" for r in range(WORLD)]
+    if not all(path.exists() for path in results):
+        pytest.fail(f"{suite} ranks did not finish (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return [json.loads(path.read_text()) for path in results]
+
+
+def result(ranks: list[dict], name: str) -> list[dict]:
+    per_rank = [r[name] for r in ranks]
+    for r, entry in enumerate(per_rank):
+        assert "exception" not in entry, f"rank {r}: {entry['exception']}\n{entry.get('traceback', '')}"
+    return per_rank
+
+
+def assert_errors_below(ranks, name, tol):
+    for r, errors in enumerate(result(ranks, name)):
+        for key, err in errors.items():
+            if key.startswith("is_top1"):
+                continue
+            assert err <= tol, f"rank {r} {name}: {key} relative error {err:.2e} > {tol:.0e}"
+        if "is_top1_mismatches" in errors:
+            assert errors["is_top1_mismatches"] == 0 and errors["is_top1_hits"] > 0, errors
+
+
+def assert_refused(entry, r, name):
+    assert entry["raised"], f"rank {r} {name}: no ValueError"
+    assert entry["matches"], f"rank {r} {name}: unexpected message {entry['message']!r}"
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    return run_suite("heads", tmp_path_factory)
+
+
+@pytest.mark.parametrize("name,tol", [
+    ("vocab_parallel_fp64_stats", FP64),
+    ("vocab_parallel_fp64_bias_softcap_stats", FP64),
+    ("vocab_parallel_fp32_linear", FP32),
+    ("vocab_parallel_fp32_bias_softcap", FP32),
+    ("dtensor_shard0_fp64_stats", FP64),
+    ("dtensor_shard0_fp32_bias", FP32),
+    ("dtensor_replicated_head", FP64),
+    ("dpo_loss_vocab_parallel", FP64),
+    ("ddp_loss_inside_forward", FP64),
+    ("fsdp2_loss_inside_registered_method", FP64),
+])
+def test_matches_single_process_oracle(heads, name, tol):
+    """Log-probs / loss, statistics and the gradients of hidden states, head shard (and bias) on every rank."""
+    assert_errors_below(heads, name, tol)
+
+
+@pytest.mark.parametrize("name", [
+    "labels_checked_against_global_vocab",
+    "shards_that_do_not_tile_the_vocab",
+    "different_targets_on_ranks",
+    "triton_backend_refused",
+])
+def test_bad_vocab_parallel_input_is_refused_on_every_rank(heads, name):
+    for r, entry in enumerate(result(heads, name)):
+        assert_refused(entry, r, name)
+    if name == "labels_checked_against_global_vocab":
+        assert all(entry["finite"] for entry in result(heads, name))
+
+
+def test_fsdp2_sharded_weight_outside_its_unit_is_refused_with_the_way_to_call_it(heads):
+    name = "fsdp2_style_dtensor_with_plain_hidden_refused"
+    for r, entry in enumerate(result(heads, name)):
+        assert_refused(entry["logprobs"], r, name)
+        assert_refused(entry["loss"], r, name)
