@@ -389,7 +389,13 @@ def _zero3(hidden, weight, targets, bias, ignore_index, *, temperature, softcap,
 
 
 class _Zero3LogProbs(LinearLogProbs):
-    """LinearLogProbs whose backward gathers the ZeRO-3 head again (the forward's gather is released on return)."""
+    """LinearLogProbs whose backward gathers the ZeRO-3 head again (the forward's gather is released on return).
+
+    The gather outlives the backward function: autograd accumulates the returned gradient into the parameter after
+    it returns, and ZeRO-3's gradient hook then reduces and partitions it, both on the full-size parameter. The
+    parameters are partitioned again once the whole backward pass is done. Inside the model's forward ZeRO-3
+    fetches the head itself for the backward, and nothing is gathered here.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, *args):
@@ -398,5 +404,9 @@ class _Zero3LogProbs(LinearLogProbs):
 
     @staticmethod
     def backward(ctx, *grads):
-        with gathered(*ctx.zero3_params):
+        gather = gathered(*ctx.zero3_params)
+        gather.__enter__()
+        try:
             return LinearLogProbs.backward(ctx, *grads)
+        finally:
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: gather.__exit__(None, None, None))

@@ -263,8 +263,10 @@ class TinyLM(torch.nn.Module):
 
         self.loss = fastdpo.FastDPOLoss(beta=0.1, backend="torch")
 
-    def forward(self, input_ids, labels, ref_chosen_logps, ref_rejected_logps):
+    def forward(self, input_ids, labels=None, ref_chosen_logps=None, ref_rejected_logps=None):
         hidden = torch.tanh(self.embed(input_ids))
+        if labels is None:
+            return hidden
         return self.loss(hidden, self.lm_head.weight, labels, ref_chosen_logps=ref_chosen_logps,
                          ref_rejected_logps=ref_rejected_logps).loss
 
@@ -324,9 +326,66 @@ def fsdp2_pattern():
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-3 (DS_ACCELERATOR=cpu)
+# --------------------------------------------------------------------------------------------------------------------
 
 
-SUITES = {"heads": heads_suite}
+def zero3_config(**extra):
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            "optimizer": {"type": "SGD", "params": {"lr": 0.0}}, "zero_allow_untested_optimizer": True, **extra}
+
+
+def zero3_suite():
+    import importlib
+
+    import deepspeed
+
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build, minutes on a fresh machine);
+    # gloo's collectives do the same job here. (`deepspeed.comm.torch` as an attribute is torch itself.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+    @check
+    def zero3_loss_inside_forward():
+        ids, labels, ref = pattern_batches(dist.get_world_size())
+        model = TinyLM().double()
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=zero3_config())
+        r = rank()
+        loss = engine(ids[r], labels[r], ref[r, 0], ref[r, 1])
+        engine.backward(loss)
+        expected = single_process_grads(torch.float64)
+        from deepspeed.utils import safe_get_full_grad
+
+        partitioned = int(engine.module.lm_head.weight.numel() == 0)
+        return {"partitioned_head": partitioned, **{name: relative_error(safe_get_full_grad(p), expected[name])
+                                                    for name, p in engine.module.named_parameters()}}
+
+    @check
+    def zero3_loss_outside_forward():
+        """FastDPOLoss called directly on the partitioned lm_head.weight, on the hidden states the engine returns."""
+        import fastdpo
+
+        ids, labels, ref = pattern_batches(dist.get_world_size())
+        model = TinyLM().double()
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=zero3_config())
+        r = rank()
+        hidden = engine(ids[r])
+        head = engine.module.lm_head.weight
+        partitioned = int(head.numel() == 0)
+        loss = fastdpo.FastDPOLoss(beta=0.1, backend="torch")(hidden, head, labels[r], ref_chosen_logps=ref[r, 0],
+                                                              ref_rejected_logps=ref[r, 1]).loss
+        engine.backward(loss)
+        expected = single_process_grads(torch.float64)
+        from deepspeed.utils import safe_get_full_grad
+
+        errors = {name: relative_error(safe_get_full_grad(p), expected[name])
+                  for name, p in engine.module.named_parameters()}
+        repartitioned = int(head.numel() == 0)
+        engine.step()
+        return {"partitioned_head": partitioned, "partitioned_after_backward": repartitioned, **errors}
+
+
+SUITES = {"heads": heads_suite, "zero3": zero3_suite}
 
 
 def main():
