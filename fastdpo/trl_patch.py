@@ -18,7 +18,9 @@ whose module globals differ in two names only:
   are zero either way.
 
 Everything else — the backbone call, shifting, logit-scale/softcap config attributes, FSDP2 DTensor heads, ZeRO-3
-gathering, PEFT, MoE aux loss, `FusedCausalLMOutput` — is TRL's own code. Other trainers (SFT, GRPO, KTO, ...) are
+gathering for the forward, PEFT, MoE aux loss, `FusedCausalLMOutput` — is TRL's own code. A ZeRO-3 head reaches
+`fastdpo.linear_logprobs` as the partitioned parameter (gathered by TRL for the forward), which gathers it again for
+its backward, as TRL's own head does. Other trainers (SFT, GRPO, KTO, ...) are
 untouched. The swap is decided on every head call: after `unpatch_trl()` every fused head, including those of
 trainers built while patched, calls TRL's stock function again.
 """
@@ -104,11 +106,11 @@ class _EntropyHasNoGradient(torch.autograd.Function):
 
 
 def _stock_reason(hidden: torch.Tensor, weight: torch.Tensor) -> str | None:
-    """Why this call must go to TRL's stock head, or None."""
-    if hasattr(weight, "ds_id"):
-        # DeepSpeed ZeRO-3 partitioned parameter: TRL gathers it around the forward and again in its own backward;
-        # fastdpo's backward would see the released (empty) shard.
-        return "DeepSpeed ZeRO-3 partitioned LM head"
+    """Why this call must go to TRL's stock head, or None.
+
+    A DeepSpeed ZeRO-3 head is fastdpo's: TRL gathers it around the forward, and fastdpo.linear_logprobs gathers it
+    again for its backward (fastdpo.distributed).
+    """
     if hidden.device.type not in ("cpu", "cuda"):
         return f"device type {hidden.device.type!r}"
     return None

@@ -9,6 +9,7 @@ the tests assert on those. One launch runs a whole suite so the imports are paid
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -385,12 +386,99 @@ def zero3_suite():
         return {"partitioned_head": partitioned, "partitioned_after_backward": repartitioned, **errors}
 
 
-SUITES = {"heads": heads_suite, "zero3": zero3_suite}
+# --------------------------------------------------------------------------------------------------------------------
+# TRL's DPOTrainer under DDP and ZeRO-3, stock and patched
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def train_trl(patched: bool, **overrides):
+    """Train the tiny DPO setup of test_trl_patch.py; per-step logs, a checksum of the weights, and head calls."""
+    from tiny_models import cpu_dpo_config, perturbed_copy, tiny_llama, tiny_preference_dataset, tiny_tokenizer
+    from trl import DPOTrainer
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    import fastdpo
+
+    calls = {"stock": 0, "fastdpo": 0}
+    stock_forward, real_logprobs = ChunkedLogProbFunction.forward, fastdpo.linear_logprobs
+
+    def spy_stock(ctx, *args, **kwargs):
+        calls["stock"] += 1
+        return stock_forward(ctx, *args, **kwargs)
+
+    def spy_fastdpo(*args, **kwargs):
+        calls["fastdpo"] += 1
+        return real_logprobs(*args, **kwargs)
+
+    ChunkedLogProbFunction.forward, fastdpo.linear_logprobs = staticmethod(spy_stock), spy_fastdpo
+    policy = tiny_llama(0)
+    ref_model = perturbed_copy(policy, scale=0.05, seed=1)
+    config = dict(per_device_train_batch_size=2, max_steps=3, learning_rate=2e-2, logging_steps=1, data_seed=0,
+                  dataloader_num_workers=0)
+    config.update(overrides)
+    try:
+        with fastdpo.patch_trl() if patched else contextlib.nullcontext():
+            trainer = DPOTrainer(model=policy, ref_model=ref_model, args=cpu_dpo_config("fastdpo_ddp_", **config),
+                                 train_dataset=tiny_preference_dataset(8, seed=0),
+                                 processing_class=tiny_tokenizer())
+            trainer.train()
+    finally:
+        ChunkedLogProbFunction.forward, fastdpo.linear_logprobs = stock_forward, real_logprobs
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    model = trainer.model_wrapped if hasattr(trainer, "model_wrapped") else trainer.model
+    weights = [full_weight(p).double().sum().item() for p in trainer.model.parameters()]
+    return {"logs": logs, "weights": weights, "calls": calls, "wrapper": type(model).__name__}
+
+
+def full_weight(param):
+    if hasattr(param, "ds_id"):  # ZeRO-3 partitioned
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(param)
+    return param.detach()
+
+
+TRL_DDP_SCENARIOS = {
+    # transformers asks DDP for find_unused_parameters exactly when gradient checkpointing is off
+    "gc_off": dict(),
+    "gc_on": dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}),
+    "gc_on_find_unused": dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+                              ddp_find_unused_parameters=True),
+    "gc_off_no_find_unused": dict(ddp_find_unused_parameters=False),
+}
+
+
+def trl_ddp_suite():
+    for name, overrides in TRL_DDP_SCENARIOS.items():
+        def scenario(overrides=overrides):
+            return {"stock": train_trl(False, **overrides), "patched": train_trl(True, **overrides)}
+
+        scenario.__name__ = name
+        check(scenario)
+
+
+def trl_zero3_suite():
+    import importlib
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # see zero3_suite
+
+    def zero3():
+        config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+        return {"stock": train_trl(False, deepspeed=config), "patched": train_trl(True, deepspeed=config)}
+
+    check(zero3)
+
+
+SUITES = {"heads": heads_suite, "zero3": zero3_suite, "trl_ddp": trl_ddp_suite, "trl_zero3": trl_zero3_suite}
 
 
 def main():
     suite, out_dir = sys.argv[1], Path(sys.argv[2])
     warnings.simplefilter("ignore")
+    from tiny_models import offline_env
+
+    offline_env()
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     try:

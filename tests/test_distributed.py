@@ -130,3 +130,67 @@ def test_zero3_partitioned_head(zero3, name):
         assert entry.pop("partitioned_head") == 1, "the head was not partitioned: the check proves nothing"
         assert entry.pop("partitioned_after_backward", 1) == 1, "the head stayed gathered after the backward"
     assert_errors_below(zero3, name, ZERO3_TOL)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# TRL's DPOTrainer with fastdpo.patch_trl() under DDP and ZeRO-3
+# --------------------------------------------------------------------------------------------------------------------
+
+TRL_RTOL, TRL_ATOL = 1e-4, 5e-5  # as in test_trl_patch.py: float32 rounding compounded over a few optimizer steps
+
+
+def trl_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
+
+
+@pytest.fixture(scope="module")
+def trl_ddp(tmp_path_factory):
+    if not trl_available():
+        pytest.skip("trl is not installed")
+    return run_suite("trl_ddp", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def trl_zero3(tmp_path_factory):
+    import importlib.util
+
+    if not trl_available() or importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("trl and deepspeed are needed")
+    return run_suite("trl_zero3", tmp_path_factory, env={"DS_ACCELERATOR": "cpu"})
+
+
+def assert_trains_like_stock(ranks, name, wrapper):
+    import math
+
+    runs = result(ranks, name)
+    for r, run in enumerate(runs):
+        stock, patched = run["stock"], run["patched"]
+        assert stock["wrapper"] == patched["wrapper"] == wrapper
+        assert stock["calls"]["stock"] > 0 and stock["calls"]["fastdpo"] == 0
+        assert patched["calls"]["stock"] == 0 and patched["calls"]["fastdpo"] > 0, "fastdpo's head did not run"
+        assert len(stock["logs"]) == len(patched["logs"]) == 3
+        assert len({entry["loss"] for entry in stock["logs"]}) > 1  # a moving policy, not the step-1 constant
+        for step, (a, b) in enumerate(zip(stock["logs"], patched["logs"]), start=1):
+            assert a.keys() == b.keys(), f"rank {r} step {step}: logged keys differ"
+            for key in ("loss", "grad_norm", "entropy", "mean_token_accuracy", "logits/chosen", "rewards/margins"):
+                assert key in a, key
+            for key in a:
+                assert math.isclose(a[key], b[key], rel_tol=TRL_RTOL, abs_tol=TRL_ATOL), \
+                    f"rank {r} step {step} {key}: stock {a[key]} vs patched {b[key]}"
+        for x, y in zip(stock["weights"], patched["weights"]):
+            assert math.isclose(x, y, rel_tol=TRL_RTOL, abs_tol=TRL_ATOL)
+    # The gradients were reduced across ranks: both ranks end with the same weights
+    assert runs[0]["patched"]["weights"] == runs[1]["patched"]["weights"]
+
+
+@pytest.mark.parametrize("name", ["gc_off", "gc_on", "gc_on_find_unused", "gc_off_no_find_unused"])
+def test_patched_trl_under_ddp(trl_ddp, name):
+    """2-rank DDP, with and without gradient checkpointing and find_unused_parameters: like stock, all metrics."""
+    assert_trains_like_stock(trl_ddp, name, "DistributedDataParallel")
+
+
+def test_patched_trl_under_zero3(trl_zero3):
+    """ZeRO-3 (2 CPU ranks): the patched head runs on the partitioned lm_head and trains like stock TRL."""
+    assert_trains_like_stock(trl_zero3, "zero3", "DeepSpeedEngine")
