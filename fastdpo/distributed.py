@@ -55,9 +55,6 @@ class VocabShard:
     vocab_size: int
     group: object = None
 
-    def detach(self) -> "VocabShard":
-        return dataclasses.replace(self, weight=self.weight.detach())
-
     @property
     def dtype(self) -> torch.dtype:
         return self.weight.dtype

@@ -362,6 +362,26 @@ def zero3_suite():
                                                     for name, p in engine.module.named_parameters()}}
 
     @check
+    def zero3_shared_reference_head():
+        """The reference log-probs through the same partitioned head (ref_hidden_states, no ref_lm_head_weight)."""
+        import fastdpo
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        ids, labels, _ = pattern_batches(dist.get_world_size())
+        model = TinyLM().double()
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=zero3_config())
+        r = rank()
+        hidden = engine(ids[r])
+        ref_hidden = hidden.detach().flip(-1)
+        full_head = safe_get_full_fp32_param(engine.module.lm_head.weight).double()
+        loss = fastdpo.FastDPOLoss(beta=0.1, backend="torch")(hidden, engine.module.lm_head.weight, labels[r],
+                                                              ref_hidden_states=ref_hidden).loss
+        engine.backward(loss)
+        expected = fastdpo.reference.dpo_loss(hidden.detach().double(), full_head, labels[r],
+                                              ref_hidden_states=ref_hidden.double())
+        return {"loss": relative_error(loss, expected.loss)}
+
+    @check
     def zero3_loss_outside_forward():
         """FastDPOLoss called directly on the partitioned lm_head.weight, on the hidden states the engine returns."""
         import fastdpo
