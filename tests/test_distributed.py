@@ -195,3 +195,33 @@ def test_patched_trl_under_ddp(trl_ddp, name):
 def test_patched_trl_under_zero3(trl_zero3):
     """ZeRO-3 (2 CPU ranks): the patched head runs on the partitioned lm_head and trains like stock TRL."""
     assert_trains_like_stock(trl_zero3, "zero3", "DeepSpeedEngine")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The README's scaling-out examples run as they stand
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def readme_examples() -> dict[str, str]:
+    """The README's python blocks that start with a `# torchrun ...` line, by script name."""
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(# torchrun --nproc_per_node 2 (\S+)\n.*?)```", readme, flags=re.S)
+    return {name: code for code, name in blocks}
+
+
+def test_readme_has_the_scaling_out_examples():
+    assert set(readme_examples()) == {"data_parallel.py", "vocab_parallel.py"}
+
+
+@pytest.mark.parametrize("name", ["data_parallel.py", "vocab_parallel.py"])
+def test_readme_example_runs_on_two_ranks(name, tmp_path):
+    if not gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    script = tmp_path / name
+    script.write_text(readme_examples()[name])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
