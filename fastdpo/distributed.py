@@ -34,7 +34,7 @@ import torch.distributed as dist
 from . import chunked, logprobs
 from .backends import resolve_backend
 from .softmax_stats import VocabPartials, logsumexp, merge, token_stats
-from .logprobs import LinearLogProbs
+from .logprobs import LinearLogProbs, _no_partials, _scatter
 from .types import TokenStats
 from .validation import check_logprob_inputs, check_targets_in_range
 
@@ -54,14 +54,6 @@ class VocabShard:
     vocab_start: int
     vocab_size: int
     group: object = None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
 
 
 def _is_dtensor(t) -> bool:
@@ -94,6 +86,14 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
     if isinstance(weight, VocabShard):
         return _vocab_parallel(hidden, weight, targets, bias, ignore_index, **kwargs)
     return _zero3(hidden, weight, targets, bias, ignore_index, **kwargs)
+
+
+def _autocast_inputs(device: torch.device, hidden, weight, bias):
+    """Under autocast the head runs in the autocast dtype, as nn.Linear would (and as fastdpo.linear_logprobs does)."""
+    if not (torch.is_autocast_enabled(device.type) and isinstance(hidden, torch.Tensor) and hidden.is_floating_point()):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device.type)
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -164,10 +164,7 @@ def _vocab_parallel(hidden, shard: VocabShard, targets, bias, ignore_index, *, t
     if backend not in (None, "auto", "torch"):  # "auto" picks the PyTorch path on every device here
         raise ValueError(f"a vocab-parallel head runs on backend='torch' for now, got backend={backend!r}; pass "
                          "backend='torch' (FastDPOLoss(backend='torch'))")
-    if torch.is_autocast_enabled(device.type) and isinstance(hidden, torch.Tensor) and hidden.is_floating_point():
-        dtype = torch.get_autocast_dtype(device.type)  # as nn.Linear would under autocast
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+    hidden, weight, bias = _autocast_inputs(device, hidden, weight, bias)
     _check_shard(hidden, shard, weight, targets, bias, ignore_index, temperature, softcap, grad_filter_eps)
     transform = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
     with torch.autocast(device.type, enabled=False):
@@ -201,7 +198,7 @@ def _check_shards_agree(shard: VocabShard, rows: int, hidden, targets) -> None:
     flat = targets.reshape(-1).long()
     fingerprint = torch.stack([
         torch.tensor(shard.vocab_start), torch.tensor(rows), torch.tensor(shard.vocab_size),
-        torch.tensor(hidden.shape[0] if hidden.dim() else 0), torch.tensor(flat.numel()), flat.sum().cpu(),
+        torch.tensor(hidden.numel()), torch.tensor(flat.numel()), flat.sum().cpu(),
         (flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum().cpu(),
     ]).to(device=_collective_device(shard.group, hidden.device), dtype=torch.int64)
     everyone = _all_gather(fingerprint, shard.group).cpu()
@@ -328,17 +325,6 @@ def _remove_borrowed_onehot(x: chunked.Rows, weight, bias, grad, borrowed, trans
         db.index_add_(0, x.targets[index], d_raw, alpha=-1)
 
 
-def _no_partials(hidden, with_stats: bool) -> VocabPartials:
-    dtype = chunked.accumulation_dtype(hidden.dtype)
-    fields = len(VocabPartials._fields) if with_stats else 3
-    return VocabPartials(*(torch.zeros(0, dtype=dtype, device=hidden.device) for _ in range(fields)))
-
-
-def _scatter(values: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
-    out = torch.zeros(size, dtype=values.dtype, device=values.device)
-    return out.index_copy_(0, rows, values)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # DeepSpeed ZeRO-3 heads
 # --------------------------------------------------------------------------------------------------------------------
@@ -373,10 +359,7 @@ def _zero3(hidden, weight, targets, bias, ignore_index, *, temperature, softcap,
                          "'triton'")
     transform = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
     with gathered(weight, bias):
-        if torch.is_autocast_enabled(device.type) and hidden.is_floating_point():
-            dtype = torch.get_autocast_dtype(device.type)  # as nn.Linear would under autocast
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+        hidden, weight, bias = _autocast_inputs(device, hidden, weight, bias)
         check_logprob_inputs(hidden, weight, targets, bias, ignore_index, backend, temperature=temperature,
                              softcap=softcap, grad_filter_eps=grad_filter_eps)
         with torch.autocast(device.type, enabled=False):

@@ -237,7 +237,8 @@ def heads_suite():
         out = fastdpo.linear_logprobs(DTensor.from_local(hidden, mesh, [Replicate()]),
                                       DTensor.from_local(weight, mesh, [Replicate()]), targets)
         (out * grad_out).sum().backward()
-        return {"logps": relative_error(out, expected.logps), "d_hidden": relative_error(hidden.grad, expected_grads[0]),
+        return {"logps": relative_error(out, expected.logps),
+                "d_hidden": relative_error(hidden.grad, expected_grads[0]),
                 "d_weight": relative_error(weight.grad, expected_grads[1])}
 
     @check
