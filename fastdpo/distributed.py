@@ -177,11 +177,11 @@ def _check_shard(hidden, shard, weight, targets, bias, ignore_index, temperature
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] == 0:
         raise ValueError(f"VocabShard.weight must be a non-empty [rows, hidden] tensor, got "
                          f"{getattr(weight, 'shape', type(weight).__name__)}")
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("a vocab-parallel head needs torch.distributed to be initialized (init_process_group)")
     if not 0 <= shard.vocab_start <= shard.vocab_start + weight.shape[0] <= shard.vocab_size:
         raise ValueError(f"VocabShard rows [{shard.vocab_start}, {shard.vocab_start + weight.shape[0]}) must lie in "
                          f"[0, vocab_size={shard.vocab_size})")
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("a vocab-parallel head needs torch.distributed to be initialized (init_process_group)")
     # Everything but the label range against the shard (labels are global), then the labels against the vocabulary.
     local_probe = torch.full_like(targets, ignore_index) if isinstance(targets, torch.Tensor) else targets
     check_logprob_inputs(hidden, weight, local_probe, bias, ignore_index, "torch", temperature=temperature,

@@ -65,6 +65,19 @@ def assert_refused(entry, r, name):
     assert entry["matches"], f"rank {r} {name}: unexpected message {entry['message']!r}"
 
 
+def test_vocab_shard_needs_an_initialized_process_group():
+    import fastdpo
+    from fastdpo.distributed import VocabShard
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    hidden, weight = torch.randn(3, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match="init_process_group"):
+        fastdpo.linear_logprobs(hidden, VocabShard(weight, 0, 20), torch.tensor([1, 15, -100]))
+    with pytest.raises(ValueError, match=r"must lie in \[0, vocab_size=20\)"):
+        fastdpo.linear_logprobs(hidden, VocabShard(weight, 15, 20), torch.tensor([1, 15, -100]))
+
+
 @pytest.fixture(scope="module")
 def heads(tmp_path_factory):
     return run_suite("heads", tmp_path_factory)
