@@ -28,15 +28,27 @@ def gloo_available() -> bool:
     return dist.is_available() and dist.is_gloo_available()
 
 
-def run_suite(suite: str, tmp_path_factory, timeout=240, env=None) -> list[dict]:
-    """Run one worker suite on WORLD gloo ranks; the per-rank results."""
+# A port torchrun picked can be taken by another process before the ranks bind it (many test runs on one machine).
+PORT_TAKEN = ("EADDRINUSE", "address already in use", "Address already in use")
+
+
+def torchrun(args, timeout=240, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=WORLD *args` in a subprocess; one retry if its port was taken."""
     if not gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available")
-    out = tmp_path_factory.mktemp(suite)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", str(WORKER),
-           suite, str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", *map(str, args)]
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env)
+    for attempt in range(2):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env, cwd=cwd)
+        if proc.returncode == 0 or not any(text in proc.stderr for text in PORT_TAKEN):
+            break
+    return proc
+
+
+def run_suite(suite: str, tmp_path_factory, timeout=240, env=None) -> list[dict]:
+    """Run one worker suite on WORLD gloo ranks; the per-rank results."""
+    out = tmp_path_factory.mktemp(suite)
+    proc = torchrun([WORKER, suite, out], timeout=timeout, env=env)
     results = [out / f"rank{r}.json" for r in range(WORLD)]
     if not all(path.exists() for path in results):
         pytest.fail(f"{suite} ranks did not finish (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -230,11 +242,7 @@ def test_readme_has_the_scaling_out_examples():
 
 @pytest.mark.parametrize("name", ["data_parallel.py", "vocab_parallel.py"])
 def test_readme_example_runs_on_two_ranks(name, tmp_path):
-    if not gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available")
     script = tmp_path / name
     script.write_text(readme_examples()[name])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", str(script)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = torchrun([script], cwd=tmp_path)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
