@@ -128,9 +128,8 @@ class FastDPOLoss(nn.Module):
         """Per-token reference log-probs [2B, T] (per token, because ld_alpha splits them), no grad."""
         if ref_lm_head_weight is None:  # the reference shares the policy's head
             ref_lm_head_weight, ref_lm_head_bias = lm_head_weight, lm_head_bias
-        with torch.no_grad():
-            return linear_logprobs(ref_hidden_states.detach(), ref_lm_head_weight.detach(), targets,
-                                   None if ref_lm_head_bias is None else ref_lm_head_bias.detach(),
+        with torch.no_grad():  # the head is not detached: a ZeRO-3 parameter's .detach() is its empty partition
+            return linear_logprobs(ref_hidden_states.detach(), ref_lm_head_weight, targets, ref_lm_head_bias,
                                    self.ignore_index, backend=backend, **self.logit_transform)
 
 

@@ -138,6 +138,11 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
     Smaller workspaces mean more, narrower vocabulary chunks: the same result up to the rounding of
     dX's chunk sums (for given inputs and workspace, the bits are reproducible).
     """
+    from . import distributed  # heads split across processes: VocabShard, DTensor and ZeRO-3 heads (issue 10)
+    if distributed.is_distributed_head(hidden, weight):
+        return distributed.linear_logprobs(hidden, weight, targets, bias, ignore_index, temperature=temperature,
+                                           softcap=softcap, logit_scale=logit_scale, with_stats=with_stats,
+                                           backend=backend, grad_filter_eps=grad_filter_eps)
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
     backend = resolve_backend(backend, device)
     if torch.is_autocast_enabled(device.type) and hidden.is_floating_point():

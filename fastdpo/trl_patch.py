@@ -18,7 +18,9 @@ whose module globals differ in two names only:
   are zero either way.
 
 Everything else — the backbone call, shifting, logit-scale/softcap config attributes, FSDP2 DTensor heads, ZeRO-3
-gathering, PEFT, MoE aux loss, `FusedCausalLMOutput` — is TRL's own code. Other trainers (SFT, GRPO, KTO, ...) are
+gathering for the forward, PEFT, MoE aux loss, `FusedCausalLMOutput` — is TRL's own code. A ZeRO-3 head reaches
+`fastdpo.linear_logprobs` as the partitioned parameter (gathered by TRL for the forward), which gathers it again for
+its backward, as TRL's own head does. Other trainers (SFT, GRPO, KTO, ...) are
 untouched. The swap is decided on every head call: after `unpatch_trl()` every fused head, including those of
 trainers built while patched, calls TRL's stock function again.
 """
@@ -82,15 +84,20 @@ class _EntropyHasNoGradient(torch.autograd.Function):
 
     TRL's head makes the entropy differentiable; fastdpo's stats carry no gradient. DPOTrainer only logs the entropy
     (detached), so this never fires there; it turns a silently missing gradient into a clear error for anyone who
-    backpropagates through `outputs.entropy` of a patched model.
+    backpropagates through `outputs.entropy` of a patched model. An all-zero gradient is not a use of the entropy:
+    DDP with find_unused_parameters (its output sink) and compiled graphs hand every output a gradient, zeros for
+    the unused ones, and that must pass.
     """
 
     @staticmethod
     def forward(ctx, entropy, anchor):
+        ctx.set_materialize_grads(False)
         return entropy.clone()
 
     @staticmethod
     def backward(ctx, grad):
+        if grad is None or torch.compiler.is_compiling() or not bool(grad.ne(0).any()):
+            return None, None
         raise RuntimeError(
             "fastdpo.patch_trl(): the patched fused LM head does not propagate gradients through `entropy` "
             "(DPOTrainer only logs it). Call fastdpo.unpatch_trl() before building a trainer that trains on the "
@@ -99,11 +106,11 @@ class _EntropyHasNoGradient(torch.autograd.Function):
 
 
 def _stock_reason(hidden: torch.Tensor, weight: torch.Tensor) -> str | None:
-    """Why this call must go to TRL's stock head, or None."""
-    if hasattr(weight, "ds_id"):
-        # DeepSpeed ZeRO-3 partitioned parameter: TRL gathers it around the forward and again in its own backward;
-        # fastdpo's backward would see the released (empty) shard.
-        return "DeepSpeed ZeRO-3 partitioned LM head"
+    """Why this call must go to TRL's stock head, or None.
+
+    A DeepSpeed ZeRO-3 head is fastdpo's: TRL gathers it around the forward, and fastdpo.linear_logprobs gathers it
+    again for its backward (fastdpo.distributed).
+    """
     if hidden.device.type not in ("cpu", "cuda"):
         return f"device type {hidden.device.type!r}"
     return None

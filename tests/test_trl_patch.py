@@ -259,15 +259,34 @@ def test_entropy_gradient_is_refused_clearly():
         entropy.sum().backward()
 
 
-def test_zero3_partitioned_head_falls_back_to_stock(spies):
-    hidden = torch.randn(5, 8)
-    weight = torch.nn.Parameter(torch.randn(20, 8))
-    weight.ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+def test_all_zero_entropy_gradient_passes():
+    """DDP's find_unused_parameters sink and compiled graphs give every output a gradient, zeros for unused ones."""
+    hidden = torch.randn(5, 8, requires_grad=True)
+    weight = torch.randn(20, 8)
     targets = torch.randint(0, 20, (5,))
-    with patch_trl(), pytest.warns(RuntimeWarning, match="ZeRO-3"):
-        trl_patch._STATE.warned.discard("DeepSpeed ZeRO-3 partitioned LM head")
-        trl_patch._FastDPOLogProbHead.apply(hidden, weight, None, targets, 1.0, 64, None, 1.0, ("log_probs",))
-    assert spies["stock"] == 1 and spies["fastdpo"] == 0
+    with patch_trl():
+        logps, entropy, *_ = trl_patch._FastDPOLogProbHead.apply(
+            hidden, weight, None, targets, 1.0, 64, None, 1.0, ("log_probs", "entropy")
+        )
+    (logps.sum() + 0.0 * entropy.sum()).backward()
+    assert hidden.grad is not None and bool(hidden.grad.ne(0).any())
+
+
+# ZeRO-3 heads (patched and stock DPOTrainer under DeepSpeed, FastDPOLoss on a partitioned weight) are tested with two
+# processes in test_distributed.py, as is DPOTrainer under DDP.
+
+
+def test_torch_compile(spies):
+    """DPOConfig(torch_compile=True) trains patched like stock TRL (stock runs eager: compiling it costs ~30 s more)."""
+    stock = train_logs(make_trainer(steps=1))
+    assert spies["fastdpo"] == 0
+    spies["stock"] = 0
+    with patch_trl():
+        compiled = make_trainer(steps=1, torch_compile=True)
+        patched = train_logs(compiled)
+    assert spies["stock"] == 0 and spies["fastdpo"] > 0
+    assert hasattr(compiled.model_wrapped, "_orig_mod"), "the model was not compiled"
+    assert_logs_close(stock, patched)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,392 @@
+"""LM heads split across processes: vocab-parallel shards, DTensor heads and DeepSpeed ZeRO-3 heads.
+
+`linear_logprobs` (and so `FastDPOLoss`) hands a head here when the weight is not a plain local tensor:
+
+* `VocabShard(weight_shard, vocab_start, vocab_size, group)`: rank r holds rows [start_r, start_r + V_r) of W
+  (a tensor-parallel, vocab-parallel head) and the same hidden states and targets as the other ranks of `group`.
+  Each rank folds its own columns into the softmax partials of fastdpo.softmax_stats (m_r, s_r, t_r, and the
+  statistics' a_r, q_r, u_r, b_r), with t_r the target logit when the target falls in the shard and 0 otherwise.
+  One all-gather of the partials, merged in rank order by `softmax_stats.merge` (so every rank gets the same bits):
+
+      m = max_r m_r,   s = sum_r s_r e^{m_r - m},   t = sum_r t_r,   lse = m + log s,   logp = t - lse.
+
+  The backward recomputes the shard's logits with the global lse: dz_v = g (onehot_v - e^{z_v - lse}) on the rank's
+  columns only, so dW_r (and db_r) stay local, and dX = sum_r dX_r is all-reduced (the input is replicated).
+  Labels are checked against the global vocabulary, and the shards against each other (they must tile [0, V)).
+* A DTensor weight on a 1-D mesh, with the hidden states a replicated DTensor on the same mesh (tensor parallel,
+  e.g. `ColwiseParallel` on lm_head): `Shard(0)` runs as a `VocabShard` of the mesh's group, `Replicate()` locally.
+  A DTensor weight with plain-tensor hidden states is what FSDP2 hands out outside the owning module's forward;
+  computing there would leave the head's gradient unreduced, so it is refused with the ways to call it.
+* A DeepSpeed ZeRO-3 partitioned parameter (`ds_id`): gathered for the forward and gathered again for the backward
+  (the gradient then goes to the parameter through autograd, where ZeRO-3's hooks reduce and partition it).
+
+The vocab-parallel head runs on the PyTorch path (fastdpo.chunked); backend='triton' raises for now.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from . import chunked, logprobs
+from .backends import resolve_backend
+from .softmax_stats import VocabPartials, logsumexp, merge, token_stats
+from .logprobs import LinearLogProbs, _no_partials, _scatter
+from .types import TokenStats
+from .validation import check_logprob_inputs, check_targets_in_range
+
+__all__ = ["VocabShard", "is_distributed_head", "linear_logprobs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabShard:
+    """This rank's rows [vocab_start, vocab_start + weight.shape[0]) of a [vocab_size, H] head split over `group`.
+
+    Pass it where a head weight goes (`linear_logprobs(hidden, VocabShard(...), targets)`,
+    `FastDPOLoss()(hidden_states, VocabShard(...), labels)`); a bias, if any, is this rank's [weight.shape[0]] slice.
+    Every rank of `group` (default: the world) must pass the same hidden states and targets.
+    """
+
+    weight: torch.Tensor
+    vocab_start: int
+    vocab_size: int
+    group: object = None
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor
+        return False
+    return isinstance(t, DTensor)
+
+
+def _is_zero3(t) -> bool:
+    return hasattr(t, "ds_id")  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+
+
+def is_distributed_head(hidden, weight) -> bool:
+    """Whether `fastdpo.linear_logprobs` must hand these inputs to `distributed.linear_logprobs`."""
+    return isinstance(weight, VocabShard) or _is_dtensor(weight) or _is_dtensor(hidden) or _is_zero3(weight)
+
+
+def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100, *, temperature: float = 1.0,
+                    softcap: float | None = None, logit_scale: float = 1.0, with_stats: bool = False,
+                    backend: str | None = None, grad_filter_eps: float = 0.0):
+    """`fastdpo.linear_logprobs` for a VocabShard, DTensor or ZeRO-3 head (same arguments and outputs)."""
+    kwargs = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, with_stats=with_stats,
+                  backend=backend, grad_filter_eps=grad_filter_eps)
+    if _is_dtensor(weight) or _is_dtensor(hidden):
+        hidden, weight, targets, bias = _from_dtensors(hidden, weight, targets, bias)
+        if not isinstance(weight, VocabShard):  # a replicated head: every rank computes the same thing
+            return logprobs.linear_logprobs(hidden, weight, targets, bias, ignore_index, **kwargs)
+    if isinstance(weight, VocabShard):
+        return _vocab_parallel(hidden, weight, targets, bias, ignore_index, **kwargs)
+    return _zero3(hidden, weight, targets, bias, ignore_index, **kwargs)
+
+
+def _autocast_inputs(device: torch.device, hidden, weight, bias):
+    """Under autocast the head runs in the autocast dtype, as nn.Linear would (and as fastdpo.linear_logprobs does)."""
+    if not (torch.is_autocast_enabled(device.type) and isinstance(hidden, torch.Tensor) and hidden.is_floating_point()):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device.type)
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DTensor heads
+# --------------------------------------------------------------------------------------------------------------------
+
+_FSDP2_HINT = (
+    "Under FSDP2 (fully_shard), compute the loss inside the forward of the module that owns lm_head, where FSDP has "
+    "gathered the weight into a plain tensor and reduce-scatters its gradient: e.g. return FastDPOLoss's loss from "
+    "the model's forward, or from a method registered with torch.distributed.fsdp.register_fsdp_forward_method. "
+    "For a tensor-parallel (vocab-parallel) head, pass the hidden states as a replicated DTensor on the head's mesh "
+    "(DTensor.from_local(hidden, mesh, [Replicate()])), or pass fastdpo.distributed.VocabShard(weight.to_local(), "
+    "vocab_start, vocab_size, group). Never pass weight.full_tensor(): its gradient is not reduced across ranks."
+)
+
+
+def _from_dtensors(hidden, weight, targets, bias):
+    """Local tensors (and a VocabShard for a Shard(0) head) from a tensor-parallel DTensor head, or a ValueError."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not _is_dtensor(weight):
+        raise ValueError(f"hidden is a DTensor but weight is a {type(weight).__name__}; pass both as DTensors on one "
+                         "mesh (a tensor-parallel head) or both as local tensors")
+    mesh = weight.device_mesh
+    if not _is_dtensor(hidden):
+        raise ValueError(f"weight is a DTensor {weight.placements} but hidden is a plain tensor, which is how FSDP2 "
+                         f"hands out its sharded parameters outside the owning module's forward. {_FSDP2_HINT}")
+    if mesh.ndim != 1 or hidden.device_mesh != mesh:
+        raise ValueError(f"a DTensor head needs the weight and hidden on the same 1-D mesh, got weight on "
+                         f"{mesh} and hidden on {hidden.device_mesh}")
+    if not all(p.is_replicate() for p in hidden.placements):
+        raise ValueError(f"hidden must be replicated over the head's mesh (Replicate()), got {hidden.placements}")
+
+    def local(name, t, placements):
+        if t is None or not isinstance(t, DTensor):
+            return t
+        if tuple(t.placements) != tuple(placements):
+            raise ValueError(f"{name} must have placements {tuple(placements)} like weight, got {t.placements}")
+        return t.to_local()
+
+    placement = weight.placements[0]
+    if placement == Replicate():
+        return (hidden.to_local(), weight.to_local(), local("targets", targets, [Replicate()]),
+                local("bias", bias, [Replicate()]))
+    if placement != Shard(0):
+        raise ValueError(f"a DTensor head must be sharded on the vocabulary dimension (Shard(0)) or replicated, "
+                         f"got {weight.placements}")
+    shard = VocabShard(weight.to_local(), _shard_start(weight), weight.shape[0], mesh.get_group())
+    return hidden.to_local(), shard, local("targets", targets, [Replicate()]), local("bias", bias, [Shard(0)])
+
+
+def _shard_start(weight) -> int:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+    return int(offset[0])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Vocab-parallel heads
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _vocab_parallel(hidden, shard: VocabShard, targets, bias, ignore_index, *, temperature, softcap, logit_scale,
+                    with_stats, backend, grad_filter_eps):
+    weight = shard.weight
+    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    if backend not in (None, "auto", "torch"):  # "auto" picks the PyTorch path on every device here
+        raise ValueError(f"a vocab-parallel head runs on backend='torch' for now, got backend={backend!r}; pass "
+                         "backend='torch' (FastDPOLoss(backend='torch'))")
+    hidden, weight, bias = _autocast_inputs(device, hidden, weight, bias)
+    _check_shard(hidden, shard, weight, targets, bias, ignore_index, temperature, softcap, grad_filter_eps)
+    transform = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
+    with torch.autocast(device.type, enabled=False):
+        out = VocabParallelLogProbs.apply(hidden, weight, bias, targets, ignore_index, shard.vocab_start,
+                                          shard.vocab_size, shard.group, transform, with_stats, float(grad_filter_eps))
+    return TokenStats(*out) if with_stats else out
+
+
+def _check_shard(hidden, shard, weight, targets, bias, ignore_index, temperature, softcap, grad_filter_eps):
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"VocabShard.weight must be a non-empty [rows, hidden] tensor, got "
+                         f"{getattr(weight, 'shape', type(weight).__name__)}")
+    if not 0 <= shard.vocab_start <= shard.vocab_start + weight.shape[0] <= shard.vocab_size:
+        raise ValueError(f"VocabShard rows [{shard.vocab_start}, {shard.vocab_start + weight.shape[0]}) must lie in "
+                         f"[0, vocab_size={shard.vocab_size})")
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("a vocab-parallel head needs torch.distributed to be initialized (init_process_group)")
+    # Everything but the label range against the shard (labels are global), then the labels against the vocabulary.
+    local_probe = torch.full_like(targets, ignore_index) if isinstance(targets, torch.Tensor) else targets
+    check_logprob_inputs(hidden, weight, local_probe, bias, ignore_index, "torch", temperature=temperature,
+                         softcap=softcap, grad_filter_eps=grad_filter_eps)
+    check_targets_in_range(targets, shard.vocab_size, ignore_index)
+    _check_shards_agree(shard, weight.shape[0], hidden, targets)
+
+
+def _check_shards_agree(shard: VocabShard, rows: int, hidden, targets) -> None:
+    """One small all-gather: the shards must tile [0, V) in rank order, over the same targets everywhere.
+
+    A gap, an overlap or different labels on different ranks would otherwise give a finite, wrong loss.
+    """
+    flat = targets.reshape(-1).long()
+    fingerprint = torch.stack([
+        torch.tensor(shard.vocab_start), torch.tensor(rows), torch.tensor(shard.vocab_size),
+        torch.tensor(hidden.numel()), torch.tensor(flat.numel()), flat.sum().cpu(),
+        (flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum().cpu(),
+    ]).to(device=_collective_device(shard.group, hidden.device), dtype=torch.int64)
+    everyone = _all_gather(fingerprint, shard.group).cpu()
+    starts, sizes = everyone[:, 0], everyone[:, 1]
+    ends = starts + sizes
+    tiled = bool(starts[0] == 0) and bool((starts[1:] == ends[:-1]).all()) and int(ends[-1]) == shard.vocab_size
+    if not tiled or not bool((everyone[:, 2] == shard.vocab_size).all()):
+        spans = [(int(a), int(b)) for a, b in zip(starts, ends)]
+        raise ValueError(f"VocabShard rows per rank {spans} with vocab_size {everyone[:, 2].tolist()} must tile "
+                         f"[0, vocab_size) in rank order without gaps or overlaps")
+    if not bool((everyone[:, 3:] == everyone[0, 3:]).all()):
+        raise ValueError("a vocab-parallel head needs the same hidden states and targets on every rank of its group; "
+                         "the targets differ between ranks")
+
+
+def _collective_device(group, fallback: torch.device) -> torch.device:
+    backend = dist.get_backend(group)
+    return torch.device("cpu") if backend == "gloo" else fallback
+
+
+def _all_gather(t: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+class VocabParallelLogProbs(torch.autograd.Function):
+    """Per-token log-probs of a vocab-parallel head: local partials, one all-gather, local dW, all-reduced dX."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, vocab_start, vocab_size, group, transform,
+                with_stats, grad_filter_eps):
+        hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+        flat_targets = targets.reshape(-1)
+        rows = (flat_targets != ignore_index).nonzero().squeeze(1)
+        local_targets = flat_targets[rows] - vocab_start
+        in_shard = (local_targets >= 0) & (local_targets < weight.shape[0])
+        # The chunked passes index W by target: point out-of-shard rows at a shard row, then undo its contribution.
+        clamped = local_targets.clamp(0, weight.shape[0] - 1)
+        x = chunked.Rows(hidden_2d, rows, clamped)
+        ctx.buffers = chunked.BlockBuffers(x, weight.shape[0]) if rows.numel() else None
+        if rows.numel() == 0:  # every position ignored, on every rank (the targets are the same)
+            merged = _no_partials(hidden, with_stats)
+        else:
+            local = chunked.forward_partials(x, weight, bias, chunked.Transform(**transform), with_stats, ctx.buffers)
+            merged = _merge_over_ranks(_own_target_only(local, in_shard, local_targets, weight.shape[0]), group)
+        lse = logsumexp(merged)
+        stats = token_stats(merged, lse, vocab_size)
+
+        ctx.save_for_backward(hidden_2d, weight, bias, rows, clamped, in_shard, lse)
+        ctx.hidden_shape, ctx.hidden_dtype, ctx.group = hidden.shape, hidden.dtype, group
+        ctx.transform, ctx.grad_filter_eps = transform, grad_filter_eps
+        stats = stats if with_stats else stats[:1]
+        outputs = [_scatter(stat, rows, flat_targets.numel()).view(targets.shape) for stat in stats]
+        if not with_stats:
+            return outputs[0]
+        ctx.mark_non_differentiable(*outputs[1:])
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, grad_logps, *_unused_stat_grads):
+        hidden_2d, weight, bias, rows, clamped, in_shard, lse = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        acc_dtype = lse.dtype
+
+        def zeros(shape, wanted):
+            return torch.zeros(shape, dtype=acc_dtype, device=weight.device) if wanted else None
+
+        # dX is summed over ranks: every rank computes it (zeros where it has no rows) to join the all-reduce.
+        dx, dw, db = zeros(hidden_2d.shape, need_dx), zeros(weight.shape, need_dw), zeros(weight.shape[:1], need_db)
+        if rows.numel():
+            grad_rows = grad_logps.reshape(-1).index_select(0, rows).to(acc_dtype).contiguous()
+            x = chunked.Rows(hidden_2d, rows, clamped)
+            transform = chunked.Transform(**ctx.transform)
+            chunked.backward(x, weight, bias, lse, grad_rows, transform, dx=dx, dw=dw, db=db,
+                             filter_eps=ctx.grad_filter_eps, buffers=ctx.buffers)
+            _remove_borrowed_onehot(x, weight, bias, grad_rows, ~in_shard, transform, dx, dw, db)
+            if dx is not None:
+                dist.all_reduce(dx, group=ctx.group)
+        return (
+            None if dx is None else dx.to(ctx.hidden_dtype).view(ctx.hidden_shape),
+            None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype),
+            *([None] * 8),
+        )
+
+
+def _own_target_only(local: VocabPartials, in_shard, local_targets, shard_rows: int) -> VocabPartials:
+    """The shard's partials with the borrowed (clamped) targets of out-of-shard rows taken back out."""
+    parts = local._replace(target_logit=torch.where(in_shard, local.target_logit, 0.0))
+    if parts.with_stats:
+        # Rows whose target lies beyond the shard have every shard column before their target.
+        beyond = local_targets >= shard_rows
+        parts = parts._replace(max_before_target=torch.where(beyond, local.max, local.max_before_target))
+    return parts
+
+
+def _merge_over_ranks(local: VocabPartials, group) -> VocabPartials:
+    fields = [f for f in local if f is not None]
+    stacked = torch.stack(fields)  # [fields, rows]
+    device = _collective_device(group, stacked.device)
+    gathered = _all_gather(stacked.to(device), group).to(stacked.device)  # [ranks, fields, rows]
+    return merge(VocabPartials(*gathered.unbind(1)))
+
+
+def _remove_borrowed_onehot(x: chunked.Rows, weight, bias, grad, borrowed, transform, dx, dw, db) -> None:
+    """Subtract g * d z_y'/d(x, W, b) of the rows that borrowed a shard row y' as their target."""
+    index = borrowed.nonzero().squeeze(1)
+    if index.numel() == 0:
+        return
+    hidden_rows = x.rows[index]
+    xs = x.hidden.index_select(0, hidden_rows).to(x.dtype)
+    ws = weight.index_select(0, x.targets[index]).to(x.dtype)
+    raw = (xs * ws).sum(1)
+    if bias is not None:
+        raw = raw + bias.index_select(0, x.targets[index]).to(x.dtype)
+    z = transform(raw)
+    d_raw = transform.scale_gradient_(grad[index].clone(), z)
+    if dx is not None:
+        dx.index_add_(0, hidden_rows, ws * d_raw[:, None], alpha=-1)
+    if dw is not None:
+        dw.index_add_(0, x.targets[index], xs * d_raw[:, None], alpha=-1)
+    if db is not None:
+        db.index_add_(0, x.targets[index], d_raw, alpha=-1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-3 heads
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def gathered(*params):
+    """Gather the ZeRO-3 partitioned parameters among `params` for the duration of the block (no-op otherwise).
+
+    Parameters already gathered (inside their module's forward, or by TRL around its fused head) are left alone:
+    partitioning them on exit would pull them from under their owner.
+    """
+    pending = {id(p): p for p in params if p is not None and _is_zero3(p) and not _is_available(p)}
+    if not pending:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(pending.values()))
+
+
+def _is_available(param) -> bool:
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return param.ds_status == ZeroParamStatus.AVAILABLE
+
+
+def _zero3(hidden, weight, targets, bias, ignore_index, *, temperature, softcap, logit_scale, with_stats, backend,
+           grad_filter_eps):
+    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    backend = resolve_backend(backend, device)
+    if backend == "reference":
+        raise ValueError("backend='reference' cannot keep a ZeRO-3 partitioned head for its backward; use 'torch' or "
+                         "'triton'")
+    transform = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
+    with gathered(weight, bias):
+        hidden, weight, bias = _autocast_inputs(device, hidden, weight, bias)
+        check_logprob_inputs(hidden, weight, targets, bias, ignore_index, backend, temperature=temperature,
+                             softcap=softcap, grad_filter_eps=grad_filter_eps)
+        with torch.autocast(device.type, enabled=False):
+            out = _Zero3LogProbs.apply(hidden, weight, bias, targets, ignore_index, logit_scale, softcap, temperature,
+                                       with_stats, backend, float(grad_filter_eps))
+    return TokenStats(*out) if with_stats else out
+
+
+class _Zero3LogProbs(LinearLogProbs):
+    """LinearLogProbs whose backward gathers the ZeRO-3 head again (the forward's gather is released on return).
+
+    The gather outlives the backward function: autograd accumulates the returned gradient into the parameter after
+    it returns, and ZeRO-3's gradient hook then reduces and partitions it, both on the full-size parameter. The
+    parameters are partitioned again once the whole backward pass is done. Inside the model's forward ZeRO-3
+    fetches the head itself for the backward, and nothing is gathered here.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, *args):
+        ctx.zero3_params = (weight, bias)
+        return LinearLogProbs.forward(ctx, hidden, weight, bias, *args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        gather = gathered(*ctx.zero3_params)
+        gather.__enter__()
+        try:
+            return LinearLogProbs.backward(ctx, *grads)
+        finally:
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: gather.__exit__(None, None, None))

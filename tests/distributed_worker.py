@@ -1,0 +1,515 @@
+"""One rank of the multi-process checks in test_distributed.py (run by torchrun, 2 ranks over gloo on CPU).
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py SUITE OUT_DIR
+
+Each check compares against the single-process float64 oracle (fastdpo.reference), computed on every rank from the
+same seeded inputs, and records its relative errors (or the error message it expected) in OUT_DIR/rank<r>.json;
+the tests assert on those. One launch runs a whole suite so the imports are paid once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import relative_error  # noqa: E402
+
+RESULTS: dict[str, dict] = {}
+
+
+def check(fn):
+    """Run one named check; record its return value, or the exception it raised."""
+    try:
+        RESULTS[fn.__name__] = fn() or {}
+    except Exception as exc:  # recorded, and shown by the test
+        RESULTS[fn.__name__] = {"exception": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    return fn
+
+
+def rank() -> int:
+    return dist.get_rank()
+
+
+def shard_rows(vocab: int):
+    """torch.chunk's split, as DTensor's Shard(0) uses: this rank's [start, end)."""
+    chunk = -(-vocab // dist.get_world_size())
+    start = min(rank() * chunk, vocab)
+    return start, min(start + chunk, vocab)
+
+
+def expect_value_error(fn, *needles):
+    try:
+        fn()
+    except ValueError as exc:
+        message = str(exc)
+        return {"raised": True, "matches": all(n in message for n in needles), "message": message}
+    return {"raised": False}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Heads: vocab-parallel, DTensor, DDP and FSDP2 patterns
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def head_inputs(dtype, *, vocab=301, hidden=31, shape=(3, 7), with_bias=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(*shape, hidden, generator=gen, dtype=torch.float64)
+    w = torch.randn(vocab, hidden, generator=gen, dtype=torch.float64) * 0.7
+    b = torch.randn(vocab, generator=gen, dtype=torch.float64) * 0.3 if with_bias else None
+    targets = torch.randint(0, vocab, shape, generator=gen)
+    targets[torch.rand(shape, generator=gen) < 0.3] = -100
+    targets[1] = -100  # a fully masked row
+    targets[0, 0], targets[0, 1] = 0, vocab - 1  # both ends of the vocabulary
+    targets[2, 2] = int((h[2, 2] @ w.T).argmax())  # at least one top-1 hit
+    # A tie for the top logit between the last row of the first shard and a later one: only the first of the tied
+    # columns counts as top-1
+    first = -(-vocab // 2) - 1
+    w[vocab - 2] = w[first]
+    h[2, 4], h[2, 5] = 3 * w[first], 3 * w[first]
+    targets[2, 4], targets[2, 5] = vocab - 2, first
+    grad_out = torch.randn(shape, generator=gen, dtype=torch.float64)
+    cast = (lambda t: None if t is None else t.to(dtype))
+    return cast(h), cast(w), cast(b), targets, grad_out
+
+
+def oracle(h, w, b, targets, grad_out, **transform):
+    leaves = [t.detach().double().requires_grad_() for t in (h, w) + ((b,) if b is not None else ())]
+    from fastdpo import reference
+
+    stats = reference.token_stats(leaves[0], leaves[1], targets, leaves[2] if b is not None else None, **transform)
+    (stats.logps * grad_out).sum().backward()
+    return stats, [t.grad for t in leaves]
+
+
+def compare_vocab_parallel(dtype, with_bias, with_stats, transform, use_dtensor=False):
+    import fastdpo
+
+    h, w, b, targets, grad_out = head_inputs(dtype, with_bias=with_bias)
+    expected, expected_grads = oracle(h, w, b, targets, grad_out, **transform)
+    start, end = shard_rows(w.shape[0])
+    hidden = h.clone().requires_grad_()
+    shard = w[start:end].clone().requires_grad_()
+    bias = b[start:end].clone().requires_grad_() if with_bias else None
+    if use_dtensor:
+        from torch.distributed.tensor import DTensor, Replicate, Shard, init_device_mesh
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        head = DTensor.from_local(shard, mesh, [Shard(0)], shape=w.shape, stride=w.stride())
+        head_bias = None if bias is None else DTensor.from_local(bias, mesh, [Shard(0)], shape=b.shape,
+                                                                 stride=b.stride())
+        hidden_in = DTensor.from_local(hidden, mesh, [Replicate()])
+    else:
+        head, head_bias, hidden_in = fastdpo.distributed.VocabShard(shard, start, w.shape[0]), bias, hidden
+    out = fastdpo.linear_logprobs(hidden_in, head, targets, head_bias, with_stats=with_stats, **transform)
+    logps = out.logps if with_stats else out
+    (logps * grad_out.to(logps.dtype)).sum().backward()
+    errors = {"logps": relative_error(logps, expected.logps), "d_hidden": relative_error(hidden.grad,
+                                                                                        expected_grads[0]),
+              "d_weight_shard": relative_error(shard.grad, expected_grads[1][start:end])}
+    if with_bias:
+        errors["d_bias_shard"] = relative_error(bias.grad, expected_grads[2][start:end])
+    if with_stats:
+        for name in ("entropy", "log_sum_sq_probs", "mean_logits"):
+            errors[name] = relative_error(getattr(out, name), getattr(expected, name))
+        errors["is_top1_mismatches"] = int((out.is_top1 != expected.is_top1).sum())
+        errors["is_top1_hits"] = int(expected.is_top1.sum())
+    return errors
+
+
+def heads_suite():
+    import fastdpo
+    from fastdpo.distributed import VocabShard
+
+    no_transform = dict()
+    curved = dict(softcap=4.0, temperature=0.7, logit_scale=1.3)
+
+    @check
+    def vocab_parallel_fp64_stats():
+        return compare_vocab_parallel(torch.float64, False, True, no_transform)
+
+    @check
+    def vocab_parallel_fp64_bias_softcap_stats():
+        return compare_vocab_parallel(torch.float64, True, True, curved)
+
+    @check
+    def vocab_parallel_fp32_linear():  # the fast path of fastdpo.chunked (shifted forward, factored backward)
+        return compare_vocab_parallel(torch.float32, False, False, no_transform)
+
+    @check
+    def vocab_parallel_fp32_bias_softcap():
+        return compare_vocab_parallel(torch.float32, True, False, curved)
+
+    @check
+    def dtensor_shard0_fp64_stats():
+        return compare_vocab_parallel(torch.float64, False, True, no_transform, use_dtensor=True)
+
+    @check
+    def dtensor_shard0_fp32_bias():
+        return compare_vocab_parallel(torch.float32, True, False, curved, use_dtensor=True)
+
+    @check
+    def dpo_loss_vocab_parallel():
+        h, w, _, _, _ = head_inputs(torch.float64, shape=(4, 9))
+        gen = torch.Generator().manual_seed(5)
+        labels = torch.randint(0, w.shape[0], (4, 9), generator=gen)
+        labels[:, :3] = -100
+        ref_h = h + 0.1 * torch.randn(h.shape, generator=gen, dtype=h.dtype)
+        leaf_h, leaf_w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        expected = fastdpo.reference.dpo_loss(leaf_h, leaf_w, labels, ref_hidden_states=ref_h, beta=0.2)
+        expected.loss.backward()
+        start, end = shard_rows(w.shape[0])
+        hidden, shard = h.clone().requires_grad_(), w[start:end].clone().requires_grad_()
+        out = fastdpo.FastDPOLoss(beta=0.2, backend="torch")(hidden, VocabShard(shard, start, w.shape[0]), labels,
+                                                               ref_hidden_states=ref_h)
+        out.loss.backward()
+        return {"loss": relative_error(out.loss, expected.loss), "d_hidden": relative_error(hidden.grad, leaf_h.grad),
+                "d_weight_shard": relative_error(shard.grad, leaf_w.grad[start:end]),
+                "rewards": relative_error(out.chosen_rewards, expected.chosen_rewards)}
+
+    @check
+    def labels_checked_against_global_vocab():
+        h, w, _, targets, _ = head_inputs(torch.float32)
+        start, end = shard_rows(w.shape[0])
+        bad = targets.clone()
+        bad[0, 3] = w.shape[0]
+        head = VocabShard(w[start:end], start, w.shape[0])
+        ok = fastdpo.linear_logprobs(h, head, targets)  # in-range labels of the other shard are fine
+        result = expect_value_error(lambda: fastdpo.linear_logprobs(h, head, bad), "targets", str(w.shape[0]))
+        return {**result, "finite": bool(torch.isfinite(ok).all())}
+
+    @check
+    def shards_that_do_not_tile_the_vocab():
+        h, w, _, targets, _ = head_inputs(torch.float32)
+        start, end = shard_rows(w.shape[0])
+        head = VocabShard(w[start:end - 1], start, w.shape[0])  # a gap after every shard
+        return expect_value_error(lambda: fastdpo.linear_logprobs(h, head, targets), "tile")
+
+    @check
+    def different_targets_on_ranks():
+        h, w, _, targets, _ = head_inputs(torch.float32)
+        start, end = shard_rows(w.shape[0])
+        mine = targets.clone()
+        mine[0, 0] = rank()
+        head = VocabShard(w[start:end], start, w.shape[0])
+        return expect_value_error(lambda: fastdpo.linear_logprobs(h, head, mine), "same hidden states and targets")
+
+    @check
+    def triton_backend_refused():
+        h, w, _, targets, _ = head_inputs(torch.float32)
+        start, end = shard_rows(w.shape[0])
+        head = VocabShard(w[start:end], start, w.shape[0])
+        return expect_value_error(lambda: fastdpo.linear_logprobs(h, head, targets, backend="triton"),
+                                  "backend='torch'")
+
+    @check
+    def fsdp2_style_dtensor_with_plain_hidden_refused():
+        from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+        h, w, _, targets, _ = head_inputs(torch.float32)
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        weight = distribute_tensor(w, mesh, [Shard(0)])
+        labels = torch.where(targets[:2] == -100, 0, targets[:2])
+        return {
+            "logprobs": expect_value_error(lambda: fastdpo.linear_logprobs(h, weight, targets), "FSDP2",
+                                           "register_fsdp_forward_method"),
+            "loss": expect_value_error(lambda: fastdpo.FastDPOLoss(reference_free=True)(h[:2], weight, labels),
+                                       "FSDP2"),
+        }
+
+    @check
+    def dtensor_replicated_head():
+        from torch.distributed.tensor import DTensor, Replicate, init_device_mesh
+
+        h, w, _, targets, grad_out = head_inputs(torch.float64)
+        expected, expected_grads = oracle(h, w, None, targets, grad_out)
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        hidden, weight = h.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fastdpo.linear_logprobs(DTensor.from_local(hidden, mesh, [Replicate()]),
+                                      DTensor.from_local(weight, mesh, [Replicate()]), targets)
+        (out * grad_out).sum().backward()
+        return {"logps": relative_error(out, expected.logps),
+                "d_hidden": relative_error(hidden.grad, expected_grads[0]),
+                "d_weight": relative_error(weight.grad, expected_grads[1])}
+
+    @check
+    def ddp_loss_inside_forward():
+        return ddp_pattern()
+
+    @check
+    def fsdp2_loss_inside_registered_method():
+        return fsdp2_pattern()
+
+
+class TinyLM(torch.nn.Module):
+    """A toy causal LM whose forward returns FastDPOLoss's output: the pattern DDP and FSDP2 need."""
+
+    def __init__(self, vocab=301, hidden=31, seed=0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(vocab, hidden, generator=gen, dtype=torch.float64))
+            self.lm_head.weight.copy_(torch.randn(vocab, hidden, generator=gen, dtype=torch.float64) * 0.5)
+        import fastdpo
+
+        self.loss = fastdpo.FastDPOLoss(beta=0.1, backend="torch")
+
+    def forward(self, input_ids, labels=None, ref_chosen_logps=None, ref_rejected_logps=None):
+        hidden = torch.tanh(self.embed(input_ids))
+        if labels is None:
+            return hidden
+        return self.loss(hidden, self.lm_head.weight, labels, ref_chosen_logps=ref_chosen_logps,
+                         ref_rejected_logps=ref_rejected_logps).loss
+
+    def dpo_loss(self, *args):  # the same, under another name, for register_fsdp_forward_method
+        return self.forward(*args)
+
+
+def pattern_batches(world):
+    """Per-rank batches (2 pairs each) and the whole batch, fixed by seed."""
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, 301, (world, 4, 8), generator=gen)
+    labels = ids.clone()
+    labels[..., :3] = -100
+    ref = torch.randn(world, 2, 2, generator=gen, dtype=torch.float64) * 3 - 20
+    return ids, labels, ref
+
+
+def single_process_grads(dtype):
+    """The oracle for a data-parallel step: the mean over ranks of each rank's loss, one process, float64."""
+    world = dist.get_world_size()
+    ids, labels, ref = pattern_batches(world)
+    model = TinyLM().double()
+    from fastdpo import reference
+
+    total = 0
+    for r in range(world):
+        hidden = torch.tanh(model.embed(ids[r]))
+        total = total + reference.dpo_loss(hidden, model.lm_head.weight, labels[r], ref_chosen_logps=ref[r, 0],
+                                           ref_rejected_logps=ref[r, 1]).loss / world
+    total.backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def ddp_pattern():
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids, labels, ref = pattern_batches(dist.get_world_size())
+    model = DDP(TinyLM().double())
+    r = rank()
+    model(ids[r], labels[r], ref[r, 0], ref[r, 1]).backward()  # through the DDP wrapper: gradients all-reduced
+    expected = single_process_grads(torch.float64)
+    return {name: relative_error(p.grad, expected[name]) for name, p in model.module.named_parameters()}
+
+
+def fsdp2_pattern():
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    ids, labels, ref = pattern_batches(dist.get_world_size())
+    model = TinyLM().double()
+    fully_shard(model.embed)  # a unit of its own, like a transformer block
+    fully_shard(model)  # the root unit owns lm_head: its weight is gathered while the root runs
+    register_fsdp_forward_method(model, "dpo_loss")
+    r = rank()
+    model.dpo_loss(ids[r], labels[r], ref[r, 0], ref[r, 1]).backward()
+    expected = single_process_grads(torch.float64)
+    return {name: relative_error(p.grad.full_tensor(), expected[name]) for name, p in model.named_parameters()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-3 (DS_ACCELERATOR=cpu)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def zero3_config(**extra):
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            "optimizer": {"type": "SGD", "params": {"lr": 0.0}}, "zero_allow_untested_optimizer": True, **extra}
+
+
+def zero3_suite():
+    import importlib
+
+    import deepspeed
+
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build, minutes on a fresh machine);
+    # gloo's collectives do the same job here. (`deepspeed.comm.torch` as an attribute is torch itself.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+    @check
+    def zero3_loss_inside_forward():
+        ids, labels, ref = pattern_batches(dist.get_world_size())
+        model = TinyLM().double()
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=zero3_config())
+        r = rank()
+        loss = engine(ids[r], labels[r], ref[r, 0], ref[r, 1])
+        engine.backward(loss)
+        expected = single_process_grads(torch.float64)
+        from deepspeed.utils import safe_get_full_grad
+
+        partitioned = int(engine.module.lm_head.weight.numel() == 0)
+        return {"partitioned_head": partitioned, **{name: relative_error(safe_get_full_grad(p), expected[name])
+                                                    for name, p in engine.module.named_parameters()}}
+
+    @check
+    def zero3_shared_reference_head():
+        """The reference log-probs through the same partitioned head (ref_hidden_states, no ref_lm_head_weight)."""
+        import fastdpo
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        ids, labels, _ = pattern_batches(dist.get_world_size())
+        model = TinyLM().double()
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=zero3_config())
+        r = rank()
+        hidden = engine(ids[r])
+        ref_hidden = hidden.detach().flip(-1)
+        full_head = safe_get_full_fp32_param(engine.module.lm_head.weight).double()
+        loss = fastdpo.FastDPOLoss(beta=0.1, backend="torch")(hidden, engine.module.lm_head.weight, labels[r],
+                                                              ref_hidden_states=ref_hidden).loss
+        engine.backward(loss)
+        expected = fastdpo.reference.dpo_loss(hidden.detach().double(), full_head, labels[r],
+                                              ref_hidden_states=ref_hidden.double())
+        return {"loss": relative_error(loss, expected.loss)}
+
+    @check
+    def zero3_loss_outside_forward():
+        """FastDPOLoss called directly on the partitioned lm_head.weight, on the hidden states the engine returns."""
+        import fastdpo
+
+        ids, labels, ref = pattern_batches(dist.get_world_size())
+        model = TinyLM().double()
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=zero3_config())
+        r = rank()
+        hidden = engine(ids[r])
+        head = engine.module.lm_head.weight
+        partitioned = int(head.numel() == 0)
+        loss = fastdpo.FastDPOLoss(beta=0.1, backend="torch")(hidden, head, labels[r], ref_chosen_logps=ref[r, 0],
+                                                              ref_rejected_logps=ref[r, 1]).loss
+        engine.backward(loss)
+        expected = single_process_grads(torch.float64)
+        from deepspeed.utils import safe_get_full_grad
+
+        errors = {name: relative_error(safe_get_full_grad(p), expected[name])
+                  for name, p in engine.module.named_parameters()}
+        repartitioned = int(head.numel() == 0)
+        engine.step()
+        return {"partitioned_head": partitioned, "partitioned_after_backward": repartitioned, **errors}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# TRL's DPOTrainer under DDP and ZeRO-3, stock and patched
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def train_trl(patched: bool, **overrides):
+    """Train the tiny DPO setup of test_trl_patch.py; per-step logs, a checksum of the weights, and head calls."""
+    from tiny_models import cpu_dpo_config, perturbed_copy, tiny_llama, tiny_preference_dataset, tiny_tokenizer
+    from trl import DPOTrainer
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    import fastdpo
+
+    calls = {"stock": 0, "fastdpo": 0}
+    stock_forward, real_logprobs = ChunkedLogProbFunction.forward, fastdpo.linear_logprobs
+
+    def spy_stock(ctx, *args, **kwargs):
+        calls["stock"] += 1
+        return stock_forward(ctx, *args, **kwargs)
+
+    def spy_fastdpo(*args, **kwargs):
+        calls["fastdpo"] += 1
+        return real_logprobs(*args, **kwargs)
+
+    ChunkedLogProbFunction.forward, fastdpo.linear_logprobs = staticmethod(spy_stock), spy_fastdpo
+    policy = tiny_llama(0)
+    ref_model = perturbed_copy(policy, scale=0.05, seed=1)
+    config = dict(per_device_train_batch_size=2, max_steps=3, learning_rate=2e-2, logging_steps=1, data_seed=0,
+                  dataloader_num_workers=0)
+    config.update(overrides)
+    try:
+        with fastdpo.patch_trl() if patched else contextlib.nullcontext():
+            trainer = DPOTrainer(model=policy, ref_model=ref_model, args=cpu_dpo_config("fastdpo_ddp_", **config),
+                                 train_dataset=tiny_preference_dataset(8, seed=0),
+                                 processing_class=tiny_tokenizer())
+            trainer.train()
+    finally:
+        ChunkedLogProbFunction.forward, fastdpo.linear_logprobs = stock_forward, real_logprobs
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    model = trainer.model_wrapped if hasattr(trainer, "model_wrapped") else trainer.model
+    weights = [full_weight(p).double().sum().item() for p in trainer.model.parameters()]
+    return {"logs": logs, "weights": weights, "calls": calls, "wrapper": type(model).__name__}
+
+
+def full_weight(param):
+    if hasattr(param, "ds_id"):  # ZeRO-3 partitioned
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(param)
+    return param.detach()
+
+
+TRL_DDP_SCENARIOS = {
+    # transformers asks DDP for find_unused_parameters exactly when gradient checkpointing is off
+    "gc_off": dict(),
+    "gc_on": dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}),
+    "gc_on_find_unused": dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+                              ddp_find_unused_parameters=True),
+    "gc_off_no_find_unused": dict(ddp_find_unused_parameters=False),
+}
+
+
+def trl_ddp_suite():
+    for name, overrides in TRL_DDP_SCENARIOS.items():
+        def scenario(overrides=overrides):
+            return {"stock": train_trl(False, **overrides), "patched": train_trl(True, **overrides)}
+
+        scenario.__name__ = name
+        check(scenario)
+
+
+def trl_zero3_suite():
+    import importlib
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # see zero3_suite
+
+    def zero3():
+        config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+        return {"stock": train_trl(False, deepspeed=config), "patched": train_trl(True, deepspeed=config)}
+
+    check(zero3)
+
+
+SUITES = {"heads": heads_suite, "zero3": zero3_suite, "trl_ddp": trl_ddp_suite, "trl_zero3": trl_zero3_suite}
+
+
+def main():
+    suite, out_dir = sys.argv[1], Path(sys.argv[2])
+    warnings.simplefilter("ignore")
+    from tiny_models import offline_env
+
+    offline_env()
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    try:
+        SUITES[suite]()
+    finally:
+        (out_dir / f"rank{rank()}.json").write_text(json.dumps(RESULTS, indent=1))
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,248 @@
+"""Heads split across processes, with 2 gloo ranks on CPU, against the single-process float64 oracle.
+
+Each suite is one torchrun launch of tests/distributed_worker.py (imports paid once); every check in it compares
+loss / log-probs and the gradients of the head and the hidden states with fastdpo.reference on the same inputs, on
+each rank, or records the ValueError it expects. Vocabulary 301 over 2 ranks: shards of 151 and 150 rows, labels in
+both, at both ends of the vocabulary, masked positions and a fully masked row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+WORLD = 2
+FP64, FP32 = 1e-12, 1e-5
+
+
+def gloo_available() -> bool:
+    return dist.is_available() and dist.is_gloo_available()
+
+
+# A port torchrun picked can be taken by another process before the ranks bind it (many test runs on one machine).
+PORT_TAKEN = ("EADDRINUSE", "address already in use", "Address already in use")
+
+
+def torchrun(args, timeout=240, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=WORLD *args` in a subprocess; one retry if its port was taken."""
+    if not gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", *map(str, args)]
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    for attempt in range(2):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env, cwd=cwd)
+        if proc.returncode == 0 or not any(text in proc.stderr for text in PORT_TAKEN):
+            break
+    return proc
+
+
+def run_suite(suite: str, tmp_path_factory, timeout=240, env=None) -> list[dict]:
+    """Run one worker suite on WORLD gloo ranks; the per-rank results."""
+    out = tmp_path_factory.mktemp(suite)
+    proc = torchrun([WORKER, suite, out], timeout=timeout, env=env)
+    results = [out / f"rank{r}.json" for r in range(WORLD)]
+    if not all(path.exists() for path in results):
+        pytest.fail(f"{suite} ranks did not finish (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return [json.loads(path.read_text()) for path in results]
+
+
+def result(ranks: list[dict], name: str) -> list[dict]:
+    per_rank = [r[name] for r in ranks]
+    for r, entry in enumerate(per_rank):
+        assert "exception" not in entry, f"rank {r}: {entry['exception']}\n{entry.get('traceback', '')}"
+    return per_rank
+
+
+def assert_errors_below(ranks, name, tol):
+    for r, errors in enumerate(result(ranks, name)):
+        for key, err in errors.items():
+            if key.startswith("is_top1"):
+                continue
+            assert err <= tol, f"rank {r} {name}: {key} relative error {err:.2e} > {tol:.0e}"
+        if "is_top1_mismatches" in errors:
+            assert errors["is_top1_mismatches"] == 0 and errors["is_top1_hits"] > 0, errors
+
+
+def assert_refused(entry, r, name):
+    assert entry["raised"], f"rank {r} {name}: no ValueError"
+    assert entry["matches"], f"rank {r} {name}: unexpected message {entry['message']!r}"
+
+
+def test_vocab_shard_needs_an_initialized_process_group():
+    import fastdpo
+    from fastdpo.distributed import VocabShard
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    hidden, weight = torch.randn(3, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match="init_process_group"):
+        fastdpo.linear_logprobs(hidden, VocabShard(weight, 0, 20), torch.tensor([1, 15, -100]))
+    with pytest.raises(ValueError, match=r"must lie in \[0, vocab_size=20\)"):
+        fastdpo.linear_logprobs(hidden, VocabShard(weight, 15, 20), torch.tensor([1, 15, -100]))
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    return run_suite("heads", tmp_path_factory)
+
+
+@pytest.mark.parametrize("name,tol", [
+    ("vocab_parallel_fp64_stats", FP64),
+    ("vocab_parallel_fp64_bias_softcap_stats", FP64),
+    ("vocab_parallel_fp32_linear", FP32),
+    ("vocab_parallel_fp32_bias_softcap", FP32),
+    ("dtensor_shard0_fp64_stats", FP64),
+    ("dtensor_shard0_fp32_bias", FP32),
+    ("dtensor_replicated_head", FP64),
+    ("dpo_loss_vocab_parallel", FP64),
+    ("ddp_loss_inside_forward", FP64),
+    ("fsdp2_loss_inside_registered_method", FP64),
+])
+def test_matches_single_process_oracle(heads, name, tol):
+    """Log-probs / loss, statistics and the gradients of hidden states, head shard (and bias) on every rank."""
+    assert_errors_below(heads, name, tol)
+
+
+@pytest.mark.parametrize("name", [
+    "labels_checked_against_global_vocab",
+    "shards_that_do_not_tile_the_vocab",
+    "different_targets_on_ranks",
+    "triton_backend_refused",
+])
+def test_bad_vocab_parallel_input_is_refused_on_every_rank(heads, name):
+    for r, entry in enumerate(result(heads, name)):
+        assert_refused(entry, r, name)
+    if name == "labels_checked_against_global_vocab":
+        assert all(entry["finite"] for entry in result(heads, name))
+
+
+def test_fsdp2_sharded_weight_outside_its_unit_is_refused_with_the_way_to_call_it(heads):
+    name = "fsdp2_style_dtensor_with_plain_hidden_refused"
+    for r, entry in enumerate(result(heads, name)):
+        assert_refused(entry["logprobs"], r, name)
+        assert_refused(entry["loss"], r, name)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-3
+# --------------------------------------------------------------------------------------------------------------------
+
+ZERO3_TOL = 1e-6  # DeepSpeed reduces the gradients in float32
+
+
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory):
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install 'fastdpo[dev]')")
+    return run_suite("zero3", tmp_path_factory, env={"DS_ACCELERATOR": "cpu"})
+
+
+@pytest.mark.parametrize("name", ["zero3_loss_inside_forward", "zero3_loss_outside_forward",
+                                  "zero3_shared_reference_head"])
+def test_zero3_partitioned_head(zero3, name):
+    """FastDPOLoss on ZeRO-3's partitioned lm_head.weight: the reduced gradients equal the float64 oracle's."""
+    for r, entry in enumerate(result(zero3, name)):
+        assert entry.pop("partitioned_head", 1) == 1, "the head was not partitioned: the check proves nothing"
+        assert entry.pop("partitioned_after_backward", 1) == 1, "the head stayed gathered after the backward"
+    assert_errors_below(zero3, name, ZERO3_TOL)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# TRL's DPOTrainer with fastdpo.patch_trl() under DDP and ZeRO-3
+# --------------------------------------------------------------------------------------------------------------------
+
+TRL_RTOL, TRL_ATOL = 1e-4, 5e-5  # as in test_trl_patch.py: float32 rounding compounded over a few optimizer steps
+
+
+def trl_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
+
+
+@pytest.fixture(scope="module")
+def trl_ddp(tmp_path_factory):
+    if not trl_available():
+        pytest.skip("trl is not installed")
+    return run_suite("trl_ddp", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def trl_zero3(tmp_path_factory):
+    import importlib.util
+
+    if not trl_available() or importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("trl and deepspeed are needed")
+    return run_suite("trl_zero3", tmp_path_factory, env={"DS_ACCELERATOR": "cpu"})
+
+
+def assert_trains_like_stock(ranks, name, wrapper):
+    import math
+
+    runs = result(ranks, name)
+    for r, run in enumerate(runs):
+        stock, patched = run["stock"], run["patched"]
+        assert stock["wrapper"] == patched["wrapper"] == wrapper
+        assert stock["calls"]["stock"] > 0 and stock["calls"]["fastdpo"] == 0
+        assert patched["calls"]["stock"] == 0 and patched["calls"]["fastdpo"] > 0, "fastdpo's head did not run"
+        assert len(stock["logs"]) == len(patched["logs"]) == 3
+        assert len({entry["loss"] for entry in stock["logs"]}) > 1  # a moving policy, not the step-1 constant
+        for step, (a, b) in enumerate(zip(stock["logs"], patched["logs"]), start=1):
+            assert a.keys() == b.keys(), f"rank {r} step {step}: logged keys differ"
+            for key in ("loss", "grad_norm", "entropy", "mean_token_accuracy", "logits/chosen", "rewards/margins"):
+                assert key in a, key
+            for key in a:
+                assert math.isclose(a[key], b[key], rel_tol=TRL_RTOL, abs_tol=TRL_ATOL), \
+                    f"rank {r} step {step} {key}: stock {a[key]} vs patched {b[key]}"
+        for x, y in zip(stock["weights"], patched["weights"]):
+            assert math.isclose(x, y, rel_tol=TRL_RTOL, abs_tol=TRL_ATOL)
+    # The gradients were reduced across ranks: both ranks end with the same weights
+    assert runs[0]["patched"]["weights"] == runs[1]["patched"]["weights"]
+
+
+@pytest.mark.parametrize("name", ["gc_off", "gc_on", "gc_on_find_unused", "gc_off_no_find_unused"])
+def test_patched_trl_under_ddp(trl_ddp, name):
+    """2-rank DDP, with and without gradient checkpointing and find_unused_parameters: like stock, all metrics."""
+    assert_trains_like_stock(trl_ddp, name, "DistributedDataParallel")
+
+
+def test_patched_trl_under_zero3(trl_zero3):
+    """ZeRO-3 (2 CPU ranks): the patched head runs on the partitioned lm_head and trains like stock TRL."""
+    assert_trains_like_stock(trl_zero3, "zero3", "DeepSpeedEngine")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The README's scaling-out examples run as they stand
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def readme_examples() -> dict[str, str]:
+    """The README's python blocks that start with a `# torchrun ...` line, by script name."""
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(# torchrun --nproc_per_node 2 (\S+)\n.*?)```", readme, flags=re.S)
+    return {name: code for code, name in blocks}
+
+
+def test_readme_has_the_scaling_out_examples():
+    assert set(readme_examples()) == {"data_parallel.py", "vocab_parallel.py"}
+
+
+@pytest.mark.parametrize("name", ["data_parallel.py", "vocab_parallel.py"])
+def test_readme_example_runs_on_two_ranks(name, tmp_path):
+    script = tmp_path / name
+    script.write_text(readme_examples()[name])
+    proc = torchrun([script], cwd=tmp_path)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
