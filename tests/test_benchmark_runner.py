@@ -25,11 +25,40 @@ TINY_CAP = Case("tiny-cap", "tiny", 4, 48, 32, 500, "float32", softcap=30.0)
 
 
 def test_defaults_without_cuda():
-    args = run.parse_args(["--quick"], cuda_available=False)
+    # No flag on a CPU machine: the small set, into a new git-ignored run folder, never a committed one
+    args = run.parse_args([], cuda_available=False)
     assert args.device == "cpu" and args.quick
-    assert args.out == REPO / "benchmarks" / "results" / "cpu"
+    assert args.out.parent == REPO / "benchmarks" / "results" / "runs" and args.out.name.endswith("-cpu")
+    assert not args.out.exists()
     assert args.impls == list(impls.IMPLS)
     assert args.timeout == 600.0
+    assert "benchmarks/results/runs/" in (REPO / ".gitignore").read_text().split()
+
+
+def test_full_cpu_set_and_gpu_default():
+    full = run.parse_args(["--full"], cuda_available=False)
+    assert not full.quick and full.timeout == 3600.0 and full.out.name.endswith("-cpu-full")
+    assert len(run.select_cases("cpu", full.quick, None)) > len(run.select_cases("cpu", True, None))
+    gpu = run.parse_args(["--out", "x"], cuda_available=True)
+    assert gpu.device == "cuda" and not gpu.quick  # on a GPU the default is the GPU set
+    assert run.parse_args(["--quick"], cuda_available=True).quick
+    with pytest.raises(SystemExit):
+        run.parse_args(["--quick", "--full"], cuda_available=False)
+
+
+def test_explicit_out_is_used(tmp_path):
+    assert run.parse_args(["--out", str(tmp_path / "cpu")], cuda_available=False).out == tmp_path / "cpu"
+
+
+def test_new_run_dir_never_reuses_a_folder(tmp_path, monkeypatch):
+    from datetime import datetime
+
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    now = datetime(2026, 1, 2, 3, 4, 5)
+    first = run.new_run_dir("cpu", now)
+    assert first == tmp_path / "runs" / "20260102-030405-cpu"
+    first.mkdir(parents=True)
+    assert run.new_run_dir("cpu", now) == tmp_path / "runs" / "20260102-030405-cpu-2"
 
 
 def test_cuda_requested_without_cuda_is_an_error(capsys):
@@ -163,6 +192,7 @@ def test_naive_row_is_ok_and_accurate(tiny_case):
     assert row["status"] == "ok", row
     assert row["rel_err"] < 1e-5 and row["ms"] > 0 and row["peak_mem_bytes"] >= 0
     assert set(report.ROW_KEYS) <= set(row)
+    assert row["runs"] >= 3 and row["ms_min"] <= row["ms"] <= row["ms_max"]  # a spread, not a single run
 
 
 def test_wrong_implementation_shows_in_rel_err(tiny_case):
@@ -196,6 +226,7 @@ def test_missing_peer_becomes_skipped_row(tiny_case, monkeypatch):
     for name in ("liger", "cce"):
         row = worker.bench_impl(name, impls.IMPLS[name], saved, TINY, ref, "cpu")
         assert row["status"].startswith("skipped: ") and "not importable" in row["status"], row
+        assert 'pip install -e ".[bench]"' in row["status"]
 
 
 def test_peers_without_softcap_are_skipped(tiny_case):
@@ -278,6 +309,8 @@ def test_main_end_to_end_with_fake_workers(tmp_path, monkeypatch, capsys):
                 row = worker.base_row(name, inputs.all_cases()[case])
                 row["status"] = "skipped: liger-kernel not importable"
             else:
+                on_line(worker.TAG_STEP + json.dumps({"impl": name, "done": 0, "planned": None, "what": "warm-up"}))
+                on_line(worker.TAG_STEP + json.dumps({"impl": name, "done": 1, "planned": 3, "what": "run 1/3"}))
                 row = _row(name, inputs.all_cases()[case])
             on_line(worker.TAG_ROW + json.dumps(row))
         return 0, ""
@@ -295,7 +328,28 @@ def test_main_end_to_end_with_fake_workers(tmp_path, monkeypatch, capsys):
     md = (tmp_path / "results.md").read_text()
     assert "skipped: liger-kernel not importable" in md and "| cpu-2k-h256-v64k | naive |" in md
     out = capsys.readouterr().out
-    assert "[  1/4]" in out and "mean entropy 2.50" in out
+    assert "mean entropy 2.50" in out
+    lines = out.splitlines()
+    assert any(x.split()[:2] == ["cpu-2k-h256-v32k", "liger"] and "skipped: liger-kernel" in x for x in lines)
+    assert any(x.split()[:2] == ["cpu-2k-h256-v64k", "naive"] and " ms " in x for x in lines)
+
+
+def test_progress_moves_with_steps_and_beats_without_a_terminal(capsys):
+    progress = run.Progress(1, ["a", "b"], interactive=False, heartbeat_s=0.05)
+    progress.start_case(TINY)
+    progress("start", TINY, "a", None)
+    progress("step", TINY, "a", {"impl": "a", "done": 1, "planned": 2, "what": "run 1/2: 10 ms"})
+    assert progress.bar.n == pytest.approx(0.5)  # warm-up and one of two runs done, the memory step to come
+    assert progress.eta_s() is not None
+    import time
+
+    time.sleep(0.3)
+    progress("row", TINY, "a", _row("a"))
+    assert progress.bar.n == 1
+    progress.end_case()
+    out = capsys.readouterr().out
+    assert "... a: run 1/2: 10 ms (case 00:00 elapsed, ETA 00:0" in out  # the heartbeat
+    assert [x.split()[:2] for x in out.splitlines() if not x.startswith("  ...")] == [["tiny", "a"]]
 
 
 def test_failed_input_preparation_gives_error_rows(tmp_path, monkeypatch):
