@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -146,6 +147,10 @@ def launch_worker(argv: list[str], on_line, timeout: float, log_path: Path) -> t
                 else:
                     log.write(line)
             rc = proc.wait()
+        except BaseException:  # Ctrl-C or SIGTERM of the runner: no orphaned worker keeps a core busy
+            proc.kill()
+            proc.wait()
+            raise
         finally:
             timer.cancel()
     tail = [x for x in log_path.read_text(errors="replace").splitlines() if x.strip()][-3:]
@@ -248,10 +253,11 @@ class Progress:
         from tqdm import tqdm
 
         self.case_index += 1
-        self.finished, self.current, self.what = 0, None, ""
+        self.finished, self.current, self.what = 0, "inputs", "building the inputs and the float64 reference"
+        self.impls_t0 = None
         self.bar = tqdm(total=len(self.impls), desc=f"case {self.case_index}/{self.n_cases} {case.name}",
                         unit="impl", disable=not self.interactive, leave=False, dynamic_ncols=True,
-                        bar_format="{desc} {bar} {n:.1f}/{total:.0f} impls [{elapsed}<{remaining}{postfix}]")
+                        bar_format="{desc} {bar} {n:.1f}/{total:.0f} impls [{elapsed}{postfix}]")
         self.case_t0 = time.perf_counter()
         self._stop.clear()
         self._thread = threading.Thread(target=self._heartbeat, daemon=True)
@@ -270,6 +276,7 @@ class Progress:
     def __call__(self, event, case, impl, payload):
         if event == "start":
             self.current, self.what = impl, "building"
+            self.impls_t0 = self.impls_t0 or time.perf_counter()
             self._move(0.0)
         elif event == "step":
             planned = payload.get("planned") or 3  # unknown until the first timed run: a guess for the bar
@@ -285,7 +292,9 @@ class Progress:
         head = f"{row['case']:<22} {row['impl']:<10}"
         if row["status"] != "ok":
             return f"{head} {row['status']}"
-        spread = f" ({row['ms_min']:,.0f}-{row['ms_max']:,.0f}, {row['runs']} runs)" if row.get("ms_min") else ""
+        runs = row.get("runs") or 0
+        spread = (f" (min-max {row['ms_min']:,.0f}-{row['ms_max']:,.0f}, {runs} runs)" if runs > 1 else
+                  " (1 run)" if runs == 1 else "")
         return (f"{head} {row['ms']:10,.1f} ms{spread}  {row['peak_mem_bytes'] / MiB:9.1f} MiB  "
                 f"err {row['rel_err']:.1e}  [{self._clock(time.perf_counter() - self.t0)}]")
 
@@ -304,12 +313,19 @@ class Progress:
         if self.bar is None:
             return
         self.bar.n = self.finished + min(fraction, 0.99)
-        self.bar.set_postfix_str(f"{self.current}: {self.what}" if self.current else "", refresh=True)
+        self._render()
+
+    def _render(self) -> None:
+        eta = self.eta_s()
+        doing = f", {self.current}: {self.what}" if self.current else ""
+        self.bar.set_postfix_str(f"ETA {'?' if eta is None else self._clock(eta)}{doing}", refresh=True)
 
     def eta_s(self) -> float | None:
-        done = self.finished + (self.bar.n - self.finished if self.bar is not None else 0.0)
-        elapsed = time.perf_counter() - self.case_t0
-        return None if done <= 0 else elapsed * (len(self.impls) - done) / done
+        """Seconds left in this case at the pace of its implementations so far (input preparation excluded)."""
+        done = self.bar.n if self.bar is not None else 0.0
+        if done <= 0 or self.impls_t0 is None:
+            return None
+        return (time.perf_counter() - self.impls_t0) * (len(self.impls) - done) / done
 
     @staticmethod
     def _clock(seconds: float) -> str:
@@ -320,7 +336,7 @@ class Progress:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             if self.interactive:
-                self.bar.refresh()
+                self._render()
             elif self.current is not None:
                 eta = self.eta_s()
                 self.write(f"  ... {self.current}: {self.what} (case {self._clock(time.perf_counter() - self.case_t0)}"
@@ -363,8 +379,14 @@ def foreign_files(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.is_file() and p.name not in WRITTEN) if out.is_dir() else []
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the worker is killed, the temporary inputs removed
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     cases = select_cases(args.device, args.quick, args.cases)
     if not cases:
         print("no case matches --cases", file=sys.stderr)
