@@ -61,9 +61,9 @@ def _fmt(x, spec: str, none: str = "-") -> str:
 
 def _spread(r) -> str:
     """'min-max (n runs)' of a row's timed runs; '-' where they were not recorded (results before issue 12)."""
-    if r.get("ms_min") is None:
-        return "-"
     runs = r.get("runs")
+    if r.get("ms_min") is None:
+        return f"- ({runs})" if runs else "-"
     return f"{r['ms_min']:.1f}-{r['ms_max']:.1f}" + (f" ({runs})" if runs else "")
 
 
@@ -116,6 +116,8 @@ def markdown(results: dict) -> str:
             parts.append("| " + " | ".join(cells) + " |")
         parts.append("")
     parts += [table(results), ""]
+    if any(r["status"] == "ok" and r.get("ms_min") is None for r in results["rows"]):
+        parts += ["min-max `-`: this run predates recording the spread (its runs per row in parentheses).", ""]
     if notes(results):
         parts += ["What each implementation ran:", "", *notes(results), ""]
     parts += ["Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]

@@ -454,3 +454,31 @@ print(len(times), peak)
     runs, peak = map(int, out.split())
     assert runs == 3
     assert 32 << 20 <= peak < 33 << 20, f"{peak / 2**20:.2f} MiB for a 32 MiB gradient"
+
+
+def test_spread_in_table_and_validation():
+    results = _results()
+    results["rows"][0].update(ms=2.0, ms_min=1.5, ms_max=3.0, runs=4)
+    assert "| 2.0 | 1.5-3.0 (4) |" in report.table(results)
+    report.validate(results)
+    results["rows"][0]["ms_min"] = 2.5  # min above the median
+    with pytest.raises(ValueError):
+        report.validate(results)
+
+
+def test_planned_runs():
+    assert measure.planned_runs(1.0, 8.0, 3, 5) == 5
+    assert measure.planned_runs(3.0, 8.0, 3, 5) == 3  # at least 3 for a spread, even past the budget
+    assert measure.planned_runs(9.0, 8.0, 3, 5) == 1  # one step over the whole budget: one run
+
+
+def test_report_redraws_older_results_without_spread(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    results = _results()
+    results["rows"][0]["runs"] = 2  # recorded before min/max were kept
+    results["cases"] = {"tiny": {"group": "tiny-group"}}
+    report.write_json(results, tmp_path)
+    assert report.main([str(tmp_path)]) == 0
+    md = (tmp_path / "results.md").read_text()
+    assert "| - (2) |" in md and "predates recording the spread" in md
+    assert {p.name for p in tmp_path.iterdir()} >= {"time.png", "memory.png"}
