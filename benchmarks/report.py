@@ -64,6 +64,8 @@ def _spread(r) -> str:
     runs = r.get("runs")
     if r.get("ms_min") is None:
         return f"- ({runs})" if runs else "-"
+    if runs == 1:
+        return "1 run"
     return f"{r['ms_min']:.1f}-{r['ms_max']:.1f}" + (f" ({runs})" if runs else "")
 
 
