@@ -123,6 +123,11 @@ def markdown(results: dict) -> str:
     if notes(results):
         parts += ["What each implementation ran:", "", *notes(results), ""]
     parts += ["Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
+    load = results.get("machine_load")
+    if load and load.get("other_processes_cores") is not None:
+        parts += [f"Machine load: the run took {load['wall_s']:.0f} s; other processes used "
+                  f"{load['other_processes_cores']:.2f} of {load['cores']} cores on average (load average "
+                  f"{load['loadavg_start']:.1f} at the start, {load['loadavg_end']:.1f} at the end).", ""]
     return "\n".join(parts)
 
 
@@ -213,6 +218,8 @@ def _draw_bars(ax, rows, key, scale, colors, label) -> None:
             ax.text(top * 0.01, y, _short_status(r["status"]), va="center", fontsize=7, color="0.35", style="italic")
             continue
         text = f"{v:,.0f}" if v >= 100 else f"{v:.2f}" if v < 10 else f"{v:.1f}"
+        if key == "ms" and r.get("runs") == 1:
+            text += " (1 run)"
         if base:
             text += f"  ({v / base:.2f}x fastdpo)" if v / base < 10 else f"  ({v / base:.0f}x fastdpo)"
         ax.text(v + h + top * 0.01, y, text, va="center", fontsize=8)

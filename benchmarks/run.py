@@ -354,6 +354,59 @@ def add_roofline(rows: list[dict], info: dict, case: Case) -> None:
             r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
 
 
+# --- how busy the machine was -------------------------------------------------------------------------------------
+
+
+class MachineLoad:
+    """CPU time that other processes took while this run went on, from /proc/stat less our own (and our workers').
+
+    Timings on a shared machine are slower and noisier (on 2 cores, a CPU step of fastdpo took 10x its idle time
+    while other jobs used 1.5 cores), so every results file says how busy the machine was. None where /proc/stat
+    is missing (not Linux).
+    """
+
+    def __init__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self.machine_busy_s(), self.own_cpu_s()
+        self.loadavg0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+    @staticmethod
+    def machine_busy_s() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def own_cpu_s() -> float:
+        import resource
+
+        return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                   for f in ("ru_utime", "ru_stime"))
+
+    def summary(self) -> dict:
+        wall = time.perf_counter() - self.t0
+        busy1 = self.machine_busy_s()
+        out = {"wall_s": round(wall, 1), "cores": os.cpu_count(), "own_cpu_s": round(self.own_cpu_s() - self.own0, 1),
+               "loadavg_start": self.loadavg0, "loadavg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+               "other_processes_cores": None}
+        if busy1 is not None and self.busy0 is not None and wall > 0:
+            others = (busy1 - self.busy0) - out["own_cpu_s"]
+            out["other_processes_cores"] = round(max(0.0, others) / wall, 2)
+        return out
+
+
+def describe_load(load: dict) -> str:
+    others = load.get("other_processes_cores")
+    if others is None:
+        return f"{load['wall_s']:.0f} s in all (machine load unknown)"
+    return (f"{load['wall_s']:.0f} s in all; other processes used {others:.2f} of {load['cores']} cores on average "
+            f"(load average {load['loadavg_start']:.1f} at the start, {load['loadavg_end']:.1f} at the end)"
+            + ("; timings are inflated by them" if others > 0.2 else ""))
+
+
 # --- main ---------------------------------------------------------------------------------------------------------
 
 
@@ -400,7 +453,10 @@ def main(argv=None) -> int:
           f"results -> {args.out}", flush=True)
     if foreign_files(args.out):
         print(f"note: {args.out} also holds {', '.join(foreign_files(args.out))}, not written by this run")
-    t_run = time.perf_counter()
+    load = MachineLoad()
+    if load.loadavg0 is not None and load.loadavg0 > 0.5 * (os.cpu_count() or 1):
+        print(f"note: the machine is busy (load average {load.loadavg0:.1f} on {os.cpu_count()} cores): "
+              "timings will be slower and noisier than on an idle machine")
     try:
         for case in cases:
             progress.start_case(case)
@@ -412,11 +468,11 @@ def main(argv=None) -> int:
             shutil.rmtree(tmp / case.name, ignore_errors=True)  # inputs of big cases are GBs
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    results["machine_load"] = load.summary()
     save(results, args.out, cases, plots=True)
     print()
     print(report.table(results))
-    print(f"\nwrote {args.out / 'results.json'} and {args.out / 'results.md'} "
-          f"({Progress._clock(time.perf_counter() - t_run)} in all)")
+    print(f"\nwrote {args.out / 'results.json'} and {args.out / 'results.md'}: {describe_load(results['machine_load'])}")
     return 0
 
 

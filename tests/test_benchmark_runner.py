@@ -324,6 +324,10 @@ def test_main_end_to_end_with_fake_workers(tmp_path, monkeypatch, capsys):
         ("cpu-2k-h256-v32k", "naive"), ("cpu-2k-h256-v32k", "liger"),
         ("cpu-2k-h256-v64k", "naive"), ("cpu-2k-h256-v64k", "liger")]
     assert results["versions"] == {"torch": "x"}
+    load = results["machine_load"]  # how busy the machine was, kept with the numbers
+    assert load["wall_s"] >= 0 and load["cores"] >= 1
+    if Path("/proc/stat").exists():
+        assert load["other_processes_cores"] >= 0
     assert results["cases"]["cpu-2k-h256-v32k"]["mean_entropy"] == 2.5
     md = (tmp_path / "results.md").read_text()
     assert "skipped: liger-kernel not importable" in md and "| cpu-2k-h256-v64k | naive |" in md
@@ -482,3 +486,12 @@ def test_report_redraws_older_results_without_spread(tmp_path, capsys):
     md = (tmp_path / "results.md").read_text()
     assert "| - (2) |" in md and "predates recording the spread" in md
     assert {p.name for p in tmp_path.iterdir()} >= {"time.png", "memory.png"}
+
+
+def test_machine_load_is_described():
+    load = {"wall_s": 300.0, "cores": 2, "own_cpu_s": 500.0, "loadavg_start": 3.0, "loadavg_end": 2.5,
+            "other_processes_cores": 1.46}
+    text = run.describe_load(load)
+    assert "other processes used 1.46 of 2 cores" in text and "inflated" in text
+    md = report.markdown({**_results(), "machine_load": load})
+    assert "other processes used 1.46 of 2 cores on average" in md
