@@ -386,6 +386,13 @@ class MachineLoad:
         return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
                    for f in ("ru_utime", "ru_stime"))
 
+    def busy_now(self, sample_s: float = 1.0) -> float | None:
+        """Cores that other processes keep busy right now, over sample_s (the load average lags by minutes)."""
+        b0, o0 = self.machine_busy_s(), self.own_cpu_s()
+        time.sleep(sample_s)
+        b1, o1 = self.machine_busy_s(), self.own_cpu_s()
+        return None if b0 is None or b1 is None else max(0.0, (b1 - b0) - (o1 - o0)) / sample_s
+
     def summary(self) -> dict:
         wall = time.perf_counter() - self.t0
         busy1 = self.machine_busy_s()
@@ -454,9 +461,10 @@ def main(argv=None) -> int:
     if foreign_files(args.out):
         print(f"note: {args.out} also holds {', '.join(foreign_files(args.out))}, not written by this run")
     load = MachineLoad()
-    if load.loadavg0 is not None and load.loadavg0 > 0.5 * (os.cpu_count() or 1):
-        print(f"note: the machine is busy (load average {load.loadavg0:.1f} on {os.cpu_count()} cores): "
-              "timings will be slower and noisier than on an idle machine")
+    busy = load.busy_now()
+    if busy is not None and busy > 0.3:
+        print(f"note: other processes keep {busy:.1f} of {os.cpu_count()} cores busy: timings will be slower and "
+              "noisier than on an idle machine (results.md records how busy it stayed)", flush=True)
     try:
         for case in cases:
             progress.start_case(case)
