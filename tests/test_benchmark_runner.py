@@ -495,3 +495,14 @@ def test_machine_load_is_described():
     assert "other processes used 1.46 of 2 cores" in text and "inflated" in text
     md = report.markdown({**_results(), "machine_load": load})
     assert "other processes used 1.46 of 2 cores on average" in md
+
+
+def test_ci_installs_with_the_readme_commands():
+    # The README's install block, line for line, is what .ci/run runs: a newcomer and CI install the same way
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Install", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [x.strip() for x in block.splitlines() if x.strip()]
+    assert any(c.endswith('install -e ".[dev,bench]"') for c in commands)
+    assert any("--index-url https://download.pytorch.org/whl/cpu" in c for c in commands)
+    ci = [x.strip() for x in (REPO / ".ci" / "run").read_text().splitlines() if "pip install" in x]
+    assert ci == commands
