@@ -226,6 +226,8 @@ def _draw_bars(ax, rows, key, scale, colors, label) -> None:
     ax.set_yticks(list(ys), names)
     ax.invert_yaxis()  # first implementation on top
     ax.set_xlim(0, top * 1.5)  # room for the labels, right of the longest bar
+    if key == "ms" and not any(r.get("ms_min") is not None for r in rows):
+        label = label.split(";")[0] + " (min/max not recorded in this run)"
     ax.set_xlabel(label)
     ax.grid(True, axis="x", alpha=0.3)
 
