@@ -225,7 +225,7 @@ def _draw_bars(ax, rows, key, scale, colors, label) -> None:
         ax.text(v + h + top * 0.01, y, text, va="center", fontsize=8)
     ax.set_yticks(list(ys), names)
     ax.invert_yaxis()  # first implementation on top
-    ax.set_xlim(0, top * 1.5)  # room for the labels, right of the longest bar
+    ax.set_xlim(0, top * 1.6)  # room for the labels, right of the longest bar
     if key == "ms" and not any(r.get("ms_min") is not None for r in rows):
         label = label.split(";")[0] + " (min/max not recorded in this run)"
     ax.set_xlabel(label)
@@ -247,6 +247,8 @@ def _draw_lines(ax, rows, key, scale, colors, label) -> None:
                     marker="o", capsize=3, label=impl, color=colors[impl],
                     zorder=3 + len(order) - order.index(impl))  # fastdpo (first) on top where lines meet
     ax.set_xlabel("tokens")
+    if key == "ms" and not any(r.get("ms_min") is not None for r in rows):
+        label = label.split(";")[0] + "\n(min/max not recorded in this run)"
     ax.set_ylabel(label)
     ax.set_xscale("log", base=2)
     tokens = sorted({r["tokens"] for r in rows})
