@@ -19,11 +19,14 @@ from .inputs import BETA, IGNORE_INDEX, transform
 from .measure import Skip, sequence_sums, sigmoid_dpo
 
 
+INSTALL_HINT = 'pip install -e ".[bench]"'
+
+
 def _import_peer(module: str, pip_name: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:  # missing package, or a dependency such as triton that is missing
-        raise Skip(f"{pip_name} not importable ({exc})") from exc
+        raise Skip(f"{pip_name} not importable ({exc}); {INSTALL_HINT} installs the peers") from exc
 
 
 def _loss(token_logps, inp):
@@ -35,9 +38,14 @@ def make_fastdpo(inp, case):
     # Our own library: failing to import it is an error, never a skip
     import fastdpo
 
+    # The backend is named, not left to the default, so that the row says which code ran: PyTorch tiles on a CPU
+    # (fastdpo/chunked.py), the Triton kernels on a GPU.
+    backend = "triton" if inp["hidden"].device.type == "cuda" else "torch"
     refs = {"ref_chosen_logps": inp["ref_chosen_logps"], "ref_rejected_logps": inp["ref_rejected_logps"]}
-    loss_fn = fastdpo.FastDPOLoss(beta=BETA, loss_type="sigmoid", softcap=case.softcap)
-    return (lambda: loss_fn(inp["hidden"], inp["weight"], inp["labels"], **refs).loss), "FastDPOLoss"
+    loss_fn = fastdpo.FastDPOLoss(beta=BETA, loss_type="sigmoid", softcap=case.softcap, backend=backend)
+    path = "Triton kernels" if backend == "triton" else "PyTorch tiles, not the Triton kernels"
+    return (lambda: loss_fn(inp["hidden"], inp["weight"], inp["labels"], **refs).loss), (
+        f"FastDPOLoss(backend={backend!r}): {path}")
 
 
 def make_naive(inp, case):

@@ -170,26 +170,47 @@ def peak_rss() -> int:
     return _status_kib("VmHWM") * 1024
 
 
-def cpu_measure(run, hidden, weight, max_runs: int = 3, budget_s: float = 10.0) -> tuple[list[float], int]:
+def planned_runs(step_s: float, budget_s: float, min_runs: int, max_runs: int) -> int:
+    """How many timed runs: as many as budget_s holds, between min_runs and max_runs.
+
+    A step that alone takes more than budget_s gets one run (its spread is then unknown): the slow peers would
+    otherwise spend minutes confirming that they are slow. The estimate is re-made after every run, so a warm-up
+    that included compilation does not cut the count.
+    """
+    if step_s > budget_s:
+        return 1
+    return max(min_runs, min(max_runs, int(budget_s // max(step_s, 1e-9))))
+
+
+def cpu_measure(run, hidden, weight, max_runs: int = 3, budget_s: float = 10.0, min_runs: int = 1,
+                on_step=None) -> tuple[list[float], int]:
     """Timed runs after the caller's warm-up, then the peak memory of one more step.
 
-    Timing: at least one run, at most max_runs, stopping once budget_s is spent, with glibc as it comes.
-    Memory: the peak RSS of one step above the baseline taken just before it, with the mmap threshold fixed
-    afterwards (fix_mmap_threshold), so one step for every implementation whatever its speed, as on the GPU.
-    Returns (times in ms, peak bytes).
+    Timing: planned_runs() runs, with glibc as it comes. Memory: the peak RSS of one step above the baseline
+    taken just before it, with the mmap threshold fixed afterwards (fix_mmap_threshold), so one step for every
+    implementation whatever its speed, as on the GPU. on_step(done, planned, ms) is called after each timed run
+    (progress reports). Returns (times in ms, peak bytes).
     """
-    times, spent = [], 0.0
-    while len(times) < max_runs and (not times or spent + times[-1] / 1e3 <= budget_s):
+    times: list[float] = []
+    planned = max_runs
+    while len(times) < planned:
         t0 = time.perf_counter()
         step(run, hidden, weight)
-        dt = time.perf_counter() - t0
-        times.append(dt * 1e3)
-        spent += dt
+        times.append((time.perf_counter() - t0) * 1e3)
+        planned = planned_runs(statistics.median(times) / 1e3, budget_s, min_runs, max_runs)
+        if on_step is not None:
+            on_step(len(times), max(planned, len(times)), times[-1])
     hidden.grad = weight.grad = None  # the step's new gradients count, as they do in the first step
     fix_mmap_threshold()
     base = reset_peak_rss()
     step(run, hidden, weight)
     return times, max(0, peak_rss() - base)
+
+
+def spread(times_ms: list[float]) -> dict:
+    """The row's timing fields: median (`ms`), min, max and the count of timed runs."""
+    return {"ms": statistics.median(times_ms), "ms_min": min(times_ms), "ms_max": max(times_ms),
+            "runs": len(times_ms)}
 
 
 # --- GPU: CUDA events and the caching allocator's peak ----------------------------------------------------------
@@ -209,10 +230,12 @@ def cuda_peak_bytes(run, hidden, weight) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def cuda_time_ms(run, hidden, weight, rep_ms: int = 300) -> float:
+def cuda_times_ms(run, hidden, weight, rep_ms: int = 300) -> list[float]:
+    """Every timed run of triton's do_bench (it picks the count to fill rep_ms), in ms."""
     import triton.testing
 
-    return triton.testing.do_bench(lambda: step(run, hidden, weight), warmup=50, rep=rep_ms, return_mode="median")
+    times = triton.testing.do_bench(lambda: step(run, hidden, weight), warmup=50, rep=rep_ms, return_mode="all")
+    return [float(t) for t in times]
 
 
 def cublas_roofline_ms(hidden: torch.Tensor, weight: torch.Tensor, rows: int, chunk: int = 8192) -> float:
@@ -240,7 +263,3 @@ def cublas_roofline_ms(hidden: torch.Tensor, weight: torch.Tensor, rows: int, ch
             gw.addmm_(dz[:m].T, hc)  # dW
 
     return triton.testing.do_bench(four_products, warmup=50, rep=300, return_mode="median")
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)

@@ -1,6 +1,11 @@
 """fastdpo benchmark runner: every implementation, same inputs, same sigmoid DPO loss.
 
-    python benchmarks/run.py [--quick] [--device cpu|cuda] [--out DIR] [--cases SUBSTR,...] [--impls a,b,...]
+    python benchmarks/run.py                  # the set for the device present: CPU (under 5 min on 2 cores) or GPU
+    python benchmarks/run.py --full           # CPU: the long set (2k-8k tokens, V up to 131k; about an hour)
+    python benchmarks/run.py [--device cpu|cuda] [--out DIR] [--cases SUBSTR,...] [--impls a,b,...]
+
+Results go to a new folder, benchmarks/results/runs/<time>-<device>/ (git-ignored); committed results are
+rewritten only when named with --out (e.g. --out benchmarks/results/cpu).
 
 For each case a `prep` worker builds the inputs (a trained-model-like head, see inputs.py) and the float64
 reference once; `bench` workers then measure the implementations. On CPU each implementation runs in its own
@@ -16,11 +21,13 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +38,9 @@ from benchmarks import report  # noqa: E402
 from benchmarks.impls import IMPLS  # noqa: E402
 from benchmarks.inputs import Case, case_set  # noqa: E402
 from benchmarks.report import MiB  # noqa: E402
-from benchmarks.worker import TAG_INFO, TAG_ROW, TAG_START, base_row  # noqa: E402
+from benchmarks.worker import TAG_INFO, TAG_ROW, TAG_START, TAG_STEP, base_row  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
 
 
 # --- arguments ----------------------------------------------------------------------------------------------------
@@ -45,19 +54,26 @@ def _cuda_available() -> bool:
 
 def parse_args(argv=None, cuda_available=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python benchmarks/run.py", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="CPU-sized shapes (minutes on 2 cores)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true", help="CPU: the long set (about an hour on 2 cores)")
+    size.add_argument("--quick", action="store_true",
+                      help="the small CPU-sized shapes (the default on CPU; on a GPU, those shapes in bf16)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device-kind>")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: a new folder benchmarks/results/runs/<time>-<device>; "
+                        "name a committed one (benchmarks/results/cpu) to replace its results")
     p.add_argument("--cases", default=None, help="comma-separated substrings of case names to keep")
     p.add_argument("--impls", default=None, help=f"comma-separated subset of {','.join(IMPLS)}")
     p.add_argument("--timeout", type=float, default=None,
-                   help="seconds per worker before it is killed (default 600 with --quick, else 3600)")
+                   help="seconds per worker before it is killed (default 600 for the small set, else 3600)")
     args = p.parse_args(argv)
     available = _cuda_available() if cuda_available is None else cuda_available
     if args.device is None:
         args.device = "cuda" if available else "cpu"
     elif args.device == "cuda" and not available:
         p.error("--device cuda: no CUDA device is available")
+    # The small set is the default on CPU; on a GPU the real heads are (and --quick asks for the small shapes)
+    args.quick = args.quick or (args.device == "cpu" and not args.full)
     if args.impls is not None:
         args.impls = [x.strip() for x in args.impls.split(",") if x.strip()]
         unknown = sorted(set(args.impls) - set(IMPLS))
@@ -68,8 +84,19 @@ def parse_args(argv=None, cuda_available=None) -> argparse.Namespace:
     if args.timeout is None:
         args.timeout = 600.0 if args.quick else 3600.0
     if args.out is None:
-        args.out = REPO / "benchmarks" / "results" / device_kind(args.device)
+        args.out = new_run_dir(device_kind(args.device) + ("" if args.quick else "-full"))
     return args
+
+
+def new_run_dir(label: str, now: datetime | None = None) -> Path:
+    """benchmarks/results/runs/<YYYYmmdd-HHMMSS>-<label>, a folder no earlier run wrote (git-ignored)."""
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    path = RESULTS / "runs" / f"{stamp}-{label}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = RESULTS / "runs" / f"{stamp}-{label}-{n}"
+    return path
 
 
 def select_cases(device: str, quick: bool, patterns: str | None) -> list[Case]:
@@ -120,6 +147,10 @@ def launch_worker(argv: list[str], on_line, timeout: float, log_path: Path) -> t
                 else:
                     log.write(line)
             rc = proc.wait()
+        except BaseException:  # Ctrl-C or SIGTERM of the runner: no orphaned worker keeps a core busy
+            proc.kill()
+            proc.wait()
+            raise
         finally:
             timer.cancel()
     tail = [x for x in log_path.read_text(errors="replace").splitlines() if x.strip()][-3:]
@@ -131,7 +162,7 @@ def launch_worker(argv: list[str], on_line, timeout: float, log_path: Path) -> t
 def parse_tagged(line: str):
     import json
 
-    for tag in (TAG_INFO, TAG_ROW):
+    for tag in (TAG_INFO, TAG_ROW, TAG_STEP):
         if line.startswith(tag):
             return tag, json.loads(line[len(tag):])
     if line.startswith(TAG_START):
@@ -158,6 +189,9 @@ def run_case(case: Case, names: list[str], isolate: bool, launch, progress=None)
                 current[0] = payload
                 if progress:
                     progress("start", case, payload, None)
+            elif tag == TAG_STEP:
+                if progress:
+                    progress("step", case, payload.get("impl"), payload)
             elif tag == TAG_ROW:
                 rows[payload["impl"]] = payload
                 current[0] = None
@@ -196,23 +230,117 @@ def prep_case(case: Case, device: str, tmp: Path, timeout: float) -> tuple[dict 
 
 
 class Progress:
-    def __init__(self, total: int):
-        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+    """What a person watching sees while a run goes on.
 
-    def __call__(self, event, case, impl, row):
+    Per case, a bar over its implementations (tqdm) with the elapsed time and an ETA, moved by the workers' step
+    reports (warm-up, each timed run) and redrawn every second, so a slow implementation never looks hung; one
+    line per finished row, and a plain line for every skip or error. Without a terminal (CI logs, a file) the
+    bar is off and a heartbeat line comes every `heartbeat_s` instead.
+    """
+
+    def __init__(self, n_cases: int, impls: list[str], interactive: bool | None = None, heartbeat_s: float = 30.0):
+        self.n_cases, self.impls, self.t0 = n_cases, impls, time.perf_counter()
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self.heartbeat_s = heartbeat_s if not self.interactive else 1.0
+        self.bar = None
+        self.case_index, self.finished, self.current, self.what = 0, 0, None, ""
+        self._stop = threading.Event()
+        self._thread = None
+
+    # --- a case ---
+
+    def start_case(self, case: Case) -> None:
+        from tqdm import tqdm
+
+        self.case_index += 1
+        self.finished, self.current, self.what = 0, "inputs", "building the inputs and the float64 reference"
+        self.impls_t0 = None
+        self.bar = tqdm(total=len(self.impls), desc=f"case {self.case_index}/{self.n_cases} {case.name}",
+                        unit="impl", disable=not self.interactive, leave=False, dynamic_ncols=True,
+                        bar_format="{desc} {bar} {n:.1f}/{total:.0f} impls [{elapsed}{postfix}]")
+        self.case_t0 = time.perf_counter()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
+        self._thread.start()
+
+    def end_case(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = None
+
+    # --- events from run_case ---
+
+    def __call__(self, event, case, impl, payload):
         if event == "start":
-            print(f"[{self.done + 1:3d}/{self.total}] {case.name:<22} {impl:<10}", end=" ", flush=True)
-            return
-        self.done += 1
-        if row["status"] == "ok":
-            print(f"{row['ms']:10.1f} ms {row['peak_mem_bytes'] / MiB:9.1f} MiB  err {row['rel_err']:.1e}  "
-                  f"[{time.perf_counter() - self.t0:5.0f} s]", flush=True)
+            self.current, self.what = impl, "building"
+            self.impls_t0 = self.impls_t0 or time.perf_counter()
+            self._move(0.0)
+        elif event == "step":
+            planned = payload.get("planned") or 3  # unknown until the first timed run: a guess for the bar
+            self.what = payload.get("what", "")
+            self._move((1 + payload.get("done", 0)) / (planned + 2))  # warm-up, timed runs, the memory step
         else:
-            print(f"{'':>10}    {'':>9}       {row['status'][:100]}", flush=True)
+            self.finished += 1
+            self.current = None
+            self._move(0.0)
+            self.write(self.row_line(payload))
+
+    def row_line(self, row) -> str:
+        head = f"{row['case']:<22} {row['impl']:<10}"
+        if row["status"] != "ok":
+            return f"{head} {row['status']}"
+        runs = row.get("runs") or 0
+        spread = (f" (min-max {row['ms_min']:,.0f}-{row['ms_max']:,.0f}, {runs} runs)" if runs > 1 else
+                  " (1 run)" if runs == 1 else "")
+        return (f"{head} {row['ms']:10,.1f} ms{spread}  {row['peak_mem_bytes'] / MiB:9.1f} MiB  "
+                f"err {row['rel_err']:.1e}  [{self._clock(time.perf_counter() - self.t0)}]")
 
     def skip_line(self, case, impl, row):
-        self("start", case, impl, None)
         self("row", case, impl, row)
+
+    def write(self, line: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
+
+    # --- internals ---
+
+    def _move(self, fraction: float) -> None:
+        if self.bar is None:
+            return
+        self.bar.n = self.finished + min(fraction, 0.99)
+        self._render()
+
+    def _render(self) -> None:
+        eta = self.eta_s()
+        doing = f", {self.current}: {self.what}" if self.current else ""
+        self.bar.set_postfix_str(f"ETA {'?' if eta is None else self._clock(eta)}{doing}", refresh=True)
+
+    def eta_s(self) -> float | None:
+        """Seconds left in this case at the pace of its implementations so far (input preparation excluded)."""
+        done = self.bar.n if self.bar is not None else 0.0
+        if done <= 0 or self.impls_t0 is None:
+            return None
+        return (time.perf_counter() - self.impls_t0) * (len(self.impls) - done) / done
+
+    @staticmethod
+    def _clock(seconds: float) -> str:
+        from tqdm import tqdm
+
+        return tqdm.format_interval(seconds)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            if self.interactive:
+                self._render()
+            elif self.current is not None:
+                eta = self.eta_s()
+                self.write(f"  ... {self.current}: {self.what} (case {self._clock(time.perf_counter() - self.case_t0)}"
+                           f" elapsed, ETA {'?' if eta is None else self._clock(eta)})")
 
 
 def add_roofline(rows: list[dict], info: dict, case: Case) -> None:
@@ -226,7 +354,70 @@ def add_roofline(rows: list[dict], info: dict, case: Case) -> None:
             r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
 
 
+# --- how busy the machine was -------------------------------------------------------------------------------------
+
+
+class MachineLoad:
+    """CPU time that other processes took while this run went on, from /proc/stat less our own (and our workers').
+
+    Timings on a shared machine are slower and noisier (on 2 cores, a CPU step of fastdpo took 10x its idle time
+    while other jobs used 1.5 cores), so every results file says how busy the machine was. None where /proc/stat
+    is missing (not Linux).
+    """
+
+    def __init__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self.machine_busy_s(), self.own_cpu_s()
+        self.loadavg0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+    @staticmethod
+    def machine_busy_s() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def own_cpu_s() -> float:
+        import resource
+
+        return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                   for f in ("ru_utime", "ru_stime"))
+
+    def busy_now(self, sample_s: float = 1.0) -> float | None:
+        """Cores that other processes keep busy right now, over sample_s (the load average lags by minutes)."""
+        b0, o0 = self.machine_busy_s(), self.own_cpu_s()
+        time.sleep(sample_s)
+        b1, o1 = self.machine_busy_s(), self.own_cpu_s()
+        return None if b0 is None or b1 is None else max(0.0, (b1 - b0) - (o1 - o0)) / sample_s
+
+    def summary(self) -> dict:
+        wall = time.perf_counter() - self.t0
+        busy1 = self.machine_busy_s()
+        out = {"wall_s": round(wall, 1), "cores": os.cpu_count(), "own_cpu_s": round(self.own_cpu_s() - self.own0, 1),
+               "loadavg_start": self.loadavg0, "loadavg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+               "other_processes_cores": None}
+        if busy1 is not None and self.busy0 is not None and wall > 0:
+            others = (busy1 - self.busy0) - out["own_cpu_s"]
+            out["other_processes_cores"] = round(max(0.0, others) / wall, 2)
+        return out
+
+
+def describe_load(load: dict) -> str:
+    others = load.get("other_processes_cores")
+    if others is None:
+        return f"{load['wall_s']:.0f} s in all (machine load unknown)"
+    return (f"{load['wall_s']:.0f} s in all; other processes used {others:.2f} of {load['cores']} cores on average "
+            f"(load average {load['loadavg_start']:.1f} at the start, {load['loadavg_end']:.1f} at the end)"
+            + ("; timings are inflated by them" if others > 0.2 else ""))
+
+
 # --- main ---------------------------------------------------------------------------------------------------------
+
+
+WRITTEN = ("results.json", "results.md", "time.png", "memory.png")
 
 
 def save(results: dict, out: Path, cases: list[Case], plots: bool = False) -> None:
@@ -237,8 +428,25 @@ def save(results: dict, out: Path, cases: list[Case], plots: bool = False) -> No
             print(f"wrote {path}")
 
 
+def describe_set(args) -> str:
+    if args.device == "cpu":
+        return "the CPU set (under 5 minutes on 2 cores)" if args.quick else "the full CPU set (--full)"
+    return "the small shapes in bf16 (--quick)" if args.quick else "the GPU set (real LM heads)"
+
+
+def foreign_files(out: Path) -> list[str]:
+    """Files already in `out` that this run will not rewrite (they stay, describing an earlier run)."""
+    return sorted(p.name for p in out.iterdir() if p.is_file() and p.name not in WRITTEN) if out.is_dir() else []
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the worker is killed, the temporary inputs removed
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     cases = select_cases(args.device, args.quick, args.cases)
     if not cases:
         print("no case matches --cases", file=sys.stderr)
@@ -247,44 +455,61 @@ def main(argv=None) -> int:
                                                                                 else argv))
     results = {"device": args.device, "command": command.strip(), "versions": {}, "cases": {}, "rows": []}
     tmp = Path(tempfile.mkdtemp(prefix="fastdpo-bench-"))
-    progress = Progress(len(cases) * len(args.impls))
-    print(f"{len(cases)} case(s) x {len(args.impls)} implementation(s) on {args.device}; results -> {args.out}")
+    progress = Progress(len(cases), args.impls)
+    print(f"{describe_set(args)}: {len(cases)} case(s) x {len(args.impls)} implementation(s) on {args.device}; "
+          f"results -> {args.out}", flush=True)
+    if foreign_files(args.out):
+        print(f"note: {args.out} also holds {', '.join(foreign_files(args.out))}, not written by this run")
+    load = MachineLoad()
+    busy = load.busy_now()
+    if busy is not None and busy > 0.3:
+        print(f"note: other processes keep {busy:.1f} of {os.cpu_count()} cores busy: timings will be slower and "
+              "noisier than on an idle machine (results.md records how busy it stayed)", flush=True)
     try:
         for case in cases:
-            t0 = time.perf_counter()
-            info, tail = prep_case(case, args.device, tmp, args.timeout)
-            if info is None:
-                print(f"== {case.name}: building inputs failed: {tail}")
-                for name in args.impls:
-                    row = base_row(name, case)
-                    row["status"] = f"error: input preparation failed: {tail}"[:300]
-                    results["rows"].append(row)
-                    progress.skip_line(case, name, row)
-                continue
-            results["device"] = info.pop("device_name", args.device)
-            results["versions"] = info.pop("versions", results["versions"])
-            results["cases"][case.name] = {**case.to_dict(), **info}
-            print(f"== {case.name}: {case.tokens} tokens ({info['valid_tokens']} scored), H={case.hidden}, "
-                  f"V={case.vocab}, {case.dtype}; mean entropy {info['mean_entropy']:.2f} nats, target top-1 "
-                  f"{info['target_top1']:.0%} (inputs + fp64 reference {time.perf_counter() - t0:.0f} s)", flush=True)
-
-            def launch(names, on_line, case=case):
-                argv = ["bench", "--case", case.name, "--device", args.device, "--dir", str(tmp), "--impls",
-                        ",".join(names)] + (["--quick"] if args.quick else [])
-                return launch_worker(argv, on_line, args.timeout, tmp / f"{case.name}.{names[0]}.log")
-
-            rows = run_case(case, args.impls, args.device == "cpu", launch, progress)
-            add_roofline(rows, info, case)
-            results["rows"].extend(rows)
+            progress.start_case(case)
+            try:
+                run_one_case(case, args, tmp, results, progress)
+            finally:
+                progress.end_case()
             save(results, args.out, cases)
             shutil.rmtree(tmp / case.name, ignore_errors=True)  # inputs of big cases are GBs
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    results["machine_load"] = load.summary()
     save(results, args.out, cases, plots=True)
     print()
     print(report.table(results))
-    print(f"\nwrote {args.out / 'results.json'} and {args.out / 'results.md'}")
+    print(f"\nwrote {args.out / 'results.json'} and {args.out / 'results.md'}: {describe_load(results['machine_load'])}")
     return 0
+
+
+def run_one_case(case: Case, args, tmp: Path, results: dict, progress: Progress) -> None:
+    t0 = time.perf_counter()
+    info, tail = prep_case(case, args.device, tmp, args.timeout)
+    if info is None:
+        progress.write(f"== {case.name}: building inputs failed: {tail}")
+        for name in args.impls:
+            row = base_row(name, case)
+            row["status"] = f"error: input preparation failed: {tail}"[:300]
+            results["rows"].append(row)
+            progress.skip_line(case, name, row)
+        return
+    results["device"] = info.pop("device_name", args.device)
+    results["versions"] = info.pop("versions", results["versions"])
+    results["cases"][case.name] = {**case.to_dict(), **info}
+    progress.write(f"== {case.name}: {case.tokens} tokens ({info['valid_tokens']} scored), H={case.hidden}, "
+                   f"V={case.vocab}, {case.dtype}; mean entropy {info['mean_entropy']:.2f} nats, target top-1 "
+                   f"{info['target_top1']:.0%} (inputs + fp64 reference {time.perf_counter() - t0:.0f} s)")
+
+    def launch(names, on_line):
+        argv = ["bench", "--case", case.name, "--device", args.device, "--dir", str(tmp), "--impls",
+                ",".join(names)] + (["--quick"] if args.quick else [])
+        return launch_worker(argv, on_line, args.timeout, tmp / f"{case.name}.{names[0]}.log")
+
+    rows = run_case(case, args.impls, args.device == "cpu", launch, progress)
+    add_roofline(rows, info, case)
+    results["rows"].extend(rows)
 
 
 if __name__ == "__main__":

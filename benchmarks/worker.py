@@ -3,7 +3,7 @@
     python -m benchmarks.worker prep  --case NAME --device D --dir TMP
         build the case's inputs and float64 reference once, save them under TMP/NAME/, print @@INFO {json}
     python -m benchmarks.worker bench --case NAME --device D --dir TMP --impls a,b [--quick]
-        load them, measure each implementation in turn: @@START name, then @@ROW {json}
+        load them, measure each implementation in turn: @@START name, @@STEP {json} after each step, then @@ROW {json}
 
 Measuring in a subprocess keeps one implementation's memory (and crashes) out of another's numbers: on CPU the
 peak RSS of a process is the only honest memory figure, so there each implementation gets its own process.
@@ -25,7 +25,12 @@ from . import inputs as inputs_mod
 from . import measure
 from .measure import Skip
 
-TAG_INFO, TAG_START, TAG_ROW = "@@INFO ", "@@START ", "@@ROW "
+TAG_INFO, TAG_START, TAG_STEP, TAG_ROW = "@@INFO ", "@@START ", "@@STEP ", "@@ROW "
+
+# Timed runs per implementation on CPU: (min, max, budget in seconds). At least 3 for a spread, unless one step
+# alone takes longer than the budget (then 1). With 5 s the default set's 12 rows fit in 5 minutes on 2 idle
+# cores: the slowest row (F.linear_cross_entropy at V=65,536, 25 s a step) costs warm-up + 1 run + memory step.
+CPU_RUNS = {True: (3, 5, 5.0), False: (3, 3, 30.0)}
 
 
 def emit(tag: str, payload) -> None:
@@ -34,7 +39,8 @@ def emit(tag: str, payload) -> None:
 
 def base_row(impl: str, case: inputs_mod.Case) -> dict:
     return {"impl": impl, "case": case.name, "tokens": case.tokens, "hidden": case.hidden, "vocab": case.vocab,
-            "dtype": case.dtype, "ms": None, "peak_mem_bytes": None, "rel_err": None, "status": "error: not run"}
+            "dtype": case.dtype, "ms": None, "ms_min": None, "ms_max": None, "runs": None, "peak_mem_bytes": None,
+            "rel_err": None, "status": "error: not run"}
 
 
 def leaf_inputs(saved: dict) -> dict:
@@ -54,15 +60,22 @@ def _describe(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def bench_impl(name: str, make, saved: dict, case, ref: dict, device: str, quick: bool = False) -> dict:
-    """Measure one implementation; never raises (a failure becomes the row's status)."""
+def bench_impl(name: str, make, saved: dict, case, ref: dict, device: str, quick: bool = False,
+               on_step=None) -> dict:
+    """Measure one implementation; never raises (a failure becomes the row's status).
+
+    on_step(done, planned, what) reports progress: after the warm-up and after each timed run (CPU only).
+    """
     row = base_row(name, case)
     inp = None
+    report = on_step or (lambda done, planned, what: None)
     try:
         inp = leaf_inputs(saved)
         run, row["note"] = make(inp, case)
         h, w = inp["hidden"], inp["weight"]
+        t0 = time.perf_counter()
         loss = measure.step(run, h, w)  # warm-up: compiles/autotunes; its gradients are the ones checked
+        report(0, None, f"warm-up {time.perf_counter() - t0:.1f} s")
         errs = measure.errors(loss, h.grad, w.grad, ref)
         h.grad = w.grad = None
         del loss
@@ -73,18 +86,19 @@ def bench_impl(name: str, make, saved: dict, case, ref: dict, device: str, quick
         row["rel_err"] = max(errs.values())
         if device == "cuda":
             row["peak_mem_bytes"] = measure.cuda_peak_bytes(run, h, w)
-            row["ms"] = measure.cuda_time_ms(run, h, w)
-            row["runs"] = None  # do_bench picks the count
+            times = measure.cuda_times_ms(run, h, w)
         else:
-            times, row["peak_mem_bytes"] = measure.cpu_measure(run, h, w, max_runs=3,
-                                                               budget_s=8.0 if quick else 30.0)
-            row["ms"], row["runs"] = measure.median(times), len(times)
+            min_runs, max_runs, budget_s = CPU_RUNS[quick]
+            times, row["peak_mem_bytes"] = measure.cpu_measure(
+                run, h, w, max_runs=max_runs, budget_s=budget_s, min_runs=min_runs,
+                on_step=lambda done, planned, ms: report(done, planned, f"run {done}/{planned}: {ms:,.0f} ms"))
+        row.update(measure.spread(times))
         row["status"] = "ok"
     except Skip as exc:
         row["status"] = f"skipped: {exc}"
     except Exception as exc:  # noqa: BLE001 - any failure of a peer is a result, not a crash of the run
         row["status"] = "error: " + ("out of memory" if "out of memory" in str(exc).lower() else _describe(exc))
-        row["ms"] = row["peak_mem_bytes"] = None
+        row.update(ms=None, ms_min=None, ms_max=None, runs=None, peak_mem_bytes=None)
     finally:
         del inp
         if device == "cuda":
@@ -130,7 +144,11 @@ def bench(case, device: str, case_dir: Path, names: list[str], quick: bool) -> N
     ref = torch.load(case_dir / "ref.pt", map_location="cpu", weights_only=True)
     for name in names:
         emit(TAG_START, name)
-        emit(TAG_ROW, bench_impl(name, impls_mod.IMPLS[name], saved, case, ref, device, quick))
+
+        def on_step(done, planned, what, name=name):
+            emit(TAG_STEP, {"impl": name, "done": done, "planned": planned, "what": what})
+
+        emit(TAG_ROW, bench_impl(name, impls_mod.IMPLS[name], saved, case, ref, device, quick, on_step))
 
 
 def main(argv=None) -> int:

@@ -25,11 +25,40 @@ TINY_CAP = Case("tiny-cap", "tiny", 4, 48, 32, 500, "float32", softcap=30.0)
 
 
 def test_defaults_without_cuda():
-    args = run.parse_args(["--quick"], cuda_available=False)
+    # No flag on a CPU machine: the small set, into a new git-ignored run folder, never a committed one
+    args = run.parse_args([], cuda_available=False)
     assert args.device == "cpu" and args.quick
-    assert args.out == REPO / "benchmarks" / "results" / "cpu"
+    assert args.out.parent == REPO / "benchmarks" / "results" / "runs" and args.out.name.endswith("-cpu")
+    assert not args.out.exists()
     assert args.impls == list(impls.IMPLS)
     assert args.timeout == 600.0
+    assert "benchmarks/results/runs/" in (REPO / ".gitignore").read_text().split()
+
+
+def test_full_cpu_set_and_gpu_default():
+    full = run.parse_args(["--full"], cuda_available=False)
+    assert not full.quick and full.timeout == 3600.0 and full.out.name.endswith("-cpu-full")
+    assert len(run.select_cases("cpu", full.quick, None)) > len(run.select_cases("cpu", True, None))
+    gpu = run.parse_args(["--out", "x"], cuda_available=True)
+    assert gpu.device == "cuda" and not gpu.quick  # on a GPU the default is the GPU set
+    assert run.parse_args(["--quick"], cuda_available=True).quick
+    with pytest.raises(SystemExit):
+        run.parse_args(["--quick", "--full"], cuda_available=False)
+
+
+def test_explicit_out_is_used(tmp_path):
+    assert run.parse_args(["--out", str(tmp_path / "cpu")], cuda_available=False).out == tmp_path / "cpu"
+
+
+def test_new_run_dir_never_reuses_a_folder(tmp_path, monkeypatch):
+    from datetime import datetime
+
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    now = datetime(2026, 1, 2, 3, 4, 5)
+    first = run.new_run_dir("cpu", now)
+    assert first == tmp_path / "runs" / "20260102-030405-cpu"
+    first.mkdir(parents=True)
+    assert run.new_run_dir("cpu", now) == tmp_path / "runs" / "20260102-030405-cpu-2"
 
 
 def test_cuda_requested_without_cuda_is_an_error(capsys):
@@ -163,6 +192,7 @@ def test_naive_row_is_ok_and_accurate(tiny_case):
     assert row["status"] == "ok", row
     assert row["rel_err"] < 1e-5 and row["ms"] > 0 and row["peak_mem_bytes"] >= 0
     assert set(report.ROW_KEYS) <= set(row)
+    assert row["runs"] >= 3 and row["ms_min"] <= row["ms"] <= row["ms_max"]  # a spread, not a single run
 
 
 def test_wrong_implementation_shows_in_rel_err(tiny_case):
@@ -196,6 +226,7 @@ def test_missing_peer_becomes_skipped_row(tiny_case, monkeypatch):
     for name in ("liger", "cce"):
         row = worker.bench_impl(name, impls.IMPLS[name], saved, TINY, ref, "cpu")
         assert row["status"].startswith("skipped: ") and "not importable" in row["status"], row
+        assert 'pip install -e ".[bench]"' in row["status"]
 
 
 def test_peers_without_softcap_are_skipped(tiny_case):
@@ -278,6 +309,8 @@ def test_main_end_to_end_with_fake_workers(tmp_path, monkeypatch, capsys):
                 row = worker.base_row(name, inputs.all_cases()[case])
                 row["status"] = "skipped: liger-kernel not importable"
             else:
+                on_line(worker.TAG_STEP + json.dumps({"impl": name, "done": 0, "planned": None, "what": "warm-up"}))
+                on_line(worker.TAG_STEP + json.dumps({"impl": name, "done": 1, "planned": 3, "what": "run 1/3"}))
                 row = _row(name, inputs.all_cases()[case])
             on_line(worker.TAG_ROW + json.dumps(row))
         return 0, ""
@@ -291,11 +324,36 @@ def test_main_end_to_end_with_fake_workers(tmp_path, monkeypatch, capsys):
         ("cpu-2k-h256-v32k", "naive"), ("cpu-2k-h256-v32k", "liger"),
         ("cpu-2k-h256-v64k", "naive"), ("cpu-2k-h256-v64k", "liger")]
     assert results["versions"] == {"torch": "x"}
+    load = results["machine_load"]  # how busy the machine was, kept with the numbers
+    assert load["wall_s"] >= 0 and load["cores"] >= 1
+    if Path("/proc/stat").exists():
+        assert load["other_processes_cores"] >= 0
     assert results["cases"]["cpu-2k-h256-v32k"]["mean_entropy"] == 2.5
     md = (tmp_path / "results.md").read_text()
     assert "skipped: liger-kernel not importable" in md and "| cpu-2k-h256-v64k | naive |" in md
     out = capsys.readouterr().out
-    assert "[  1/4]" in out and "mean entropy 2.50" in out
+    assert "mean entropy 2.50" in out
+    lines = out.splitlines()
+    assert any(x.split()[:2] == ["cpu-2k-h256-v32k", "liger"] and "skipped: liger-kernel" in x for x in lines)
+    assert any(x.split()[:2] == ["cpu-2k-h256-v64k", "naive"] and " ms " in x for x in lines)
+
+
+def test_progress_moves_with_steps_and_beats_without_a_terminal(capsys):
+    progress = run.Progress(1, ["a", "b"], interactive=False, heartbeat_s=0.05)
+    progress.start_case(TINY)
+    progress("start", TINY, "a", None)
+    progress("step", TINY, "a", {"impl": "a", "done": 1, "planned": 2, "what": "run 1/2: 10 ms"})
+    assert progress.bar.n == pytest.approx(0.5)  # warm-up and one of two runs done, the memory step to come
+    assert progress.eta_s() is not None
+    import time
+
+    time.sleep(0.3)
+    progress("row", TINY, "a", _row("a"))
+    assert progress.bar.n == 1
+    progress.end_case()
+    out = capsys.readouterr().out
+    assert "... a: run 1/2: 10 ms (case 00:00 elapsed, ETA 00:0" in out  # the heartbeat
+    assert [x.split()[:2] for x in out.splitlines() if not x.startswith("  ...")] == [["tiny", "a"]]
 
 
 def test_failed_input_preparation_gives_error_rows(tmp_path, monkeypatch):
@@ -400,3 +458,51 @@ print(len(times), peak)
     runs, peak = map(int, out.split())
     assert runs == 3
     assert 32 << 20 <= peak < 33 << 20, f"{peak / 2**20:.2f} MiB for a 32 MiB gradient"
+
+
+def test_spread_in_table_and_validation():
+    results = _results()
+    results["rows"][0].update(ms=2.0, ms_min=1.5, ms_max=3.0, runs=4)
+    assert "| 2.0 | 1.5-3.0 (4) |" in report.table(results)
+    report.validate(results)
+    results["rows"][0]["ms_min"] = 2.5  # min above the median
+    with pytest.raises(ValueError):
+        report.validate(results)
+
+
+def test_planned_runs():
+    assert measure.planned_runs(1.0, 8.0, 3, 5) == 5
+    assert measure.planned_runs(3.0, 8.0, 3, 5) == 3  # at least 3 for a spread, even past the budget
+    assert measure.planned_runs(9.0, 8.0, 3, 5) == 1  # one step over the whole budget: one run
+
+
+def test_report_redraws_older_results_without_spread(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    results = _results()
+    results["rows"][0]["runs"] = 2  # recorded before min/max were kept
+    results["cases"] = {"tiny": {"group": "tiny-group"}}
+    report.write_json(results, tmp_path)
+    assert report.main([str(tmp_path)]) == 0
+    md = (tmp_path / "results.md").read_text()
+    assert "| - (2) |" in md and "predates recording the spread" in md
+    assert {p.name for p in tmp_path.iterdir()} >= {"time.png", "memory.png"}
+
+
+def test_machine_load_is_described():
+    load = {"wall_s": 300.0, "cores": 2, "own_cpu_s": 500.0, "loadavg_start": 3.0, "loadavg_end": 2.5,
+            "other_processes_cores": 1.46}
+    text = run.describe_load(load)
+    assert "other processes used 1.46 of 2 cores" in text and "inflated" in text
+    md = report.markdown({**_results(), "machine_load": load})
+    assert "other processes used 1.46 of 2 cores on average" in md
+
+
+def test_ci_installs_with_the_readme_commands():
+    # The README's install block, line for line, is what .ci/run runs: a newcomer and CI install the same way
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Install", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [x.strip() for x in block.splitlines() if x.strip()]
+    assert any(c.endswith('install -e ".[dev,bench]"') for c in commands)
+    assert any("--index-url https://download.pytorch.org/whl/cpu" in c for c in commands)
+    ci = [x.strip() for x in (REPO / ".ci" / "run").read_text().splitlines() if "pip install" in x]
+    assert ci == commands
