@@ -364,7 +364,7 @@ def _zero3(hidden, weight, targets, bias, ignore_index, *, temperature, softcap,
                              softcap=softcap, grad_filter_eps=grad_filter_eps)
         with torch.autocast(device.type, enabled=False):
             out = _Zero3LogProbs.apply(hidden, weight, bias, targets, ignore_index, logit_scale, softcap, temperature,
-                                       with_stats, backend, float(grad_filter_eps))
+                                       with_stats, backend, float(grad_filter_eps), None, 0.0)
     return TokenStats(*out) if with_stats else out
 
 
