@@ -14,7 +14,14 @@ from . import chunked, reference
 from .backends import resolve_backend
 from .softmax_stats import VocabPartials, logsumexp, merge, token_stats
 from .types import TokenStats
-from .validation import check_logprob_inputs
+from .validation import check_logprob_inputs, require_tensor, widen_labels
+
+
+DOUBLE_BACKWARD_MESSAGE = (
+    "fastdpo.linear_logprobs does not support double backward (torch.autograd.grad or backward with "
+    "create_graph=True, e.g. for a gradient penalty): its gradients come from fused kernels and carry no graph. "
+    "Use backend='reference' for higher-order gradients."
+)
 
 
 class LinearLogProbs(torch.autograd.Function):
@@ -54,6 +61,8 @@ class LinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps, *_unused_stat_grads):
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients would carry no graph
+            raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         hidden_2d, weight, bias, rows, row_targets, lse = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         grad_rows = grad_logps.reshape(-1).index_select(0, rows).to(lse.dtype).contiguous()
@@ -114,7 +123,11 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
     stays below it everywhere (Cut Cross-Entropy's gradient filter; the torch path skips only tiles
     without a target); each skipped d_logit is below grad_filter_eps * |g|. 0 is exact.
     """
-    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        require_tensor(name, value)
+    require_tensor("bias", bias, optional=True)
+    targets = widen_labels(targets)
+    device = hidden.device
     backend = resolve_backend(backend, device)
     if torch.is_autocast_enabled(device.type) and hidden.is_floating_point():
         # Under autocast the head runs in the autocast dtype, as nn.Linear would.
@@ -122,7 +135,7 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     check_logprob_inputs(hidden, weight, targets, bias, ignore_index, backend, temperature=temperature,
-                         softcap=softcap, grad_filter_eps=grad_filter_eps)
+                         softcap=softcap, logit_scale=logit_scale, grad_filter_eps=grad_filter_eps)
     transform = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
     if backend == "reference":
         stats = reference.token_stats(hidden, weight, targets, bias, ignore_index, **transform)

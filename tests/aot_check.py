@@ -26,7 +26,6 @@ from triton.backends.nvidia.compiler import get_ptxas
 from fastdpo.kernels import config
 from fastdpo.kernels.logprob_backward import logprob_backward_kernel
 from fastdpo.kernels.logprob_forward import logprob_forward_kernel
-from fastdpo.kernels.sigmoid_dpo import sigmoid_dpo_kernel
 
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}  # bytes of dynamic shared memory per block (opt-in max)
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -88,12 +87,6 @@ def backward_variants(capability: int, aligned: bool):
             yield logprob_backward_kernel, types, constexprs, options, name
 
 
-def sigmoid_variants():
-    types = {"logps_ptr": "*fp32", "targets_ptr": "*i64", "ref_ptr": "*fp32", "seq_logps_ptr": "*fp32",
-             "loss_ptr": "*fp32", "seq_grad_ptr": "*fp32", "beta": "fp32", "label_smoothing": "fp32"}
-    yield sigmoid_dpo_kernel, types, dict(AVERAGE=True, BLOCK_T=1024), {"num_warps": 4}, "sigmoid_dpo"
-
-
 def _resources(ptx: str, capability: int) -> dict:
     """ptxas's own account: registers, stack frame and spill stores/loads (cuobjdump shows no spills)."""
     ptxas = get_ptxas(capability).path  # the ptxas Triton itself used for this target
@@ -114,8 +107,6 @@ def compile_all(capability: int):
     target = GPUTarget("cuda", capability, 32)
     for aligned in (True, False):
         variants = (*forward_variants(capability, aligned), *backward_variants(capability, aligned))
-        if aligned:
-            variants += tuple(sigmoid_variants())
         for kernel, types, constexprs, options, name in variants:
             src = ASTSource(fn=kernel, signature=_signature(kernel, types, constexprs), constexprs=constexprs,
                             attrs=_attrs(kernel, aligned))
