@@ -163,3 +163,36 @@ def test_sequence_logps_are_one_torch_summation_on_every_backend(backend):
     out = fastdpo.FastDPOLoss(backend=backend)(hs.requires_grad_(), w, labels, ref_chosen_logps=torch.zeros(3),
                                                ref_rejected_logps=torch.zeros(3))
     assert torch.equal(torch.cat([out.chosen_logps, out.rejected_logps]), sums)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(bf16=True), dict(ld_alpha=0.5)], ids=["sigmoid", "bf16-autocast",
+                                                                                          "ld_alpha"])
+def test_patched_trl_first_step_rewards_are_exactly_stock(overrides):
+    """TRL with a reference that is an exact copy of the policy: stock logs rewards of exactly 0 and accuracies 0
+    at the first step; patched must log the same (its policy head computes statistics, its reference head not)."""
+    pytest.importorskip("trl")
+    import copy
+    import warnings
+
+    from tiny_models import cpu_dpo_config, offline_env, tiny_llama, tiny_preference_dataset, tiny_tokenizer
+    from trl import DPOTrainer
+
+    offline_env()
+
+    def first_step_log():
+        policy = tiny_llama(0)
+        config = dict(per_device_train_batch_size=4, max_steps=1, learning_rate=2e-2, logging_steps=1, data_seed=0,
+                      dataloader_num_workers=0, **overrides)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = DPOTrainer(model=policy, ref_model=copy.deepcopy(policy), args=cpu_dpo_config("step0_", **config),
+                                 train_dataset=tiny_preference_dataset(8, seed=0), processing_class=tiny_tokenizer())
+            trainer.train()
+        return next(entry for entry in trainer.state.log_history if "loss" in entry)
+
+    stock = first_step_log()
+    with fastdpo.patch_trl():
+        patched = first_step_log()
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert float(stock[key]) == 0.0, f"stock {key}"
+        assert float(patched[key]) == float(stock[key]), f"{key}: stock {stock[key]} vs patched {patched[key]}"
