@@ -77,7 +77,7 @@ class Workers:
 
     _lock = threading.Lock()
     _pool: ThreadPoolExecutor | None = None
-    _pool_key = None
+    _pool_key = None  # (size, pid) of _pool
 
     @staticmethod
     def count(n_slices: int) -> int:
@@ -94,7 +94,7 @@ class Workers:
         key = (size, os.getpid())  # a forked child must not reuse its parent's (dead) threads
         with cls._lock:
             if cls._pool_key != key:
-                if cls._pool is not None and cls._pool_key[1] == os.getpid():
+                if cls._pool is not None and cls._pool_key is not None and cls._pool_key[1] == os.getpid():
                     cls._pool.shutdown(wait=False)
                 main_threads = torch.get_num_threads()
                 started = threading.Barrier(size)

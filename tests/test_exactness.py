@@ -196,3 +196,57 @@ def test_patched_trl_first_step_rewards_are_exactly_stock(overrides):
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert float(stock[key]) == 0.0, f"stock {key}"
         assert float(patched[key]) == float(stock[key]), f"{key}: stock {stock[key]} vs patched {patched[key]}"
+
+
+@pytest.mark.parametrize("head", ["linear", "softcap"])
+def test_torch_worker_threads_give_the_bits_of_one_thread_running_the_same_parts(small_tiles, monkeypatch, head):
+    """The vocabulary parts of a block run on worker threads and are combined in a fixed order: running the same
+    parts one after the other on the calling thread must give the same forward and backward bits."""
+    chunked = small_tiles
+    options = HEADS[head]
+    h, w, b, targets = head_inputs(n=60, bias=False)
+
+    def step():
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        stats = fastdpo.linear_logprobs(hh, ww, targets, with_stats=True, backend="torch", **options)
+        (stats.logps * torch.linspace(-1, 1, targets.numel()).view(targets.shape)).sum().backward()
+        return (*stats, hh.grad, ww.grad)
+
+    monkeypatch.setattr(chunked.Workers, "count", staticmethod(lambda n_slices: min(3, n_slices)))
+    threaded = step()
+    monkeypatch.setattr(chunked.Workers, "map", classmethod(lambda cls, fn, parts: [fn(part) for part in parts]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as on the workers: torch's reductions split their work by thread count
+    try:
+        sequential = step()
+    finally:
+        torch.set_num_threads(threads)
+    for name, got, want in zip(("logps", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "dX", "dW"),
+                               threaded, sequential):
+        assert torch.equal(got, want), name
+
+
+def test_torch_workers_leave_the_thread_count_alone(small_tiles, monkeypatch):
+    """Workers run single-threaded without changing the caller's torch thread count, or that of threads started
+    later."""
+    import threading
+
+    chunked = small_tiles
+    monkeypatch.setattr(chunked.Workers, "count", staticmethod(lambda n_slices: min(2, n_slices)))
+    monkeypatch.setattr(chunked.Workers, "_pool_key", None)  # start (and initialise) fresh workers here
+    before = torch.get_num_threads()
+    h, w, _, targets = head_inputs()
+    fastdpo.linear_logprobs(h.requires_grad_(), w, targets, backend="torch").sum().backward()
+    assert torch.get_num_threads() == before
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert seen == [before]
+
+
+def test_torch_all_ignored_with_stats():
+    h, w, _, _ = head_inputs(n=5)
+    stats = fastdpo.linear_logprobs(h, w, torch.full((5,), -100, device=DEVICE), with_stats=True, backend="torch")
+    assert stats.is_top1.dtype == torch.bool and not stats.is_top1.any()
+    assert torch.equal(stats.logps, torch.zeros(5, device=DEVICE))
