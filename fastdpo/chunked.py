@@ -233,7 +233,9 @@ def forward_partials(x: Rows, weight, bias, transform: Transform, with_stats: bo
     buffers = buffers or BlockBuffers(x, weight.shape[0])
     if not (transform.is_linear and bias is None):
         return _online_forward(x, weight, bias, transform, with_stats, buffers)
-    partials = _cat([_shifted_block(x, r0, r1, weight, transform.linear_factor, with_stats, buffers)
+    # sum_v z_iv = c x_i . sum_v W_v: the mean logit without the cancellation of sum_v (z_iv - t_i) + V t_i
+    weight_sum = torch.sum(weight, 0, dtype=x.dtype) if with_stats else None
+    partials = _cat([_shifted_block(x, r0, r1, weight, transform.linear_factor, weight_sum, buffers)
                      for r0, r1 in token_blocks(len(x))])
     # A logit far above its row's target logit (or NaN/inf in the input): that row, and only that
     # row, goes through the online path, which rescales by the running maximum and propagates NaN.
@@ -251,14 +253,16 @@ def _top1(p: VocabPartials) -> torch.Tensor:
     return (p.target_logit >= p.max) & (p.target_logit > p.max_before_target)
 
 
-def _shifted_block(x: Rows, r0, r1, weight, factor: float, with_stats: bool, buffers: BlockBuffers) -> VocabPartials:
+def _shifted_block(x: Rows, r0, r1, weight, factor: float, weight_sum, buffers: BlockBuffers) -> VocabPartials:
     """lse without a max pass: every tile is exponentiated relative to the row's target logit t.
 
     Any value a row actually attains is a safe shift for its logsumexp: logits far below it underflow
     to 0 and add nothing that float32 could hold next to exp(0) = 1. The shift is fused into the GEMM
     (addmm's broadcast input), so a tile costs one GEMM, one in-place exp and one row sum. Partials
     come back with max = t (the shift), so lse = t + log sum_exp as for any other shift.
+    With `weight_sum` (sum_v W_v) the statistics are computed too.
     """
+    with_stats = weight_sum is not None
     xb, targets = x.block(r0, r1, buffers.rows), x.targets[r0:r1]
     # x_i . W[y_i], multiplied in place in a free accumulator (vecdot would allocate the product)
     target_logit = gather_rows(weight, targets, buffers.parts[0].acc).mul_(xb).sum(1).mul_(factor)
@@ -283,7 +287,8 @@ def _shifted_block(x: Rows, r0, r1, weight, factor: float, with_stats: bool, buf
     partials = VocabPartials(max=target_logit, sum_exp=sum_exp, target_logit=target_logit)
     if not with_stats:
         return partials
-    return _ShiftedStats.combine([stats for _, stats in results], partials, weight.shape[0])
+    z_sum = torch.mv(xb, weight_sum).mul_(factor)
+    return _ShiftedStats.combine([stats for _, stats in results], partials, z_sum)
 
 
 def _sum_in_order(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -296,14 +301,15 @@ def _sum_in_order(tensors: list[torch.Tensor]) -> torch.Tensor:
 class _ShiftedStats:
     """Statistics of one part's tiles of d = z - t (the shifted logits), beside the shifted lse.
 
-    With p = exp(d): sum p d and sum p^2 give the entropy and log sum p^2 (both shift-invariant),
-    sum d the mean logit, and the largest d overall and before the target column give top-1 against
-    d at the target as the tile itself computed it (t itself comes from another summation order).
+    With p = exp(d): sum p d and sum p^2 give the entropy and log sum p^2 (both shift-invariant), and
+    the largest d overall and before the target column give top-1 against d at the target as the tile
+    itself computed it (t itself comes from another summation order). The mean logit comes from the
+    block's rows times sum_v W_v (see _shifted_block).
     """
 
     def __init__(self, targets: torch.Tensor):
         self.targets = targets
-        self.p_d = self.sq = self.d_sum = self.d_target = self.d_max = self.d_max_before = None
+        self.p_d = self.sq = self.d_target = self.d_max = self.d_max_before = None
         self._shifted = None
 
     def add_shifted_logits(self, d: torch.Tensor, col_start: int) -> None:
@@ -312,7 +318,7 @@ class _ShiftedStats:
         at_target = d.gather(1, local.clamp(0, d.shape[1] - 1)[:, None]).squeeze(1)
         cols = torch.arange(col_start, col_start + d.shape[1], device=d.device)
         before = d.masked_fill(cols[None, :] >= self.targets[:, None], float("-inf")).amax(1)
-        self._accumulate(d_sum=d.sum(1), d_target=torch.where(in_tile, at_target, torch.zeros_like(at_target)))
+        self._accumulate(d_target=torch.where(in_tile, at_target, torch.zeros_like(at_target)))
         self.d_max = d.amax(1) if self.d_max is None else torch.maximum(self.d_max, d.amax(1))
         self.d_max_before = before if self.d_max_before is None else torch.maximum(self.d_max_before, before)
         self._shifted = d.clone()  # the tile is exponentiated in place next
@@ -327,7 +333,7 @@ class _ShiftedStats:
             setattr(self, name, value if current is None else current + value)
 
     @staticmethod
-    def combine(parts: list["_ShiftedStats"], partials: VocabPartials, vocab_size: int) -> VocabPartials:
+    def combine(parts: list["_ShiftedStats"], partials: VocabPartials, z_sum: torch.Tensor) -> VocabPartials:
         t, sum_exp = partials.target_logit, partials.sum_exp
         p_d = _sum_in_order([s.p_d for s in parts])
         d_target = _sum_in_order([s.d_target for s in parts])  # one part holds the target, the others add 0
@@ -336,7 +342,7 @@ class _ShiftedStats:
         return partials._replace(
             z_sum_exp=p_d + t * sum_exp,  # sum p z with z = d + t
             sq_sum_exp=_sum_in_order([s.sq for s in parts]),
-            z_sum=_sum_in_order([s.d_sum for s in parts]) + vocab_size * t,
+            z_sum=z_sum,
             max_before_target=d_max_before + t,
             is_top1=(d_target >= d_max) & (d_target > d_max_before),
         )
