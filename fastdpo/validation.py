@@ -146,7 +146,8 @@ def check_dpo_inputs(hidden_states, lm_head_weight, labels, lm_head_bias, *, ref
              f"hidden_states must hold an even number of sequences (chosen then rejected), got {num_seqs} "
              f"(shape {_shape(hidden_states)})")
     require_tensor("labels", labels)
-    _require(labels.shape == hidden_states.shape[:2], f"labels must have shape {(num_seqs, seq_len)}, got {_shape(labels)}")
+    _require(labels.shape == hidden_states.shape[:2],
+             f"labels must have shape {(num_seqs, seq_len)}, got {_shape(labels)}")
     policy = Names("hidden_states", "lm_head_weight", "labels", "lm_head_bias")
     check_logprob_inputs(hidden_states, lm_head_weight, labels, lm_head_bias, ignore_index, backend, names=policy)
     _check_reference(hidden_states, lm_head_weight, labels, lm_head_bias, ref_chosen_logps, ref_rejected_logps,

@@ -115,11 +115,13 @@ def test_bad_logprob_inputs(kwargs, match):
     (dict(lm_head_weight=torch.randn(50)), r"lm_head_weight must be \[vocab, hidden\], got shape \(50,\)"),
     (dict(lm_head_bias=torch.zeros(49)), r"lm_head_bias must have shape \(50,\), got \(49,\)"),
     (dict(labels=torch.zeros(4, 6)), "labels must be an integer tensor"),
-    (dict(hidden_states=torch.randn(4, 6, 0), lm_head_weight=torch.randn(50, 0)), "hidden_states must have at least one"),
+    (dict(hidden_states=torch.randn(4, 6, 0), lm_head_weight=torch.randn(50, 0)),
+     "hidden_states must have at least one"),
     (dict(ref_chosen_logps=None, ref_rejected_logps=None, ref_hidden_states=torch.randn(4, 6, 17)),
      r"ref_hidden_states has 17 features .* lm_head_weight expects 16"),
     (dict(ref_chosen_logps=None, ref_rejected_logps=None, ref_hidden_states=torch.randn(4, 6, 16),
-          ref_lm_head_weight=torch.randn(50, 15)), r"ref_hidden_states has 16 features .* ref_lm_head_weight expects 15"),
+          ref_lm_head_weight=torch.randn(50, 15)),
+     r"ref_hidden_states has 16 features .* ref_lm_head_weight expects 15"),
     (dict(ref_chosen_logps=None, ref_rejected_logps=None, ref_hidden_states=torch.randn(4, 6, 16),
           ref_lm_head_weight=torch.randn(40, 16), labels=torch.full((4, 6), 45)), r"labels must be in \[0, 40\)"),
     (dict(ref_chosen_logps=None, ref_rejected_logps=None, ref_hidden_states=torch.randn(4, 6, 16, dtype=torch.float64)),
@@ -188,7 +190,8 @@ def test_ref_lm_head_bias_without_ref_lm_head_weight_is_refused():
             ref_lm_head_bias=torch.zeros(50))
 
 
-@pytest.mark.parametrize("name,value", [("ref_lm_head_weight", torch.randn(50, 16)), ("ref_lm_head_bias", torch.zeros(50))])
+@pytest.mark.parametrize("name,value", [("ref_lm_head_weight", torch.randn(50, 16)),
+                                        ("ref_lm_head_bias", torch.zeros(50))])
 def test_reference_head_without_ref_hidden_states_is_refused(name, value):
     with pytest.raises(ValueError, match=f"{name} is only used with ref_hidden_states"):
         dpo(**{name: value})
