@@ -2,20 +2,28 @@
 
 Same two-pass design as the Triton kernels: the forward folds (tokens x vocab) logits tiles into
 per-token softmax statistics and keeps only lse per token; the backward recomputes each tile and
-turns it into dX / dW / db contributions. At most one logits tile of TILE_ELEMENTS values exists at
-a time, and the hidden states are read through row indices, never copied whole.
+turns it into dX / dW / db contributions. At most one logits tile of TILE_ELEMENTS values per worker
+exists at a time, and the hidden states are read through row indices, never copied whole.
 
 Loops run token-block-outer: a block of hidden rows is gathered once and meets every vocabulary
-slice. The extra memory is one tile and two [TOKEN_BLOCK, H] buffers, allocated once per step.
+slice. The slices of a block are split into one contiguous part per thread; each part runs on its
+own single-threaded worker and the parts are combined in a fixed order (see `Workers`).
 
 Two variants of each pass:
-- linear heads (no softcap, no bias, no statistics: the common case) use a fixed per-row shift and
-  pull the per-token gradient scalar out of the tiles, so a tile costs its GEMMs and one exp;
-- everything else (softcap, bias, statistics) uses the online-softmax partials of
-  fastdpo.softmax_stats and the explicit d_logits tile.
+- linear heads (no softcap, no bias: the common case) shift every tile by the row's target logit
+  (fused into the GEMM) and pull the per-token gradient scalar out of the tiles, so a tile costs its
+  GEMMs and one exp; the statistics, when asked for, are computed beside the same tiles;
+- softcap and bias use the online-softmax partials of fastdpo.softmax_stats and the explicit
+  d_logits tile.
+The variant depends only on the head (never on statistics or gradients), so the log-probs of the
+same inputs are the same bits with or without statistics, for the policy and the reference alike.
 """
 
 from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -30,6 +38,10 @@ TILE_ELEMENTS = 1 << 15
 TOKEN_BLOCK = 128
 # Vocabulary slices are whole multiples of this (GEMM kernels prefer aligned widths).
 VOCAB_ALIGN = 128
+# The shifted forward keeps a row when its sum of exp(z - target logit) stays below this: then every
+# exp(z - t) <= 2^60 and their squares (for log sum p^2) cannot overflow float32. Rows above it (target
+# more than ~41 nats below the row's best logit), inf or NaN go through the online path instead.
+SHIFTED_SUM_LIMIT = 2.0**60
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -43,6 +55,67 @@ def vocab_slices(vocab_size: int, token_block: int):
 
 def token_blocks(n_rows: int):
     return [(r0, min(r0 + TOKEN_BLOCK, n_rows)) for r0 in range(0, n_rows, TOKEN_BLOCK)]
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """`items` cut into `parts` contiguous runs whose lengths differ by at most one."""
+    size, extra = divmod(len(items), parts)
+    bounds = [k * size + min(k, extra) for k in range(parts + 1)]
+    return [items[bounds[k]:bounds[k + 1]] for k in range(parts)]
+
+
+class Workers:
+    """Runs one function per part of a token block's vocabulary, each part on its own thread.
+
+    Why not torch's own threads: every torch op is an OpenMP region whose threads meet at a barrier,
+    and this path issues thousands of small ops per step. When another process occupies a core, each
+    barrier waits for a descheduled thread (a scheduler time slice), and a step that takes 2.3 s idle
+    took 80-130 s. Here every worker runs its ops single-threaded, so the threads meet once per token
+    block instead of once per op. The parts are combined in a fixed order, so the result depends on the
+    number of parts (torch.get_num_threads()) but never on the scheduling.
+    """
+
+    _lock = threading.Lock()
+    _pool: ThreadPoolExecutor | None = None
+    _pool_key = None  # (size, pid) of _pool
+
+    @staticmethod
+    def count(n_slices: int) -> int:
+        return max(1, min(torch.get_num_threads(), n_slices))
+
+    @classmethod
+    def map(cls, fn, parts: list) -> list:
+        if len(parts) == 1:
+            return [fn(parts[0])]
+        return list(cls._executor(len(parts)).map(_without_grad(fn), parts))
+
+    @classmethod
+    def _executor(cls, size: int) -> ThreadPoolExecutor:
+        key = (size, os.getpid())  # a forked child must not reuse its parent's (dead) threads
+        with cls._lock:
+            if cls._pool_key != key:
+                if cls._pool is not None and cls._pool_key is not None and cls._pool_key[1] == os.getpid():
+                    cls._pool.shutdown(wait=False)
+                main_threads = torch.get_num_threads()
+                started = threading.Barrier(size)
+                pool = ThreadPoolExecutor(size, thread_name_prefix="fastdpo-chunked", initializer=_single_threaded)
+                list(pool.map(lambda _: started.wait(), range(size)))  # start (and initialise) every worker now
+                # torch.set_num_threads in the workers also stored 1 as the default of threads started later.
+                torch.set_num_threads(main_threads)
+                cls._pool, cls._pool_key = pool, key
+            return cls._pool
+
+
+def _without_grad(fn):
+    def run(part):
+        with torch.no_grad():  # grad mode is per thread: the autograd function's no_grad does not reach here
+            return fn(part)
+    return run
+
+
+def _single_threaded() -> None:
+    torch.get_num_threads()  # this thread's lazy thread-count initialisation first, so it cannot undo the next line
+    torch.set_num_threads(1)
 
 
 class Transform:
@@ -86,6 +159,9 @@ class Rows:
     def block(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
         return gather_rows(self.hidden, self.rows[r0:r1], out)
 
+    def subset(self, which: torch.Tensor) -> "Rows":
+        return Rows(self.hidden, self.rows[which], self.targets[which])
+
 
 def gather_rows(source: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """source[index] written into the first len(index) rows of `out` (converted to out's dtype)."""
@@ -95,6 +171,17 @@ def gather_rows(source: torch.Tensor, index: torch.Tensor, out: torch.Tensor) ->
     return out.copy_(source.index_select(0, index))
 
 
+class Part:
+    """One worker's share of a token block: its vocabulary slices, a [block, H] accumulator and a tile."""
+
+    def __init__(self, slices, acc: torch.Tensor, tile: torch.Tensor):
+        self.slices, self.acc, self._tile = slices, acc, tile
+
+    def tile_for(self, n_rows: int, v0: int, v1: int) -> torch.Tensor:
+        """A contiguous [n_rows, v1 - v0] logits tile."""
+        return self._tile[: n_rows * (v1 - v0)].view(n_rows, v1 - v0)
+
+
 class BlockBuffers:
     """The [block, H] and [block, slice] buffers that every token block reuses.
 
@@ -102,26 +189,35 @@ class BlockBuffers:
     per block. Measured on the quick benchmark: with per-block buffers a step's peak RSS ranged over
     67.3-68.3 MiB between processes at V=65536 (66.0 MiB of gradients); with one buffer per pass,
     34.6-35.1 MiB at V=32768 (34.0 of gradients), and with one per step 34.5-34.9. The vocabulary
-    slices are fixed so that the last, shorter block fits the same tile.
+    slices are fixed so that the last, shorter block fits the same tile. Each part (worker) has its
+    own accumulator and tile; the gathered rows are shared.
     """
 
     def __init__(self, x: Rows, vocab_size: int):
         block_rows = max(1, min(TOKEN_BLOCK, len(x)))
-        self.slices = vocab_slices(vocab_size, block_rows)
+        slices = vocab_slices(vocab_size, block_rows)
+        n_parts = Workers.count(len(slices))
         rows_size = block_rows * x.hidden.shape[1]
-        tile_size = block_rows * (self.slices[0][1] - self.slices[0][0])
-        storage = torch.empty(2 * rows_size + tile_size, dtype=x.dtype, device=x.hidden.device)
+        tile_size = block_rows * (slices[0][1] - slices[0][0])
+        storage = torch.empty(rows_size + n_parts * (rows_size + tile_size), dtype=x.dtype, device=x.hidden.device)
         self.rows = storage[:rows_size].view(block_rows, -1)  # the block's hidden rows
-        self.spare = storage[rows_size: 2 * rows_size].view(block_rows, -1)  # W[targets], or the block's dX
-        self._tile = storage[2 * rows_size:]
-
-    def tile_for(self, n_rows: int, v0: int, v1: int) -> torch.Tensor:
-        """A contiguous [n_rows, v1 - v0] logits tile."""
-        return self._tile[: n_rows * (v1 - v0)].view(n_rows, v1 - v0)
+        self.parts = []
+        for k, part_slices in enumerate(split_evenly(slices, n_parts)):
+            start = rows_size + k * (rows_size + tile_size)
+            acc = storage[start: start + rows_size].view(block_rows, -1)  # W[targets], or a share of dX
+            self.parts.append(Part(part_slices, acc, storage[start + rows_size: start + rows_size + tile_size]))
 
 
 def _weight_slice(weight, bias, v0, v1, dtype):
     return weight[v0:v1].to(dtype), None if bias is None else bias[v0:v1].to(dtype)
+
+
+def _stack(parts: list[VocabPartials]) -> VocabPartials:
+    return VocabPartials(*(None if field[0] is None else torch.stack(field) for field in zip(*parts)))
+
+
+def _cat(parts: list[VocabPartials]) -> VocabPartials:
+    return VocabPartials(*(None if field[0] is None else torch.cat(field) for field in zip(*parts)))
 
 
 # --- forward -------------------------------------------------------------------------------------
@@ -129,52 +225,150 @@ def _weight_slice(weight, bias, v0, v1, dtype):
 
 def forward_partials(x: Rows, weight, bias, transform: Transform, with_stats: bool,
                      buffers: BlockBuffers | None = None) -> VocabPartials:
-    """Merged softmax partials of the scored rows over the whole vocabulary."""
+    """Merged softmax partials of the scored rows over the whole vocabulary.
+
+    The log-probs (target_logit - max - log sum_exp) do not depend on `with_stats`: the statistics
+    are computed beside the same tiles, never instead of them.
+    """
     buffers = buffers or BlockBuffers(x, weight.shape[0])
-    if transform.is_linear and bias is None and not with_stats:
-        partials = _shifted_forward(x, weight, transform.linear_factor, buffers)
-        if bool(torch.isfinite(partials.sum_exp).all()):
-            return partials
-        # A logit more than ~88 nats above its row's target logit overflowed exp (or the input holds
-        # NaN/inf): the online path rescales by the running maximum and propagates NaN.
-    blocks = [_online_block(x, r0, r1, weight, bias, transform, with_stats, buffers)
-              for r0, r1 in token_blocks(len(x))]
-    return VocabPartials(*(None if field[0] is None else torch.cat(field) for field in zip(*blocks)))
+    if not (transform.is_linear and bias is None):
+        return _online_forward(x, weight, bias, transform, with_stats, buffers)
+    # sum_v z_iv = c x_i . sum_v W_v: the mean logit without the cancellation of sum_v (z_iv - t_i) + V t_i
+    weight_sum = torch.sum(weight, 0, dtype=x.dtype) if with_stats else None
+    partials = _cat([_shifted_block(x, r0, r1, weight, transform.linear_factor, weight_sum, buffers)
+                     for r0, r1 in token_blocks(len(x))])
+    # A logit far above its row's target logit (or NaN/inf in the input): that row, and only that
+    # row, goes through the online path, which rescales by the running maximum and propagates NaN.
+    unsafe = ~(partials.sum_exp <= SHIFTED_SUM_LIMIT)
+    if not bool(unsafe.any()):
+        return partials
+    online = _online_forward(x.subset(unsafe), weight, bias, transform, with_stats, buffers)
+    if with_stats:
+        online = online._replace(is_top1=_top1(online))
+    return VocabPartials(*(None if mine is None else mine.index_put((unsafe,), theirs)
+                           for mine, theirs in zip(partials, online)))
 
 
-def _shifted_forward(x: Rows, weight, factor: float, buffers: BlockBuffers) -> VocabPartials:
-    """lse without a max pass: every tile is exponentiated relative to the row's target logit.
+def _top1(p: VocabPartials) -> torch.Tensor:
+    return (p.target_logit >= p.max) & (p.target_logit > p.max_before_target)
+
+
+def _shifted_block(x: Rows, r0, r1, weight, factor: float, weight_sum, buffers: BlockBuffers) -> VocabPartials:
+    """lse without a max pass: every tile is exponentiated relative to the row's target logit t.
 
     Any value a row actually attains is a safe shift for its logsumexp: logits far below it underflow
     to 0 and add nothing that float32 could hold next to exp(0) = 1. The shift is fused into the GEMM
-    (addmm's broadcast input), so a tile costs one GEMM, one in-place exp and one row sum.
+    (addmm's broadcast input), so a tile costs one GEMM, one in-place exp and one row sum. Partials
+    come back with max = t (the shift), so lse = t + log sum_exp as for any other shift.
+    With `weight_sum` (sum_v W_v) the statistics are computed too.
     """
-    target_logits, sums = [], []
-    for r0, r1 in token_blocks(len(x)):
-        xb = x.block(r0, r1, buffers.rows)
-        # x_i . W[y_i], multiplied in place in the spare buffer (vecdot would allocate the product)
-        target_logit = gather_rows(weight, x.targets[r0:r1], buffers.spare).mul_(xb).sum(1).mul_(factor)
-        neg_shift, sum_exp = -target_logit[:, None], torch.zeros_like(target_logit)
-        for v0, v1 in buffers.slices:
+    with_stats = weight_sum is not None
+    xb, targets = x.block(r0, r1, buffers.rows), x.targets[r0:r1]
+    # x_i . W[y_i], multiplied in place in a free accumulator (vecdot would allocate the product)
+    target_logit = gather_rows(weight, targets, buffers.parts[0].acc).mul_(xb).sum(1).mul_(factor)
+    neg_shift = -target_logit[:, None]
+
+    def part_sums(part: Part):
+        sum_exp = torch.zeros_like(target_logit)
+        stats = _ShiftedStats(targets) if with_stats else None
+        for v0, v1 in part.slices:
             w = weight[v0:v1].to(x.dtype)
-            probs = torch.addmm(neg_shift, xb, w.T, alpha=factor, out=buffers.tile_for(r1 - r0, v0, v1)).exp_()
+            shifted = torch.addmm(neg_shift, xb, w.T, alpha=factor, out=part.tile_for(r1 - r0, v0, v1))
+            if stats is not None:
+                stats.add_shifted_logits(shifted, v0)
+            probs = shifted.exp_()
             sum_exp += probs.sum(1)
-        target_logits.append(target_logit)
-        sums.append(sum_exp)
-    target_logit = torch.cat(target_logits)
-    return VocabPartials(max=target_logit, sum_exp=torch.cat(sums), target_logit=target_logit)
+            if stats is not None:
+                stats.add_probs(probs)
+        return sum_exp, stats
+
+    results = Workers.map(part_sums, buffers.parts)
+    sum_exp = _sum_in_order([s for s, _ in results])
+    partials = VocabPartials(max=target_logit, sum_exp=sum_exp, target_logit=target_logit)
+    if not with_stats:
+        return partials
+    z_sum = torch.mv(xb, weight_sum).mul_(factor)
+    return _ShiftedStats.combine([stats for _, stats in results], partials, z_sum)
+
+
+def _sum_in_order(tensors: list[torch.Tensor]) -> torch.Tensor:
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    return total
+
+
+class _ShiftedStats:
+    """Statistics of one part's tiles of d = z - t (the shifted logits), beside the shifted lse.
+
+    With p = exp(d): sum p d and sum p^2 give the entropy and log sum p^2 (both shift-invariant), and
+    the largest d overall and before the target column give top-1 against d at the target as the tile
+    itself computed it (t itself comes from another summation order). The mean logit comes from the
+    block's rows times sum_v W_v (see _shifted_block).
+    """
+
+    def __init__(self, targets: torch.Tensor):
+        self.targets = targets
+        self.p_d = self.sq = self.d_target = self.d_max = self.d_max_before = None
+        self._shifted = None
+
+    def add_shifted_logits(self, d: torch.Tensor, col_start: int) -> None:
+        local = self.targets - col_start
+        in_tile = (local >= 0) & (local < d.shape[1])
+        at_target = d.gather(1, local.clamp(0, d.shape[1] - 1)[:, None]).squeeze(1)
+        cols = torch.arange(col_start, col_start + d.shape[1], device=d.device)
+        before = d.masked_fill(cols[None, :] >= self.targets[:, None], float("-inf")).amax(1)
+        self._accumulate(d_target=torch.where(in_tile, at_target, torch.zeros_like(at_target)))
+        self.d_max = d.amax(1) if self.d_max is None else torch.maximum(self.d_max, d.amax(1))
+        self.d_max_before = before if self.d_max_before is None else torch.maximum(self.d_max_before, before)
+        self._shifted = d.clone()  # the tile is exponentiated in place next
+
+    def add_probs(self, p: torch.Tensor) -> None:
+        self._accumulate(p_d=(p * self._shifted).sum(1), sq=(p * p).sum(1))
+        self._shifted = None
+
+    def _accumulate(self, **sums: torch.Tensor) -> None:
+        for name, value in sums.items():
+            current = getattr(self, name)
+            setattr(self, name, value if current is None else current + value)
+
+    @staticmethod
+    def combine(parts: list["_ShiftedStats"], partials: VocabPartials, z_sum: torch.Tensor) -> VocabPartials:
+        t, sum_exp = partials.target_logit, partials.sum_exp
+        p_d = _sum_in_order([s.p_d for s in parts])
+        d_target = _sum_in_order([s.d_target for s in parts])  # one part holds the target, the others add 0
+        d_max = torch.stack([s.d_max for s in parts]).amax(0)
+        d_max_before = torch.stack([s.d_max_before for s in parts]).amax(0)
+        return partials._replace(
+            z_sum_exp=p_d + t * sum_exp,  # sum p z with z = d + t
+            sq_sum_exp=_sum_in_order([s.sq for s in parts]),
+            z_sum=z_sum,
+            max_before_target=d_max_before + t,
+            is_top1=(d_target >= d_max) & (d_target > d_max_before),
+        )
+
+
+def _online_forward(x: Rows, weight, bias, transform: Transform, with_stats: bool,
+                    buffers: BlockBuffers) -> VocabPartials:
+    return _cat([_online_block(x, r0, r1, weight, bias, transform, with_stats, buffers)
+                 for r0, r1 in token_blocks(len(x))])
 
 
 def _online_block(x: Rows, r0, r1, weight, bias, transform: Transform, with_stats: bool,
                   buffers: BlockBuffers) -> VocabPartials:
     xb, targets = x.block(r0, r1, buffers.rows), x.targets[r0:r1]
-    running = None
-    for v0, v1 in buffers.slices:
-        w, b = _weight_slice(weight, bias, v0, v1, x.dtype)
-        z = _logits(xb, w, b, transform, out=buffers.tile_for(r1 - r0, v0, v1))
-        tile = _tile_partials(z, targets, v0, with_stats)
-        running = tile if running is None else merge(_stack(running, tile))
-    return running
+
+    def part_partials(part: Part) -> VocabPartials:
+        running = None
+        for v0, v1 in part.slices:
+            w, b = _weight_slice(weight, bias, v0, v1, x.dtype)
+            z = _logits(xb, w, b, transform, out=part.tile_for(r1 - r0, v0, v1))
+            tile = _tile_partials(z, targets, v0, with_stats)
+            running = tile if running is None else merge(_stack([running, tile]))
+        return running
+
+    parts = Workers.map(part_partials, buffers.parts)
+    return parts[0] if len(parts) == 1 else merge(_stack(parts))
 
 
 def _logits(x, w, b, transform: Transform, out: torch.Tensor) -> torch.Tensor:
@@ -199,10 +393,6 @@ def _tile_partials(z: torch.Tensor, targets: torch.Tensor, col_start: int, with_
     )
 
 
-def _stack(a: VocabPartials, b: VocabPartials) -> VocabPartials:
-    return VocabPartials(*(None if x is None else torch.stack([x, y]) for x, y in zip(a, b)))
-
-
 # --- backward ------------------------------------------------------------------------------------
 
 
@@ -212,65 +402,80 @@ def backward(x: Rows, weight, bias, lse, grad, transform: Transform, *, dx, dw, 
 
     All three are in the accumulation dtype and zero-initialised by the caller. With filter_eps > 0,
     a tile whose softmax stays below it (and, on the tiled path, that holds no target) adds nothing.
-    `buffers` may be the forward's: one allocation then serves the whole step.
+    `buffers` may be the forward's: one allocation then serves the whole step. The parts of a block
+    write disjoint rows of dw and db, and their shares of the block's dx are added in a fixed order.
     """
-    block = _factored_block if transform.is_linear and bias is None else _tiled_block
+    factored = transform.is_linear and bias is None
     buffers = buffers or BlockBuffers(x, weight.shape[0])
     for r0, r1 in token_blocks(len(x)):
         xb, targets = x.block(r0, r1, buffers.rows), x.targets[r0:r1]
-        dx_block = buffers.spare[: r1 - r0].zero_() if dx is not None else None
-        block(xb, targets, weight, bias, lse[r0:r1], grad[r0:r1], transform, buffers, dx_block=dx_block, dw=dw,
-              db=db, filter_eps=filter_eps)
+        block = _BackwardBlock(xb, targets, weight, bias, lse[r0:r1], grad[r0:r1], transform, dx is not None, dw,
+                               db, filter_eps)
+        shares = Workers.map(block.factored_part if factored else block.tiled_part, buffers.parts)
+        dx_block = _sum_in_order(shares) if dx is not None else None
+        if factored:
+            dx_block = block.add_onehot_terms(dx_block, buffers.rows)
         if dx is not None:
             dx.index_copy_(0, x.rows[r0:r1], dx_block)
 
 
-def _factored_block(xb, targets, weight, _bias, lse, grad, transform: Transform, buffers: BlockBuffers, *,
-                    dx_block, dw, db, filter_eps):
-    """The backward of a linear head with the per-token scalar g_i pulled out of every tile.
+class _BackwardBlock:
+    def __init__(self, xb, targets, weight, bias, lse, grad, transform: Transform, need_dx, dw, db, filter_eps):
+        self.xb, self.targets, self.weight, self.bias = xb, targets, weight, bias
+        self.lse, self.grad, self.transform = lse, grad, transform
+        self.need_dx, self.dw, self.db, self.filter_eps = need_dx, dw, db, filter_eps
+        self.scaled_grad = transform.linear_factor * grad
 
-    dz = g (onehot - P) with P = exp(c X W^T - lse), so
-        dX = c g (W[y] - P W),      dW = -(c g P)^T X + scatter_y(c g X),
-    and the onehot term never touches a tile: each tile costs one GEMM with the lse shift fused in,
-    one in-place exp, one row scaling, and the GEMMs of the products. (No bias on this path.)
-    dx_block first accumulates E[W] = sum_v P[i, v] W[v].
-    """
-    factor = transform.linear_factor
-    scaled_grad = factor * grad
-    neg_lse, neg_scaled_grad = -lse[:, None], -scaled_grad[:, None]
-    for v0, v1 in buffers.slices:
-        w = weight[v0:v1].to(xb.dtype)
-        tile = buffers.tile_for(xb.shape[0], v0, v1)
-        probs = torch.addmm(neg_lse, xb, w.T, alpha=factor, out=tile).exp_()
-        if filter_eps and bool(probs.max() < filter_eps):  # the onehot term is added exactly below
-            continue
-        if dx_block is not None:
-            dx_block.addmm_(probs, w)
-        if dw is not None:
-            # Scaling the tile's rows costs O(block x slice), against O(block x slice x H) for its
-            # GEMMs, and saves a [block, H] copy of -c g X.
-            dw[v0:v1].addmm_(probs.mul_(neg_scaled_grad).T, xb)
-    if dw is not None:  # the onehot term: c g_i x_i into row y_i (xb is the block's own buffer)
-        dw.index_add_(0, targets, xb.mul_(scaled_grad[:, None]))
-    if dx_block is not None:  # c g (W[y] - E[W]), with W[y] gathered into the free rows buffer
-        dx_block.sub_(gather_rows(weight, targets, buffers.rows)).mul_(neg_scaled_grad)
+    def factored_part(self, part: Part):
+        """The backward of a linear head with the per-token scalar g_i pulled out of every tile.
 
+        dz = g (onehot - P) with P = exp(c X W^T - lse), so
+            dX = c g (W[y] - P W),      dW = -(c g P)^T X + scatter_y(c g X),
+        and the onehot term never touches a tile (see add_onehot_terms): each tile costs one GEMM with
+        the lse shift fused in, one in-place exp, one row scaling, and the GEMMs of the products.
+        Returns this part's share of E[W] = sum_v P[i, v] W[v] (None without dx).
+        """
+        xb, factor = self.xb, self.transform.linear_factor
+        neg_lse, neg_scaled_grad = -self.lse[:, None], -self.scaled_grad[:, None]
+        share = part.acc[: xb.shape[0]].zero_() if self.need_dx else None
+        for v0, v1 in part.slices:
+            w = self.weight[v0:v1].to(xb.dtype)
+            probs = torch.addmm(neg_lse, xb, w.T, alpha=factor, out=part.tile_for(xb.shape[0], v0, v1)).exp_()
+            if self.filter_eps and bool(probs.max() < self.filter_eps):  # the onehot term is added exactly
+                continue
+            if share is not None:
+                share.addmm_(probs, w)
+            if self.dw is not None:
+                # Scaling the tile's rows costs O(block x slice), against O(block x slice x H) for its
+                # GEMMs, and saves a [block, H] copy of -c g X.
+                self.dw[v0:v1].addmm_(probs.mul_(neg_scaled_grad).T, xb)
+        return share
 
-def _tiled_block(xb, targets, weight, bias, lse, grad, transform: Transform, buffers: BlockBuffers, *,
-                 dx_block, dw, db, filter_eps):
-    for v0, v1 in buffers.slices:
-        w, b = _weight_slice(weight, bias, v0, v1, xb.dtype)
-        z = _logits(xb, w, b, transform, out=buffers.tile_for(xb.shape[0], v0, v1))
-        d_z = _logits_gradient(z, targets - v0, lse, grad, filter_eps)
-        if d_z is None:
-            continue
-        d_raw = transform.scale_gradient_(d_z, z)
-        if dx_block is not None:
-            dx_block.addmm_(d_raw, w)
-        if dw is not None:
-            dw[v0:v1].addmm_(d_raw.T, xb)
-        if db is not None:
-            db[v0:v1] += d_raw.sum(0)
+    def add_onehot_terms(self, expected_w, free_rows: torch.Tensor):
+        """After every part: c g_i x_i into dW row y_i, and dx = c g (W[y] - E[W]). Consumes xb."""
+        if self.dw is not None:  # xb is the block's own buffer: scaled in place
+            self.dw.index_add_(0, self.targets, self.xb.mul_(self.scaled_grad[:, None]))
+        if expected_w is None:
+            return None
+        return expected_w.sub_(gather_rows(self.weight, self.targets, free_rows)).mul_(-self.scaled_grad[:, None])
+
+    def tiled_part(self, part: Part):
+        xb = self.xb
+        share = part.acc[: xb.shape[0]].zero_() if self.need_dx else None
+        for v0, v1 in part.slices:
+            w, b = _weight_slice(self.weight, self.bias, v0, v1, xb.dtype)
+            z = _logits(xb, w, b, self.transform, out=part.tile_for(xb.shape[0], v0, v1))
+            d_z = _logits_gradient(z, self.targets - v0, self.lse, self.grad, self.filter_eps)
+            if d_z is None:
+                continue
+            d_raw = self.transform.scale_gradient_(d_z, z)
+            if share is not None:
+                share.addmm_(d_raw, w)
+            if self.dw is not None:
+                self.dw[v0:v1].addmm_(d_raw.T, xb)
+            if self.db is not None:
+                self.db[v0:v1] += d_raw.sum(0)
+        return share
 
 
 def _logits_gradient(z, local_targets, lse, grad, filter_eps=0.0):

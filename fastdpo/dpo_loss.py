@@ -4,8 +4,11 @@
     reference      = precomputed per-sequence log-probs, or the same kernels without grad
     loss           = any of fastdpo.losses (TRL's loss types, SimPO, ORPO), from per-sequence log-probs
 
-The plain sigmoid loss on the Triton backend takes a fused path: the per-sequence sums and the loss
-with its gradient run in one kernel (kernels/sigmoid_dpo.py).
+The policy's and the reference's per-sequence sums go through one torch summation
+(fastdpo.sequences), whatever the backend: with the same token log-probs they are the same bits, so at
+the first step (policy = reference) the rewards are exactly 0. (An earlier fused Triton kernel summed
+the policy in its own order; the loss math it fused is a few [B]-sized ops, microseconds against the
+milliseconds of the head.)
 """
 
 from __future__ import annotations
@@ -16,12 +19,11 @@ import torch
 from torch import nn
 
 from .backends import resolve_backend
-from .fused_sigmoid import fused_sigmoid_dpo
 from .logprobs import linear_logprobs
 from .losses import LossConfig, preference_loss_from_token_logps
-from .sequences import sequence_logprobs, shifted_targets
+from .sequences import shifted_targets
 from .types import DPOOutput, TokenStats
-from .validation import check_dpo_inputs
+from .validation import check_dpo_inputs, check_logit_options, widen_labels
 
 
 class FastDPOLoss(nn.Module):
@@ -56,6 +58,8 @@ class FastDPOLoss(nn.Module):
             reference_free=reference_free, use_weighting=use_weighting, ld_alpha=ld_alpha, discopop_tau=discopop_tau,
             simpo_gamma=simpo_gamma, average_log_prob=average_log_prob, cdpo=True,
         )
+        check_logit_options(temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                            grad_filter_eps=grad_filter_eps)
         self.ignore_index, self.shift_labels, self.backend = ignore_index, shift_labels, backend
         self.token_metrics = token_metrics
         self.logit_transform = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
@@ -69,10 +73,13 @@ class FastDPOLoss(nn.Module):
                 ref_rejected_logps=None, ref_hidden_states=None, ref_lm_head_weight=None,
                 ref_lm_head_bias=None) -> DPOOutput:
         cfg = self.config
-        check_dpo_inputs(hidden_states, labels, ref_chosen_logps=ref_chosen_logps,
+        labels = widen_labels(labels)
+        device = hidden_states.device if isinstance(hidden_states, torch.Tensor) else torch.device("cpu")
+        backend = resolve_backend(self.backend, device)
+        check_dpo_inputs(hidden_states, lm_head_weight, labels, lm_head_bias, ref_chosen_logps=ref_chosen_logps,
                          ref_rejected_logps=ref_rejected_logps, ref_hidden_states=ref_hidden_states,
-                         reference_required=cfg.needs_reference)
-        backend = resolve_backend(self.backend, hidden_states.device)
+                         ref_lm_head_weight=ref_lm_head_weight, ref_lm_head_bias=ref_lm_head_bias,
+                         reference_required=cfg.needs_reference, ignore_index=self.ignore_index, backend=backend)
         targets = shifted_targets(labels, self.ignore_index) if self.shift_labels else labels
         completion = targets != self.ignore_index
         with_stats = self.token_metrics or cfg.needs_log_sum_sq_probs
@@ -88,40 +95,16 @@ class FastDPOLoss(nn.Module):
         else:
             ref_token_logps = None
 
-        if backend == "triton" and self._is_plain_sigmoid():
-            out = self._fused_sigmoid(token_logps, targets, ref_chosen_logps, ref_rejected_logps, ref_token_logps)
-        else:
-            terms = preference_loss_from_token_logps(
-                cfg, token_logps, completion, ref_token_logps=ref_token_logps,
-                ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-                log_sum_sq_probs=policy.log_sum_sq_probs if with_stats else None,
-            )
-            out = DPOOutput.from_sequences(terms.loss, terms.chosen_logps, terms.rejected_logps, terms.chosen_rewards,
-                                           terms.rejected_rewards)
+        terms = preference_loss_from_token_logps(
+            cfg, token_logps, completion, ref_token_logps=ref_token_logps,
+            ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+            log_sum_sq_probs=policy.log_sum_sq_probs if with_stats else None,
+        )
+        out = DPOOutput.from_sequences(terms.loss, terms.chosen_logps, terms.rejected_logps, terms.chosen_rewards,
+                                       terms.rejected_rewards)
         if self.token_metrics:
             out.token_metrics = _token_metrics(policy, completion)
         return out
-
-    def _is_plain_sigmoid(self) -> bool:
-        cfg = self.config
-        return (cfg.loss_type == ("sigmoid",) and cfg.loss_weights == (1.0,) and cfg.ld_alpha is None
-                and not cfg.use_weighting and cfg.f_divergence_type == "reverse_kl")
-
-    def _fused_sigmoid(self, token_logps, targets, ref_chosen_logps, ref_rejected_logps, ref_token_logps):
-        cfg = self.config
-        num_seqs = targets.shape[0]
-        if cfg.reference_free:
-            ref = torch.zeros(num_seqs, dtype=torch.float32, device=targets.device)
-        elif ref_token_logps is not None:
-            ref = sequence_logprobs(ref_token_logps, targets, self.ignore_index, cfg.average_log_prob)
-        else:
-            ref = torch.cat([ref_chosen_logps, ref_rejected_logps]).detach().float()
-        loss, policy = fused_sigmoid_dpo(token_logps, targets, ref, beta=cfg.beta,
-                                         label_smoothing=cfg.label_smoothing, ignore_index=self.ignore_index,
-                                         average=cfg.average_log_prob)
-        rewards = cfg.beta * (policy - ref)
-        half = num_seqs // 2
-        return DPOOutput.from_sequences(loss, policy[:half], policy[half:], rewards[:half], rewards[half:])
 
     def _reference_token_logps(self, targets, ref_hidden_states, ref_lm_head_weight, ref_lm_head_bias,
                                lm_head_weight, lm_head_bias, backend) -> torch.Tensor:

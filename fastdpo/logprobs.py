@@ -14,7 +14,14 @@ from . import chunked, reference
 from .backends import resolve_backend
 from .softmax_stats import VocabPartials, logsumexp, merge, token_stats
 from .types import TokenStats
-from .validation import check_logprob_inputs
+from .validation import check_logprob_inputs, require_tensor, widen_labels
+
+
+DOUBLE_BACKWARD_MESSAGE = (
+    "fastdpo.linear_logprobs does not support double backward (torch.autograd.grad or backward with "
+    "create_graph=True, e.g. for a gradient penalty): its gradients come from fused kernels and carry no graph. "
+    "Use backend='reference' for higher-order gradients."
+)
 
 
 class LinearLogProbs(torch.autograd.Function):
@@ -59,6 +66,8 @@ class LinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps, *_unused_stat_grads):
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients would carry no graph
+            raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         hidden_2d, weight, bias, rows, row_targets, lse = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         grad_rows = grad_logps.reshape(-1).index_select(0, rows).to(lse.dtype).contiguous()
@@ -138,12 +147,16 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
     Smaller workspaces mean more, narrower vocabulary chunks: the same result up to the rounding of
     dX's chunk sums (for given inputs and workspace, the bits are reproducible).
     """
+    for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        require_tensor(name, value)
+    require_tensor("bias", bias, optional=True)
     from . import distributed  # heads split across processes: VocabShard, DTensor and ZeRO-3 heads (issue 10)
     if distributed.is_distributed_head(hidden, weight):
         return distributed.linear_logprobs(hidden, weight, targets, bias, ignore_index, temperature=temperature,
                                            softcap=softcap, logit_scale=logit_scale, with_stats=with_stats,
                                            backend=backend, grad_filter_eps=grad_filter_eps)
-    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    targets = widen_labels(targets)
+    device = hidden.device
     backend = resolve_backend(backend, device)
     if torch.is_autocast_enabled(device.type) and hidden.is_floating_point():
         # Under autocast the head runs in the autocast dtype, as nn.Linear would.
@@ -151,7 +164,7 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     check_logprob_inputs(hidden, weight, targets, bias, ignore_index, backend, temperature=temperature,
-                         softcap=softcap, grad_filter_eps=grad_filter_eps)
+                         softcap=softcap, logit_scale=logit_scale, grad_filter_eps=grad_filter_eps)
     if workspace_bytes is not None and (isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int)
                                         or workspace_bytes <= 0):
         raise ValueError(f"workspace_bytes must be None or a positive int (bytes), got {workspace_bytes!r}")

@@ -6,6 +6,9 @@ m, s, t and optionally a, q, u, b. Two slices merge exactly:
     m = max(m1, m2),   s = s1 e^{m1-m} + s2 e^{m2-m},   a likewise,   q = q1 e^{2(m1-m)} + q2 e^{2(m2-m)}
     t = t1 + t2 (the target lies in one slice),   u = u1 + u2,   b = max(b1, b2)
 
+Any shift works in place of m (lse = m + log s whatever m is, as long as no exp overflows): the CPU
+path's linear heads shift by the target logit and skip the max pass.
+
 and the whole vocabulary gives lse = m + log s, logp = t - lse. The Triton launcher returns one
 row per vocabulary split, the CPU path folds one tile at a time; both end here.
 """
@@ -27,6 +30,9 @@ class VocabPartials(NamedTuple):
     sq_sum_exp: torch.Tensor | None = None
     z_sum: torch.Tensor | None = None
     max_before_target: torch.Tensor | None = None
+    # Set by paths whose `max` is a shift rather than the row's largest logit (the CPU path's shifted
+    # forward): top-1 decided there from the tiles themselves. None: decided from max and max_before_target.
+    is_top1: torch.Tensor | None = None
 
     @property
     def with_stats(self) -> bool:
@@ -65,5 +71,6 @@ def token_stats(merged: VocabPartials, lse: torch.Tensor, vocab_size: int) -> To
         entropy=lse - merged.z_sum_exp / merged.sum_exp,
         log_sum_sq_probs=torch.log(merged.sq_sum_exp) - 2 * log_sum_exp,
         mean_logits=merged.z_sum / vocab_size,
-        is_top1=(merged.target_logit >= merged.max) & (merged.target_logit > merged.max_before_target),
+        is_top1=(merged.is_top1.bool() if merged.is_top1 is not None
+                 else (merged.target_logit >= merged.max) & (merged.target_logit > merged.max_before_target)),
     )

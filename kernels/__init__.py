@@ -4,13 +4,11 @@
 - logits_tile:      the shared in-register tile z = transform(X W^T + b) and the grouped program order
 - logprob_forward:  GEMM + epilogue: per-(vocabulary tile, row) softmax partials and the target logit
 - logprob_backward: GEMM + epilogue: d_logits of a vocabulary chunk into a workspace
-- sigmoid_dpo:      per-sequence sums and the sigmoid DPO loss with its gradient
 
 Importing this package imports Triton; the CPU path in `fastdpo.chunked` never does.
 """
 
 from .logprob_backward import logits_grad
 from .logprob_forward import logprob_forward
-from .sigmoid_dpo import sigmoid_dpo
 
-__all__ = ["logprob_forward", "logits_grad", "sigmoid_dpo"]
+__all__ = ["logprob_forward", "logits_grad"]

@@ -26,7 +26,6 @@ from triton.backends.nvidia.compiler import get_ptxas
 from fastdpo.kernels import config
 from fastdpo.kernels.logprob_backward import logits_grad_kernel
 from fastdpo.kernels.logprob_forward import logprob_forward_kernel
-from fastdpo.kernels.sigmoid_dpo import sigmoid_dpo_kernel
 from fastdpo.kernels.sparse_backward import (
     sparse_dw_kernel,
     sparse_dx_kernel,
@@ -117,12 +116,6 @@ def sparse_variants(capability: int, hidden_size: int):
                    f"sparse_dw {t} dW={compute_dw} db={compute_db}")
 
 
-def sigmoid_variants():
-    types = {"logps_ptr": "*fp32", "targets_ptr": "*i64", "ref_ptr": "*fp32", "seq_logps_ptr": "*fp32",
-             "loss_ptr": "*fp32", "seq_grad_ptr": "*fp32", "beta": "fp32", "label_smoothing": "fp32"}
-    yield sigmoid_dpo_kernel, types, dict(AVERAGE=True, BLOCK_T=1024), {"num_warps": 4}, "sigmoid_dpo"
-
-
 def _resources(ptx: str, capability: int) -> dict:
     """ptxas's own account: registers, stack frame and spill stores/loads (cuobjdump shows no spills)."""
     ptxas = get_ptxas(capability).path  # the ptxas Triton itself used for this target
@@ -146,8 +139,6 @@ def compile_all(capability: int):
         hidden_size = 4096 if aligned else 4095
         variants = (*forward_variants(capability, hidden_size), *backward_variants(capability, hidden_size),
                     *sparse_variants(capability, hidden_size))
-        if aligned:
-            variants += tuple(sigmoid_variants())
         for kernel, types, constexprs, options, name in variants:
             src = ASTSource(fn=kernel, signature=_signature(kernel, types, constexprs), constexprs=constexprs,
                             attrs=_attrs(kernel, aligned))
