@@ -27,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .softmax_stats import VocabPartials, merge
+from .softmax_stats import VocabPartials, logsumexp, merge
+from .sparse_plan import keep_within_budget, target_tiles
 
 # 2^15 values (128 KiB in fp32) per logits tile, 128 token rows per block. On 2 idle cores (1273
 # scored tokens, H=256, V=65536, fwd+bwd) tiles of 2^15 to 2^21 values all ran in 1.2-1.5 s, while
@@ -172,10 +173,11 @@ def gather_rows(source: torch.Tensor, index: torch.Tensor, out: torch.Tensor) ->
 
 
 class Part:
-    """One worker's share of a token block: its vocabulary slices, a [block, H] accumulator and a tile."""
+    """One worker's share of a token block: its vocabulary slices (the first is slice number `first` of
+    the pass), a [block, H] accumulator and a tile."""
 
-    def __init__(self, slices, acc: torch.Tensor, tile: torch.Tensor):
-        self.slices, self.acc, self._tile = slices, acc, tile
+    def __init__(self, slices, first: int, acc: torch.Tensor, tile: torch.Tensor):
+        self.slices, self.first, self.acc, self._tile = slices, first, acc, tile
 
     def tile_for(self, n_rows: int, v0: int, v1: int) -> torch.Tensor:
         """A contiguous [n_rows, v1 - v0] logits tile."""
@@ -201,11 +203,16 @@ class BlockBuffers:
         tile_size = block_rows * (slices[0][1] - slices[0][0])
         storage = torch.empty(rows_size + n_parts * (rows_size + tile_size), dtype=x.dtype, device=x.hidden.device)
         self.rows = storage[:rows_size].view(block_rows, -1)  # the block's hidden rows
-        self.parts = []
+        self.parts, first = [], 0
         for k, part_slices in enumerate(split_evenly(slices, n_parts)):
             start = rows_size + k * (rows_size + tile_size)
             acc = storage[start: start + rows_size].view(block_rows, -1)  # W[targets], or a share of dX
-            self.parts.append(Part(part_slices, acc, storage[start + rows_size: start + rows_size + tile_size]))
+            self.parts.append(Part(part_slices, first, acc, storage[start + rows_size: start + rows_size + tile_size]))
+            first += len(part_slices)
+        self.slice_width = slices[0][1] - slices[0][0]
+        # With a gradient tolerance, the forward records each (token block, slice)'s largest row mass
+        # here ([blocks, slices], a few KiB), for the backward's plan (fastdpo.sparse_plan).
+        self.block_mass: list[torch.Tensor] | None = None
 
 
 def _weight_slice(weight, bias, v0, v1, dtype):
@@ -224,13 +231,15 @@ def _cat(parts: list[VocabPartials]) -> VocabPartials:
 
 
 def forward_partials(x: Rows, weight, bias, transform: Transform, with_stats: bool,
-                     buffers: BlockBuffers | None = None) -> VocabPartials:
+                     buffers: BlockBuffers | None = None, record_mass: bool = False) -> VocabPartials:
     """Merged softmax partials of the scored rows over the whole vocabulary.
 
     The log-probs (target_logit - max - log sum_exp) do not depend on `with_stats`: the statistics
-    are computed beside the same tiles, never instead of them.
+    are computed beside the same tiles, never instead of them. With `record_mass`, buffers.block_mass
+    receives each (token block, slice)'s probability mass, the largest over the block's rows.
     """
     buffers = buffers or BlockBuffers(x, weight.shape[0])
+    buffers.block_mass = [] if record_mass else None
     if not (transform.is_linear and bias is None):
         return _online_forward(x, weight, bias, transform, with_stats, buffers)
     # sum_v z_iv = c x_i . sum_v W_v: the mean logit without the cancellation of sum_v (z_iv - t_i) + V t_i
@@ -242,6 +251,7 @@ def forward_partials(x: Rows, weight, bias, transform: Transform, with_stats: bo
     unsafe = ~(partials.sum_exp <= SHIFTED_SUM_LIMIT)
     if not bool(unsafe.any()):
         return partials
+    buffers.block_mass = None  # the recorded masses are not all exact: the backward stays dense
     online = _online_forward(x.subset(unsafe), weight, bias, transform, with_stats, buffers)
     if with_stats:
         online = online._replace(is_top1=_top1(online))
@@ -268,27 +278,35 @@ def _shifted_block(x: Rows, r0, r1, weight, factor: float, weight_sum, buffers: 
     target_logit = gather_rows(weight, targets, buffers.parts[0].acc).mul_(xb).sum(1).mul_(factor)
     neg_shift = -target_logit[:, None]
 
+    record = buffers.block_mass is not None
+
     def part_sums(part: Part):
         sum_exp = torch.zeros_like(target_logit)
         stats = _ShiftedStats(targets) if with_stats else None
+        slice_sums = []
         for v0, v1 in part.slices:
             w = weight[v0:v1].to(x.dtype)
             shifted = torch.addmm(neg_shift, xb, w.T, alpha=factor, out=part.tile_for(r1 - r0, v0, v1))
             if stats is not None:
                 stats.add_shifted_logits(shifted, v0)
             probs = shifted.exp_()
-            sum_exp += probs.sum(1)
+            tile_sum = probs.sum(1)
+            sum_exp += tile_sum
+            if record:
+                slice_sums.append(tile_sum)
             if stats is not None:
                 stats.add_probs(probs)
-        return sum_exp, stats
+        return sum_exp, stats, slice_sums
 
     results = Workers.map(part_sums, buffers.parts)
-    sum_exp = _sum_in_order([s for s, _ in results])
+    sum_exp = _sum_in_order([s for s, _, _ in results])
+    if record:  # a slice's mass is its share of the row's sum (the same shift for both)
+        buffers.block_mass.append((torch.stack([t for _, _, sums in results for t in sums]) / sum_exp).amax(1))
     partials = VocabPartials(max=target_logit, sum_exp=sum_exp, target_logit=target_logit)
     if not with_stats:
         return partials
     z_sum = torch.mv(xb, weight_sum).mul_(factor)
-    return _ShiftedStats.combine([stats for _, stats in results], partials, z_sum)
+    return _ShiftedStats.combine([stats for _, stats, _ in results], partials, z_sum)
 
 
 def _sum_in_order(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -358,17 +376,26 @@ def _online_block(x: Rows, r0, r1, weight, bias, transform: Transform, with_stat
                   buffers: BlockBuffers) -> VocabPartials:
     xb, targets = x.block(r0, r1, buffers.rows), x.targets[r0:r1]
 
-    def part_partials(part: Part) -> VocabPartials:
-        running = None
+    record = buffers.block_mass is not None
+
+    def part_partials(part: Part):
+        running, tile_lse = None, []
         for v0, v1 in part.slices:
             w, b = _weight_slice(weight, bias, v0, v1, x.dtype)
             z = _logits(xb, w, b, transform, out=part.tile_for(r1 - r0, v0, v1))
             tile = _tile_partials(z, targets, v0, with_stats)
+            if record:
+                tile_lse.append(logsumexp(tile))
             running = tile if running is None else merge(_stack([running, tile]))
-        return running
+        return running, tile_lse
 
-    parts = Workers.map(part_partials, buffers.parts)
-    return parts[0] if len(parts) == 1 else merge(_stack(parts))
+    results = Workers.map(part_partials, buffers.parts)
+    parts = [partials for partials, _ in results]
+    block = parts[0] if len(parts) == 1 else merge(_stack(parts))
+    if record:
+        tile_lse = torch.stack([t for _, lses in results for t in lses])
+        buffers.block_mass.append(torch.exp(tile_lse - logsumexp(block)).amax(1))
+    return block
 
 
 def _logits(x, w, b, transform: Transform, out: torch.Tensor) -> torch.Tensor:
@@ -397,7 +424,7 @@ def _tile_partials(z: torch.Tensor, targets: torch.Tensor, col_start: int, with_
 
 
 def backward(x: Rows, weight, bias, lse, grad, transform: Transform, *, dx, dw, db, filter_eps: float = 0.0,
-             buffers: BlockBuffers | None = None):
+             buffers: BlockBuffers | None = None, tolerance: float = 0.0):
     """Accumulate into dx ([N, H], indexed by x.rows), dw ([V, H]) and db ([V]); each may be None.
 
     All three are in the accumulation dtype and zero-initialised by the caller. With filter_eps > 0,
@@ -407,10 +434,11 @@ def backward(x: Rows, weight, bias, lse, grad, transform: Transform, *, dx, dw, 
     """
     factored = transform.is_linear and bias is None
     buffers = buffers or BlockBuffers(x, weight.shape[0])
-    for r0, r1 in token_blocks(len(x)):
+    kept = _kept_slices(x, buffers, tolerance)
+    for index, (r0, r1) in enumerate(token_blocks(len(x))):
         xb, targets = x.block(r0, r1, buffers.rows), x.targets[r0:r1]
         block = _BackwardBlock(xb, targets, weight, bias, lse[r0:r1], grad[r0:r1], transform, dx is not None, dw,
-                               db, filter_eps)
+                               db, filter_eps, None if kept is None else kept[index])
         shares = Workers.map(block.factored_part if factored else block.tiled_part, buffers.parts)
         dx_block = _sum_in_order(shares) if dx is not None else None
         if factored:
@@ -419,12 +447,30 @@ def backward(x: Rows, weight, bias, lse, grad, transform: Transform, *, dx, dw, 
             dx.index_copy_(0, x.rows[r0:r1], dx_block)
 
 
+def _kept_slices(x: Rows, buffers: BlockBuffers, tolerance: float) -> list[list[bool]] | None:
+    """Per token block, which slices the backward computes: fastdpo.sparse_plan's budget on the masses
+    the forward recorded (each the largest of its block's rows, so every row keeps its bound); None: all."""
+    if not tolerance or not buffers.block_mass:
+        return None
+    mass = torch.stack(buffers.block_mass)  # [blocks, slices]
+    holds_target = target_tiles(x.targets, mass.shape[0], mass.shape[1], TOKEN_BLOCK, buffers.slice_width)
+    return keep_within_budget(mass[:, :, None], holds_target, tolerance).tolist()
+
+
 class _BackwardBlock:
-    def __init__(self, xb, targets, weight, bias, lse, grad, transform: Transform, need_dx, dw, db, filter_eps):
+    def __init__(self, xb, targets, weight, bias, lse, grad, transform: Transform, need_dx, dw, db, filter_eps,
+                 kept: list[bool] | None = None):
         self.xb, self.targets, self.weight, self.bias = xb, targets, weight, bias
         self.lse, self.grad, self.transform = lse, grad, transform
         self.need_dx, self.dw, self.db, self.filter_eps = need_dx, dw, db, filter_eps
         self.scaled_grad = transform.linear_factor * grad
+        self.kept = kept
+
+    def slices(self, part: Part):
+        """The part's slices that the plan keeps (all without a tolerance)."""
+        if self.kept is None:
+            return part.slices
+        return [s for k, s in enumerate(part.slices, part.first) if self.kept[k]]
 
     def factored_part(self, part: Part):
         """The backward of a linear head with the per-token scalar g_i pulled out of every tile.
@@ -438,7 +484,7 @@ class _BackwardBlock:
         xb, factor = self.xb, self.transform.linear_factor
         neg_lse, neg_scaled_grad = -self.lse[:, None], -self.scaled_grad[:, None]
         share = part.acc[: xb.shape[0]].zero_() if self.need_dx else None
-        for v0, v1 in part.slices:
+        for v0, v1 in self.slices(part):
             w = self.weight[v0:v1].to(xb.dtype)
             probs = torch.addmm(neg_lse, xb, w.T, alpha=factor, out=part.tile_for(xb.shape[0], v0, v1)).exp_()
             if self.filter_eps and bool(probs.max() < self.filter_eps):  # the onehot term is added exactly
@@ -462,7 +508,7 @@ class _BackwardBlock:
     def tiled_part(self, part: Part):
         xb = self.xb
         share = part.acc[: xb.shape[0]].zero_() if self.need_dx else None
-        for v0, v1 in part.slices:
+        for v0, v1 in self.slices(part):
             w, b = _weight_slice(self.weight, self.bias, v0, v1, xb.dtype)
             z = _logits(xb, w, b, self.transform, out=part.tile_for(xb.shape[0], v0, v1))
             d_z = _logits_gradient(z, self.targets - v0, self.lse, self.grad, self.filter_eps)

@@ -49,7 +49,7 @@ class LinearLogProbs(torch.autograd.Function):
             x = chunked.Rows(hidden_2d, rows, row_targets)
             ctx.buffers = chunked.BlockBuffers(x, weight.shape[0])  # reused by the backward
             merged = chunked.forward_partials(x, weight, bias, chunked.Transform(**transform), with_stats,
-                                              ctx.buffers)
+                                              ctx.buffers, record_mass=grad_tolerance > 0)
         lse = logsumexp(merged)
         stats = token_stats(merged, lse, weight.shape[0])
 
@@ -86,7 +86,7 @@ class LinearLogProbs(torch.autograd.Function):
         else:
             chunked.backward(chunked.Rows(hidden_2d, rows, row_targets), weight, bias, lse, grad_rows,
                              chunked.Transform(**ctx.transform), dx=dx, dw=dw, db=db,
-                             filter_eps=ctx.grad_filter_eps, buffers=ctx.buffers)
+                             filter_eps=ctx.grad_filter_eps, buffers=ctx.buffers, tolerance=ctx.grad_tolerance)
         return (
             None if dx is None else dx.to(ctx.hidden_dtype).view(ctx.hidden_shape),
             None if dw is None else dw.to(weight.dtype),
@@ -147,14 +147,14 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
     Smaller workspaces mean more, narrower vocabulary chunks: the same result up to the rounding of
     dX's chunk sums (for given inputs and workspace, the bits are reproducible).
     """
-    for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
-        require_tensor(name, value)
-    require_tensor("bias", bias, optional=True)
     from . import distributed  # heads split across processes: VocabShard, DTensor and ZeRO-3 heads (issue 10)
     if distributed.is_distributed_head(hidden, weight):
         return distributed.linear_logprobs(hidden, weight, targets, bias, ignore_index, temperature=temperature,
                                            softcap=softcap, logit_scale=logit_scale, with_stats=with_stats,
                                            backend=backend, grad_filter_eps=grad_filter_eps)
+    for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        require_tensor(name, value)
+    require_tensor("bias", bias, optional=True)
     targets = widen_labels(targets)
     device = hidden.device
     backend = resolve_backend(backend, device)

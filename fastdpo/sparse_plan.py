@@ -31,10 +31,21 @@ def kept_pairs(tile_lse: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor,
     n_blocks = -(-n_rows // block_m)
     mass = torch.exp(tile_lse - lse[None, :])  # NaN stays NaN and is never dropped (comparisons fail)
     mass = torch.nn.functional.pad(mass, (0, n_blocks * block_m - n_rows)).view(n_tiles, n_blocks, block_m)
-    mass = mass.transpose(0, 1)  # [blocks, tiles, rows of the block]
-    holds_target = torch.zeros(n_blocks, n_tiles, dtype=torch.bool, device=lse.device)
-    row_block = torch.arange(n_rows, device=lse.device) // block_m
+    return keep_within_budget(mass.transpose(0, 1), target_tiles(targets, n_blocks, n_tiles, block_m, block_v),
+                              tolerance)
+
+
+def target_tiles(targets: torch.Tensor, n_blocks: int, n_tiles: int, block_m: int, block_v: int) -> torch.Tensor:
+    """bool [token blocks, vocabulary tiles]: the pairs that hold some row's target."""
+    holds_target = torch.zeros(n_blocks, n_tiles, dtype=torch.bool, device=targets.device)
+    row_block = torch.arange(targets.numel(), device=targets.device) // block_m
     holds_target[row_block, targets // block_v] = True
+    return holds_target
+
+
+def keep_within_budget(mass: torch.Tensor, holds_target: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """The pairs to keep, from mass [blocks, tiles, rows] (a row of a block may stand for several: its
+    mass must then be their maximum, which keeps the bound)."""
     cost = mass.amax(dim=2).masked_fill(holds_target, float("inf"))
     order = cost.argsort(dim=1, stable=True)
     sorted_mass = mass.gather(1, order[:, :, None].expand_as(mass))

@@ -29,10 +29,10 @@ def lm_like(tokens=70, hidden=48, vocab=700, peak=3.0, seed_targets=64):
     return h, w, targets
 
 
-def run(h0, w0, targets, upstream, tolerance, bias=True, workspace_bytes=None, **transform):
+def run(h0, w0, targets, upstream, tolerance, bias=True, workspace_bytes=None, backend="triton", **transform):
     h, w = leaf(h0, torch.float32), leaf(w0, torch.float32)
     b = leaf(torch.linspace(-0.5, 0.5, w0.shape[0], dtype=torch.float64), torch.float32) if bias else None
-    logps = fastdpo.linear_logprobs(h, w, targets.to(DEVICE), b, backend="triton", grad_tolerance=tolerance,
+    logps = fastdpo.linear_logprobs(h, w, targets.to(DEVICE), b, backend=backend, grad_tolerance=tolerance,
                                     workspace_bytes=workspace_bytes, **transform)
     (logps * upstream.to(logps)).sum().backward()
     return logps.detach(), h.grad.double().cpu(), w.grad.double().cpu(), None if b is None else b.grad.double().cpu()
@@ -74,10 +74,10 @@ def test_kernels_compute_exactly_the_kept_pairs(workspace_bytes, bias):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def bound_check(h0, w0, targets, upstream, tolerance, **transform):
+def bound_check(h0, w0, targets, upstream, tolerance, backend="triton", **transform):
     """Sparse minus dense, against |g| tolerance max ||W_v|| (dX) and tolerance sum_i |g_i x_i| (dW)."""
-    _, dx, dw, _ = run(h0, w0, targets, upstream, 0.0, bias=False, **transform)
-    _, sdx, sdw, _ = run(h0, w0, targets, upstream, tolerance, bias=False, **transform)
+    _, dx, dw, _ = run(h0, w0, targets, upstream, 0.0, bias=False, backend=backend, **transform)
+    _, sdx, sdw, _ = run(h0, w0, targets, upstream, tolerance, bias=False, backend=backend, **transform)
     slack = 1e-5  # float32 rounding of the kept terms
     dx_bound = upstream.abs()[:, None] * tolerance * w0.norm(dim=1).max()
     dw_bound = tolerance * (upstream.abs()[:, None] * h0.abs()).sum(0)
@@ -159,3 +159,45 @@ def test_plan_keeps_target_tiles_and_respects_every_rows_budget():
     assert (dropped_mass <= tolerance + 1e-7).all()
     assert kept[row_block, targets // BLOCK_V].all()
     assert not kept.all(), "nothing dropped: the check would be vacuous"
+
+
+# --- the CPU path: the same budget over its (token block, vocabulary slice) tiles -----------------------------------
+
+
+@pytest.fixture
+def small_cpu_tiles(monkeypatch):
+    """Blocks of 16 rows and 128-column slices, so that small problems have many tiles to skip."""
+    chunked = importlib.import_module("fastdpo.chunked")
+    monkeypatch.setattr(chunked, "TOKEN_BLOCK", 16)
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 16 * 128)
+
+
+@pytest.mark.parametrize("transform", [{}, {"softcap": 8.0}], ids=["linear", "softcap"])
+@pytest.mark.parametrize("tolerance", [2**-10, 2**-5])
+def test_cpu_error_within_the_bound(small_cpu_tiles, transform, tolerance):
+    h0, w0, targets = lm_like(tokens=70, hidden=48, vocab=1500)
+    dx, sdx = bound_check(h0, w0, targets, torch.randn(targets.shape, dtype=torch.float64), tolerance,
+                          backend="torch", **transform)
+    if tolerance >= 2**-5:
+        assert not torch.equal(dx, sdx), "nothing was skipped: the bound check would be vacuous"
+
+
+def test_cpu_flat_distribution_drops_nothing(small_cpu_tiles):
+    vocab, hidden, tokens = 1280, 16, 40
+    h0 = torch.zeros(tokens, hidden, dtype=torch.float64)
+    h0[:, 0] = 1.0
+    w0 = 1e-3 * torch.randn(vocab, hidden, dtype=torch.float64)
+    targets = torch.randint(0, vocab, (tokens,))
+    upstream = torch.randn(tokens, dtype=torch.float64)
+    tolerance = 0.5 / (vocab // 128)  # every slice holds about twice the budget
+    dense = run(h0, w0, targets, upstream, 0.0, backend="torch", bias=False)
+    sparse = run(h0, w0, targets, upstream, tolerance, backend="torch", bias=False)
+    for a, b in zip(dense[:3], sparse[:3]):
+        assert torch.equal(a, b)
+
+
+def test_cpu_logps_do_not_depend_on_the_tolerance(small_cpu_tiles):
+    h0, w0, targets = lm_like(tokens=40, hidden=48, vocab=700)
+    upstream = torch.randn(targets.shape, dtype=torch.float64)
+    assert torch.equal(run(h0, w0, targets, upstream, 0.0, backend="torch", bias=False)[0],
+                       run(h0, w0, targets, upstream, 2**-4, backend="torch", bias=False)[0])
