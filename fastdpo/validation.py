@@ -149,7 +149,7 @@ def check_dpo_inputs(hidden_states, lm_head_weight, labels, lm_head_bias, *, ref
     _require(labels.shape == hidden_states.shape[:2],
              f"labels must have shape {(num_seqs, seq_len)}, got {_shape(labels)}")
     policy = Names("hidden_states", "lm_head_weight", "labels", "lm_head_bias")
-    check_logprob_inputs(hidden_states, lm_head_weight, labels, lm_head_bias, ignore_index, backend, names=policy)
+    _check_head(hidden_states, lm_head_weight, labels, lm_head_bias, ignore_index, backend, policy)
     _check_reference(hidden_states, lm_head_weight, labels, lm_head_bias, ref_chosen_logps, ref_rejected_logps,
                      ref_hidden_states, ref_lm_head_weight, ref_lm_head_bias, reference_required, ignore_index, backend)
 
@@ -190,5 +190,13 @@ def _check_reference(hidden_states, lm_head_weight, labels, lm_head_bias, ref_ch
         else:
             names = Names("ref_hidden_states", "ref_lm_head_weight", "labels", "ref_lm_head_bias")
             weight, bias = ref_lm_head_weight, ref_lm_head_bias
-        check_logprob_inputs(ref_hidden_states, weight, labels, bias, ignore_index, backend, names=names)
+        _check_head(ref_hidden_states, weight, labels, bias, ignore_index, backend, names)
         check_same_device(hidden_states=hidden_states, ref_hidden_states=ref_hidden_states)
+
+
+def _check_head(hidden, weight, labels, bias, ignore_index, backend, names) -> None:
+    from .distributed import is_distributed_head
+
+    if is_distributed_head(hidden, weight):  # a shard, DTensor or ZeRO-3 partition: fastdpo.distributed checks
+        return  # it against the whole head (the local tensor is not [vocab, hidden])
+    check_logprob_inputs(hidden, weight, labels, bias, ignore_index, backend, names=names)

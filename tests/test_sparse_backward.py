@@ -134,8 +134,9 @@ def test_flat_distribution_drops_nothing():
     tolerance = 0.5 / (vocab // BLOCK_V)  # every tile holds about twice the budget
     dense = run(h0, w0, targets, upstream, 0.0)
     sparse = run(h0, w0, targets, upstream, tolerance)
+    # Every pair kept: the sparse kernels sum the same terms as the dense GEMMs, in another order.
     for a, b in zip(dense[1:], sparse[1:]):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
 
 
 def test_logps_do_not_depend_on_the_tolerance():
