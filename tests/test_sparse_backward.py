@@ -14,9 +14,12 @@ from helpers import DEVICE, leaf
 
 import fastdpo
 from fastdpo import reference, sparse_plan
+from fastdpo.kernels.config import device_capability, gemm_config
 
 vocab_chunks = importlib.import_module("fastdpo.vocab_chunks")
-BLOCK_M, BLOCK_V = 16, 32  # the interpreter's tile (kernels/config.py)
+# The Triton tile of fp32 inputs on this device (16 x 32 in the interpreter, 64 x 64 on a GPU).
+_TILE = gemm_config(torch.float32, device_capability(DEVICE), 48)
+BLOCK_M, BLOCK_V = _TILE["BLOCK_M"], _TILE["BLOCK_V"]
 
 
 def lm_like(tokens=70, hidden=48, vocab=700, peak=3.0, seed_targets=64):
