@@ -61,9 +61,11 @@ def backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform: dict,
     return dx, dw, db
 
 
-# Above this kept fraction the dense chunks win: cuBLAS's GEMMs are faster than the block-sparse Triton
-# ones (the cost model assumes 85% of cuBLAS for Triton GEMM tiles).
-SPARSE_BREAK_EVEN = 0.8
+# Above this kept fraction the dense chunks win. Measured on an H200 at Llama-3-8B, 16k tokens
+# (benchmarks/results/nvidia-h200/gpu_check.md): the three sparse kernels took 16.7 ms at f = 0.1 against
+# ~98 ms for the dense backward, so they break even near f = 0.58 if they scale linearly in f; the cost
+# model puts it at 0.38-0.5 on an H100. 0.5 until both are measured.
+SPARSE_BREAK_EVEN = 0.5
 
 
 def _sparse_backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform, kept, cfg, workspace_bytes,
