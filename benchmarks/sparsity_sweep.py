@@ -110,12 +110,16 @@ def main(argv=None) -> int:
         results["settings"].append(row)
         print(f"[{i + 1}/{len(chosen)}] {asdict(shape)}: kept {row['kept_fraction']:.3f}, tol/exact "
               f"{row['tol_over_exact']['median']:.2f}, tol/cce {row['tol_over_cce']['median']:.2f}", flush=True)
-    results["machine_load"] = load.summary()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "results.md").write_text(markdown(results))
+        save(results, load, args.out)  # after every setting: an interrupted sweep still leaves its rows
     print(markdown(results))
     return 0
+
+
+def save(results: dict, load: MachineLoad, out: Path) -> None:
+    results["machine_load"] = load.summary()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))
 
 
 if __name__ == "__main__":
