@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .inputs import BETA, IGNORE_INDEX, transform
-from .measure import Skip, sequence_sums, sigmoid_dpo
+from .measure import SPARSE_TOLERANCE, Skip, sequence_sums, sigmoid_dpo
 
 
 INSTALL_HINT = 'pip install -e ".[bench]"'
@@ -46,6 +46,29 @@ def make_fastdpo(inp, case):
     path = "Triton kernels" if backend == "triton" else "PyTorch tiles, not the Triton kernels"
     return (lambda: loss_fn(inp["hidden"], inp["weight"], inp["labels"], **refs).loss), (
         f"FastDPOLoss(backend={backend!r}): {path}")
+
+
+def make_fastdpo_tol(inp, case, tolerance: float = SPARSE_TOLERANCE):
+    """fastdpo with grad_tolerance (the budgeted sparse backward): FastDPOLoss where it takes the argument, else
+    linear_logprobs and the harness's own sigmoid DPO loss (the same loss, the same log-prob kernels)."""
+    import inspect
+
+    import fastdpo
+
+    backend = "triton" if inp["hidden"].device.type == "cuda" else "torch"
+    if "grad_tolerance" in inspect.signature(fastdpo.FastDPOLoss).parameters:
+        refs = {"ref_chosen_logps": inp["ref_chosen_logps"], "ref_rejected_logps": inp["ref_rejected_logps"]}
+        loss_fn = fastdpo.FastDPOLoss(beta=BETA, loss_type="sigmoid", softcap=case.softcap, backend=backend,
+                                      grad_tolerance=tolerance)
+        return (lambda: loss_fn(inp["hidden"], inp["weight"], inp["labels"], **refs).loss), (
+            f"FastDPOLoss(backend={backend!r}, grad_tolerance={tolerance:g})")
+
+    def run():
+        logp = fastdpo.linear_logprobs(inp["hidden"], inp["weight"], inp["targets"], ignore_index=IGNORE_INDEX,
+                                       softcap=case.softcap, backend=backend, grad_tolerance=tolerance)
+        return _loss(logp, inp)
+
+    return run, f"linear_logprobs(backend={backend!r}, grad_tolerance={tolerance:g}) + sigmoid DPO"
 
 
 def make_naive(inp, case):
@@ -125,6 +148,7 @@ def make_torch_lce(inp, case):
 
 IMPLS = {
     "fastdpo": make_fastdpo,
+    "fastdpo_tol": make_fastdpo_tol,
     "naive": make_naive,
     "trl": make_trl,
     "liger": make_liger,

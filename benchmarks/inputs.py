@@ -29,6 +29,7 @@ class Case:
     vocab: int
     dtype: str  # "float32" | "bfloat16"
     softcap: float | None = None
+    inputs: str = "clustered"  # the generator: "clustered" (make_inputs) or "lm" (make_lm_inputs, LMShape())
 
     @property
     def tokens(self) -> int:
@@ -84,7 +85,17 @@ def gpu_cases() -> tuple[Case, ...]:
     return tuple(cases)
 
 
-def case_set(device: str, quick: bool) -> tuple[Case, ...]:
+# --sparse: the model of a trained LM's softmax (make_lm_inputs), where a gradient tolerance can skip work.
+# 8 x 257 tokens: one more than the quick shape, so that the scored count is not a multiple of a token block.
+SPARSE_CPU = (Case("cpu-2k-h256-v64k-lm", "cpu-lm-h256-v64k", 8, 257, 256, 65536, "float32", inputs="lm"),)
+
+
+def case_set(device: str, quick: bool, sparse: bool = False) -> tuple[Case, ...]:
+    if sparse:
+        if device == "cuda":
+            return tuple(Case(c.name.replace("cpu", "gpu"), c.group.replace("cpu", "gpu"), c.n_seqs, c.seq_len,
+                              c.hidden, c.vocab, "bfloat16", inputs=c.inputs) for c in SPARSE_CPU)
+        return SPARSE_CPU
     if device == "cuda":
         # --quick on a GPU still means "small": the CPU shapes, in bf16 like the real ones
         if quick:
@@ -102,6 +113,7 @@ def all_cases() -> dict[str, Case]:
     for device in ("cpu", "cuda"):
         for quick in (True, False):
             cases.update({c.name: c for c in case_set(device, quick)})
+        cases.update({c.name: c for c in case_set(device, True, sparse=True)})
     return cases
 
 
@@ -253,3 +265,131 @@ def input_stats(inputs: dict, softcap: float | None, max_tokens: int = 4096, chu
         "mean_target_logp": logp.mean().item(),
         "valid_tokens": int((targets != IGNORE_INDEX).sum().item()),
     }
+
+
+# --- a model of a trained LM's next-token distribution over a BPE vocabulary ----------------------------------
+
+
+@dataclass(frozen=True)
+class LMShape:
+    """Parameters of make_lm_inputs (a model of a trained LM's softmax, not a trained LM; see there).
+
+    zipf: exponent s of the frequency base, logit -s log(1 + id) (ids run by frequency, as BPE merges do).
+    context_entries: K, how many entries each position's context lifts (a topic's members).
+    context_strength: b, the lift in nats (a member's logit is b above the base).
+    target_entropy: mean next-token entropy in nats; the next token's own lift is calibrated to reach it.
+    """
+
+    zipf: float = 1.5
+    context_entries: int = 256
+    context_strength: float = 8.0
+    target_entropy: float = 2.0
+
+
+LM_TOPICS = 64  # contexts the positions draw from; each lifts its own K entries
+
+
+def lm_logit_parts(case: Case, shape: LMShape, gen: torch.Generator, device) -> tuple[torch.Tensor, ...]:
+    """(weight [V, H], topic directions [topics, H - 1], per-token directions [V, H - 1], members [topics, K]).
+
+    The head is built so that hidden @ weight.T is exactly the model's logits (the fused heads under test only
+    ever see hidden states and a head): column 0 carries the frequency base, the other H - 1 columns hold one
+    random unit direction per topic (added to the rows of its members) and one per token (its own lift).
+    """
+    vocab, hidden = case.vocab, case.hidden
+    ids = torch.arange(vocab, device=device, dtype=torch.float32)
+    # "Roughly" by frequency: BPE ids follow merge order, which follows frequency with scatter
+    log_rank = torch.log1p(ids) + 0.3 * torch.randn(vocab, generator=gen, device=device)
+    topics = torch.randn(LM_TOPICS, hidden - 1, generator=gen, device=device)
+    topics = topics / topics.norm(dim=1, keepdim=True)
+    # Context entries are frequency-weighted too (frequent tokens fit more contexts), spread over the ids
+    # (distinct within a topic: weights 1 / (1 + id), drawn without replacement)
+    members = torch.multinomial((1.0 / (1.0 + ids)).expand(LM_TOPICS, vocab), shape.context_entries,
+                                replacement=False, generator=gen)
+    own = torch.randn(vocab, hidden - 1, generator=gen, device=device) / math.sqrt(hidden - 1)
+    body = own.clone()
+    body.index_add_(0, members.flatten(), topics.repeat_interleave(shape.context_entries, 0))
+    weight = torch.cat([-log_rank[:, None], body], dim=1)
+    return weight, topics, own, members
+
+
+def make_lm_inputs(case: Case, shape: LMShape = LMShape(), device: str = "cpu", seed: int = 0,
+                   calib_tokens: int = 256) -> dict:
+    """Inputs whose softmax looks like a trained LM's over a BPE vocabulary: a model of one, not one.
+
+    Each position's logits are, exactly (hidden @ weight.T, fp32 before the cast to the case dtype):
+
+        z_v = -s log(1 + v)                 Zipf-like base, falling with the id (ids run by frequency,
+              + 0.3 s noise_v                 with a fixed per-id scatter: "roughly" by frequency)
+              + b [v in context(t)]         K context entries of the position's topic, lifted by b nats
+              + a [v = next token]          the next token's own lift, a calibrated so that the mean
+              + small cross-talk            entropy is target_entropy (the random directions are not
+                                            exactly orthogonal: about b/sqrt(H) and a/sqrt(H) of noise)
+
+    Parameters (LMShape): s = zipf (default 1.5), K = context_entries (256: "a few hundred"), b =
+    context_strength (8 nats), target_entropy (2.0 nats; 1-3 is the range of trained LMs on ordinary text).
+    Each position draws its topic uniformly from 64; a topic's K members are drawn without replacement with
+    weights 1 / (1 + id) (frequent tokens fit more contexts); the next token is one of the position's members,
+    with the same weights. When the base and context alone already give less than target_entropy, no lift is
+    added (a = 0) and the achieved entropy (input_stats) stays below the target.
+
+    What it does not capture: real conditional distributions are not a fixed base plus one topic; how much
+    mass a real model leaves in the far tail (and where, by id) decides the kept fraction of a sparse backward,
+    and this model's tail follows the base exponent s exactly. The sweep (benchmarks/sparsity_sweep.py) shows
+    how the kept fraction moves with s, K, b and the entropy; measure on a real model's hidden states before
+    relying on a number from here.
+    """
+    if case.hidden < 2:
+        raise ValueError(f"case.hidden must be at least 2 for make_lm_inputs, got {case.hidden}")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    weight, topics, own, members = lm_logit_parts(case, shape, gen, device)
+    topic = torch.randint(0, LM_TOPICS, (case.tokens,), generator=gen, device=device)
+    # The next token is one of its context's entries, the frequent ones more often (weights 1 / (1 + id))
+    pick = torch.multinomial(1.0 / (1.0 + members[topic].float()), 1, generator=gen).squeeze(1)
+    next_ids = members[topic].gather(1, pick[:, None]).view(case.n_seqs, case.seq_len)
+    own_unit = own / own.norm(dim=1, keepdim=True)
+    fixed = torch.cat([torch.full((case.tokens, 1), shape.zipf, device=device),
+                       shape.context_strength * topics[topic]], dim=1)
+    lift = torch.cat([torch.zeros(case.tokens, 1, device=device),
+                      own_unit[next_ids.flatten()] / own[next_ids.flatten()].norm(dim=1, keepdim=True)], dim=1)
+    sample = torch.randperm(case.tokens, generator=gen, device=device)[:calib_tokens]
+    a = calibrate_lift(fixed[sample] @ weight.T, lift[sample] @ weight.T, shape.target_entropy)
+    hidden = (fixed + a * lift).view(case.n_seqs, case.seq_len, case.hidden)
+    n_pairs = case.n_seqs // 2
+    zeros = torch.zeros(n_pairs, dtype=torch.float32, device=device)
+    return {
+        "hidden": hidden.to(case.torch_dtype).contiguous(),
+        "weight": weight.to(case.torch_dtype).contiguous(),
+        "labels": _labels(next_ids, case.n_seqs, case.seq_len, gen),
+        "ref_chosen_logps": zeros,
+        "ref_rejected_logps": zeros.clone(),
+        "scale": a,
+    }
+
+
+def calibrate_lift(fixed_logits: torch.Tensor, lift_logits: torch.Tensor, target: float, iters: int = 16) -> float:
+    """a >= 0 with mean entropy of softmax(fixed + a * lift) == target (bisection; entropy falls with a).
+
+    Without the lift the entropy is the base's; a target above it cannot be reached: a = 0 then.
+    """
+    def entropy(a: float) -> float:
+        return token_entropy(fixed_logits + a * lift_logits).mean().item()
+
+    lo, hi = 0.0, 1.0
+    if entropy(lo) <= target:
+        return 0.0
+    while entropy(hi) > target and hi < 1e4:
+        lo, hi = hi, 2 * hi
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if entropy(mid) > target else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def build_inputs(case: Case, device: str = "cpu", seed: int = 0) -> dict:
+    """The case's inputs from the generator it names (case.inputs)."""
+    if case.inputs == "lm":
+        return make_lm_inputs(case, device=device, seed=seed)
+    if case.inputs == "clustered":
+        return make_inputs(case, device, seed)
+    raise ValueError(f"case.inputs must be 'clustered' or 'lm', got {case.inputs!r}")

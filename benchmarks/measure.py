@@ -263,3 +263,55 @@ def cublas_roofline_ms(hidden: torch.Tensor, weight: torch.Tensor, rows: int, ch
             gw.addmm_(dz[:m].T, hc)  # dW
 
     return triton.testing.do_bench(four_products, warmup=50, rep=300, return_mode="median")
+
+
+# --- how much of the backward a gradient tolerance keeps ---------------------------------------------------------
+
+SPARSE_TOLERANCE = 2.0**-10  # the issue's CPU target; fastdpo_tol runs with it
+
+
+@torch.no_grad()
+def kept_fraction(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None,
+                  tolerance: float = SPARSE_TOLERANCE, chunk: int = 512) -> float:
+    """Fraction of the (token block, vocabulary tile) pairs fastdpo's backward computes with grad_tolerance.
+
+    Recomputed from the logits here with fastdpo's own planning function (fastdpo.sparse_plan) on the tiles of
+    the path the device runs: on CPU the PyTorch tile path's blocks and slices (fastdpo/chunked.py, whose plan
+    bounds each pair by its block's largest row mass), on CUDA the Triton kernels' tile (kernels.config).
+    """
+    from fastdpo import chunked, sparse_plan
+    from fastdpo.kernels.config import device_capability, gemm_config
+
+    targets = shifted_targets(labels).flatten()
+    scored = (targets != IGNORE_INDEX).nonzero().flatten()
+    if scored.numel() == 0:
+        return 1.0
+    h, w, targets = hidden.flatten(0, 1)[scored], weight, targets[scored]
+    if hidden.device.type == "cuda":
+        cfg = gemm_config(weight.dtype, device_capability(weight.device), weight.shape[1])
+        block_m, bounds = cfg["BLOCK_M"], _even_slices(weight.shape[0], cfg["BLOCK_V"])
+    else:
+        block_m = chunked.TOKEN_BLOCK
+        bounds = chunked.vocab_slices(weight.shape[0], max(1, min(block_m, scored.numel())))
+    tile_lse = torch.cat([_tile_lse(h[i:i + chunk], w, softcap, bounds) for i in range(0, h.shape[0], chunk)], 1)
+    lse = torch.logsumexp(tile_lse, dim=0)
+    width = bounds[0][1] - bounds[0][0]
+    if hidden.device.type == "cuda":
+        kept = sparse_plan.kept_pairs(tile_lse, lse, targets, block_m, width, tolerance)
+    else:
+        n_blocks = -(-h.shape[0] // block_m)
+        mass = torch.nn.functional.pad(torch.exp(tile_lse - lse), (0, n_blocks * block_m - h.shape[0]))
+        block_mass = mass.view(len(bounds), n_blocks, block_m).amax(2).T  # [blocks, slices]
+        holds = sparse_plan.target_tiles(targets, n_blocks, len(bounds), block_m, width)
+        kept = sparse_plan.keep_within_budget(block_mass[:, :, None], holds, tolerance)
+    return kept.float().mean().item()
+
+
+def _even_slices(vocab: int, width: int) -> list[tuple[int, int]]:
+    return [(v0, min(v0 + width, vocab)) for v0 in range(0, vocab, width)]
+
+
+def _tile_lse(h, w, softcap, bounds) -> torch.Tensor:
+    """[tiles, rows]: each vocabulary tile's logsumexp per row, in fp32."""
+    z = transform(h.float() @ w.float().T, softcap)
+    return torch.stack([torch.logsumexp(z[:, v0:v1], dim=1) for v0, v1 in bounds])

@@ -72,8 +72,10 @@ def _spread(r) -> str:
 def table(results: dict) -> str:
     """Markdown table, one row per (case, impl); the status column keeps skips and errors visible."""
     gpu = any("roofline" in r for r in results["rows"])
+    sparse = any(r.get("kept_fraction") is not None for r in results["rows"])
     head = ["case", "impl", "tokens", "H", "V", "dtype", "ms (median)", "min-max (runs)", "peak MiB", "rel err"]
     head += ["x cuBLAS", "TFLOP/s"] if gpu else []
+    head += ["kept"] if sparse else []
     lines = ["| " + " | ".join(head + ["status"]) + " |", "|" + "---|" * (len(head) + 1)]
     for r in results["rows"]:
         mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / MiB
@@ -81,6 +83,8 @@ def table(results: dict) -> str:
                  _fmt(r["ms"], ".1f"), _spread(r), _fmt(mem, ".1f"), _fmt(r["rel_err"], ".1e")]
         if gpu:
             cells += [_fmt(r.get("roofline"), ".2f"), _fmt(r.get("tflops"), ".0f")]
+        if sparse:
+            cells.append(_fmt(r.get("kept_fraction"), ".3f"))
         status = r["status"].replace("|", "/")
         lines.append("| " + " | ".join(cells + [status if len(status) < 120 else status[:117] + "..."]) + " |")
     return "\n".join(lines)
@@ -106,13 +110,15 @@ def markdown(results: dict) -> str:
               "rel err: the "
               "largest of the relative errors of the loss and of the hidden/weight gradients against float64.", ""]
     if results.get("cases"):
-        parts += ["| case | tokens scored | mean entropy (nats) | target is top-1 | mean target log-prob |"
+        parts += ["| case | inputs | tokens scored | mean entropy (nats) | target is top-1 | mean target log-prob "
+                  "| kept at grad_tolerance 2^-10 |"
                   + (" cuBLAS 4-GEMM ms |" if any("cublas_ms" in c for c in results["cases"].values()) else ""),
-                  "|---|---|---|---|---|" + ("---|" if any("cublas_ms" in c for c in results["cases"].values())
+                  "|---|---|---|---|---|---|---|" + ("---|" if any("cublas_ms" in c for c in results["cases"].values())
                                               else "")]
         for name, c in results["cases"].items():
-            cells = [name, str(c.get("valid_tokens", "-")), _fmt(c.get("mean_entropy"), ".2f"),
-                     _fmt(c.get("target_top1"), ".2f"), _fmt(c.get("mean_target_logp"), ".2f")]
+            cells = [name, c.get("inputs", "clustered"), str(c.get("valid_tokens", "-")),
+                     _fmt(c.get("mean_entropy"), ".2f"), _fmt(c.get("target_top1"), ".2f"),
+                     _fmt(c.get("mean_target_logp"), ".2f"), _fmt(c.get("kept_fraction"), ".3f")]
             if "cublas_ms" in c:
                 cells.append(_fmt(c["cublas_ms"], ".1f"))
             parts.append("| " + " | ".join(cells) + " |")

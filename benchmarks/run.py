@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                  # the set for the device present: CPU (under 5 min on 2 cores) or GPU
     python benchmarks/run.py --full           # CPU: the long set (2k-8k tokens, V up to 131k; about an hour)
+    python benchmarks/run.py --sparse         # the model of a trained LM's softmax (inputs.make_lm_inputs)
     python benchmarks/run.py [--device cpu|cuda] [--out DIR] [--cases SUBSTR,...] [--impls a,b,...]
 
 Results go to a new folder, benchmarks/results/runs/<time>-<device>/ (git-ignored); committed results are
@@ -58,6 +59,8 @@ def parse_args(argv=None, cuda_available=None) -> argparse.Namespace:
     size.add_argument("--full", action="store_true", help="CPU: the long set (about an hour on 2 cores)")
     size.add_argument("--quick", action="store_true",
                       help="the small CPU-sized shapes (the default on CPU; on a GPU, those shapes in bf16)")
+    size.add_argument("--sparse", action="store_true",
+                      help="the trained-LM-like inputs (inputs.make_lm_inputs), where fastdpo_tol skips work")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--out", type=Path, default=None,
                    help="default: a new folder benchmarks/results/runs/<time>-<device>; "
@@ -73,7 +76,7 @@ def parse_args(argv=None, cuda_available=None) -> argparse.Namespace:
     elif args.device == "cuda" and not available:
         p.error("--device cuda: no CUDA device is available")
     # The small set is the default on CPU; on a GPU the real heads are (and --quick asks for the small shapes)
-    args.quick = args.quick or (args.device == "cpu" and not args.full)
+    args.quick = args.quick or args.sparse or (args.device == "cpu" and not args.full)
     if args.impls is not None:
         args.impls = [x.strip() for x in args.impls.split(",") if x.strip()]
         unknown = sorted(set(args.impls) - set(IMPLS))
@@ -84,7 +87,7 @@ def parse_args(argv=None, cuda_available=None) -> argparse.Namespace:
     if args.timeout is None:
         args.timeout = 600.0 if args.quick else 3600.0
     if args.out is None:
-        args.out = new_run_dir(device_kind(args.device) + ("" if args.quick else "-full"))
+        args.out = new_run_dir(device_kind(args.device) + ("-sparse" if args.sparse else "" if args.quick else "-full"))
     return args
 
 
@@ -99,8 +102,8 @@ def new_run_dir(label: str, now: datetime | None = None) -> Path:
     return path
 
 
-def select_cases(device: str, quick: bool, patterns: str | None) -> list[Case]:
-    cases = list(case_set(device, quick))
+def select_cases(device: str, quick: bool, patterns: str | None, sparse: bool = False) -> list[Case]:
+    cases = list(case_set(device, quick, sparse))
     if patterns:
         keep = [x.strip() for x in patterns.split(",") if x.strip()]
         cases = [c for c in cases if any(k in c.name for k in keep)]
@@ -354,6 +357,14 @@ def add_roofline(rows: list[dict], info: dict, case: Case) -> None:
             r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
 
 
+def add_kept_fraction(rows: list[dict], info: dict) -> None:
+    """fastdpo_tol rows: the share of (token block, vocabulary tile) pairs its backward computed (prep's plan)."""
+    for r in rows:
+        if r["impl"] == "fastdpo_tol" and info.get("kept_fraction") is not None:
+            r["kept_fraction"] = info["kept_fraction"]
+            r["grad_tolerance"] = info.get("grad_tolerance")
+
+
 # --- how busy the machine was -------------------------------------------------------------------------------------
 
 
@@ -429,6 +440,8 @@ def save(results: dict, out: Path, cases: list[Case], plots: bool = False) -> No
 
 
 def describe_set(args) -> str:
+    if args.sparse:
+        return "the trained-LM-like set (--sparse)"
     if args.device == "cpu":
         return "the CPU set (under 5 minutes on 2 cores)" if args.quick else "the full CPU set (--full)"
     return "the small shapes in bf16 (--quick)" if args.quick else "the GPU set (real LM heads)"
@@ -447,7 +460,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    cases = select_cases(args.device, args.quick, args.cases)
+    cases = select_cases(args.device, args.quick, args.cases, args.sparse)
     if not cases:
         print("no case matches --cases", file=sys.stderr)
         return 2
@@ -509,6 +522,7 @@ def run_one_case(case: Case, args, tmp: Path, results: dict, progress: Progress)
 
     rows = run_case(case, args.impls, args.device == "cpu", launch, progress)
     add_roofline(rows, info, case)
+    add_kept_fraction(rows, info)
     results["rows"].extend(rows)
 
 

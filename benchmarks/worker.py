@@ -123,8 +123,11 @@ def cpu_name() -> str:
 
 def prep(case, device: str, case_dir: Path) -> dict:
     t0 = time.perf_counter()
-    saved = inputs_mod.make_inputs(case, device)
+    saved = inputs_mod.build_inputs(case, device)
     stats = inputs_mod.input_stats(saved, case.softcap)
+    # The share of the backward fastdpo_tol computes on these inputs (the same for every implementation)
+    stats["kept_fraction"] = measure.kept_fraction(saved["hidden"], saved["weight"], saved["labels"], case.softcap)
+    stats["grad_tolerance"] = measure.SPARSE_TOLERANCE
     # Bigger float64 chunks on a GPU (fewer, larger GEMMs); the CPU budget keeps the prep process small
     ref = measure.reference_fp64(saved, case.softcap, inputs_mod.BETA,
                                  budget_bytes=(8 << 30) if device == "cuda" else (1 << 30))

@@ -76,7 +76,7 @@ def test_impl_selection_and_unknown_impl(tmp_path):
 
 
 def test_every_required_implementation_is_registered():
-    assert list(impls.IMPLS) == ["fastdpo", "naive", "trl", "liger", "cce", "torch_lce"]
+    assert list(impls.IMPLS) == ["fastdpo", "fastdpo_tol", "naive", "trl", "liger", "cce", "torch_lce"]
 
 
 def test_case_filter():
@@ -506,3 +506,81 @@ def test_ci_installs_with_the_readme_commands():
     assert any("--index-url https://download.pytorch.org/whl/cpu" in c for c in commands)
     ci = [x.strip() for x in (REPO / ".ci" / "run").read_text().splitlines() if "pip install" in x]
     assert ci == commands
+
+
+# --- the trained-LM model and the kept fraction --------------------------------------------------------------------
+
+LM_TINY = Case("lm-tiny", "lm", 4, 65, 128, 4096, "float32", inputs="lm")
+
+
+@pytest.mark.parametrize("target", [1.0, 2.0])
+def test_lm_inputs_reach_the_entropy(target):
+    shape = inputs.LMShape(zipf=1.0, target_entropy=target)
+    stats = inputs.input_stats(inputs.make_lm_inputs(LM_TINY, shape), None)
+    assert abs(stats["mean_entropy"] - target) < 0.3, stats
+    assert stats["mean_target_logp"] > -6.0  # the next token is likely, as under a trained model
+
+
+def test_lm_inputs_fall_with_the_id_and_repeat_with_a_seed():
+    a, b = inputs.make_lm_inputs(LM_TINY, seed=5), inputs.make_lm_inputs(LM_TINY, seed=5)
+    assert torch.equal(a["hidden"], b["hidden"]) and torch.equal(a["weight"], b["weight"])
+    assert torch.equal(a["labels"], b["labels"])
+    assert not torch.equal(a["hidden"], inputs.make_lm_inputs(LM_TINY, seed=6)["hidden"])
+    # Mean probability per id over positions, in log-spaced id bands: frequent (low) ids first, roughly
+    p = torch.softmax(a["hidden"].flatten(0, 1) @ a["weight"].T, dim=-1).mean(0)
+    per_id = torch.stack([p[lo:hi].mean() for lo, hi in ((0, 64), (64, 512), (512, 4096))])
+    assert (per_id[:-1] > 2 * per_id[1:]).all(), per_id
+    # Next tokens too: more of them among the low ids
+    labels = a["labels"][a["labels"] != inputs.IGNORE_INDEX]
+    assert (labels < 512).float().mean() > 0.5
+
+
+def test_build_inputs_picks_the_generator():
+    assert torch.equal(inputs.build_inputs(TINY)["hidden"], inputs.make_inputs(TINY)["hidden"])
+    assert torch.equal(inputs.build_inputs(LM_TINY)["hidden"], inputs.make_lm_inputs(LM_TINY)["hidden"])
+    with pytest.raises(ValueError, match="case.inputs"):
+        inputs.build_inputs(Case("x", "x", 2, 8, 8, 64, "float32", inputs="nope"))
+    # the default cases keep the clustered generator, so committed results keep their meaning
+    assert all(c.inputs == "clustered" for c in inputs.case_set("cpu", True) + inputs.case_set("cpu", False))
+    assert [c.inputs for c in inputs.case_set("cpu", True, sparse=True)] == ["lm"]
+    assert set(c.name for c in inputs.case_set("cpu", True, sparse=True)) <= set(inputs.all_cases())
+
+
+def test_kept_fraction_matches_the_cpu_path_plan():
+    # The worker's independent count against the plan the PyTorch tile path itself builds in its forward
+    import fastdpo
+    from fastdpo import chunked
+
+    inp = inputs.make_lm_inputs(LM_TINY)
+    tol = 2.0**-10
+    kept = measure.kept_fraction(inp["hidden"], inp["weight"], inp["labels"], None, tol)
+    plans = []
+    original = chunked._kept_slices
+
+    def spy(*args, **kwargs):
+        plan = original(*args, **kwargs)
+        plans.append(plan)
+        return plan
+
+    h = inp["hidden"].clone().requires_grad_(True)
+    targets = inputs.shifted_targets(inp["labels"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(chunked, "_kept_slices", spy)
+        fastdpo.linear_logprobs(h, inp["weight"], targets, backend="torch", grad_tolerance=tol).sum().backward()
+    assert len(plans) == 1 and plans[0] is not None
+    plan = torch.tensor(plans[0])
+    assert kept == pytest.approx(plan.float().mean().item())
+    assert 0 < kept < 1  # something is skipped, targets' slices are kept
+    assert measure.kept_fraction(inp["hidden"], inp["weight"], inp["labels"], None, 0.0) == 1.0
+
+
+def test_kept_fraction_column_in_the_report():
+    rows = [dict(worker.base_row(name, TINY), status="ok", ms=1.0, peak_mem_bytes=1, rel_err=1e-6)
+            for name in ("fastdpo", "fastdpo_tol")]
+    run.add_kept_fraction(rows, {"kept_fraction": 0.25, "grad_tolerance": 2.0**-10})
+    assert "kept_fraction" not in rows[0] and rows[1]["kept_fraction"] == 0.25
+    results = {"device": "cpu", "versions": {}, "rows": rows,
+               "cases": {"tiny": {**TINY.to_dict(), "valid_tokens": 10, "kept_fraction": 0.25}}}
+    text = report.markdown(results)
+    assert "| kept |" in text and "| 0.250 |" in text
+    assert text.count("0.250") == 2  # the fastdpo_tol row and the case table
