@@ -276,8 +276,8 @@ def kept_fraction(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     """Fraction of the (token block, vocabulary tile) pairs fastdpo's backward computes with grad_tolerance.
 
     Recomputed from the logits here with fastdpo's own planning function (fastdpo.sparse_plan) on the tiles of
-    the path the device runs: on CPU the PyTorch tile path's blocks and slices (fastdpo/chunked.py, whose plan
-    bounds each pair by its block's largest row mass), on CUDA the Triton kernels' tile (kernels.config).
+    the path the device runs: on CPU the PyTorch tile path's blocks and slices (fastdpo/chunked.py), on CUDA
+    the Triton kernels' tile (kernels.config); both budget each row's dropped mass.
     """
     from fastdpo import chunked, sparse_plan
     from fastdpo.kernels.config import device_capability, gemm_config
@@ -295,15 +295,7 @@ def kept_fraction(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
         bounds = chunked.vocab_slices(weight.shape[0], max(1, min(block_m, scored.numel())))
     tile_lse = torch.cat([_tile_lse(h[i:i + chunk], w, softcap, bounds) for i in range(0, h.shape[0], chunk)], 1)
     lse = torch.logsumexp(tile_lse, dim=0)
-    width = bounds[0][1] - bounds[0][0]
-    if hidden.device.type == "cuda":
-        kept = sparse_plan.kept_pairs(tile_lse, lse, targets, block_m, width, tolerance)
-    else:
-        n_blocks = -(-h.shape[0] // block_m)
-        mass = torch.nn.functional.pad(torch.exp(tile_lse - lse), (0, n_blocks * block_m - h.shape[0]))
-        block_mass = mass.view(len(bounds), n_blocks, block_m).amax(2).T  # [blocks, slices]
-        holds = sparse_plan.target_tiles(targets, n_blocks, len(bounds), block_m, width)
-        kept = sparse_plan.keep_within_budget(block_mass[:, :, None], holds, tolerance)
+    kept = sparse_plan.kept_pairs(tile_lse, lse, targets, block_m, bounds[0][1] - bounds[0][0], tolerance)
     return kept.float().mean().item()
 
 

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .softmax_stats import VocabPartials, logsumexp, merge
-from .sparse_plan import keep_within_budget, target_tiles
+from .sparse_plan import keep_within_budget
 
 # 2^15 values (128 KiB in fp32) per logits tile, 128 token rows per block. On 2 idle cores (1273
 # scored tokens, H=256, V=65536, fwd+bwd) tiles of 2^15 to 2^21 values all ran in 1.2-1.5 s, while
@@ -210,9 +210,9 @@ class BlockBuffers:
             self.parts.append(Part(part_slices, first, acc, storage[start + rows_size: start + rows_size + tile_size]))
             first += len(part_slices)
         self.slice_width = slices[0][1] - slices[0][0]
-        # With a gradient tolerance, the forward records each (token block, slice)'s largest row mass
-        # here ([blocks, slices], a few KiB), for the backward's plan (fastdpo.sparse_plan).
-        self.block_mass: list[torch.Tensor] | None = None
+        # With a gradient tolerance, the forward plans each token block's backward as soon as the block's
+        # masses are known (fastdpo.sparse_plan's per-row budget): one list of kept slices per block.
+        self.kept: list[list[bool]] | None = None
 
 
 def _weight_slice(weight, bias, v0, v1, dtype):
@@ -231,15 +231,15 @@ def _cat(parts: list[VocabPartials]) -> VocabPartials:
 
 
 def forward_partials(x: Rows, weight, bias, transform: Transform, with_stats: bool,
-                     buffers: BlockBuffers | None = None, record_mass: bool = False) -> VocabPartials:
+                     buffers: BlockBuffers | None = None, tolerance: float = 0.0) -> VocabPartials:
     """Merged softmax partials of the scored rows over the whole vocabulary.
 
     The log-probs (target_logit - max - log sum_exp) do not depend on `with_stats`: the statistics
-    are computed beside the same tiles, never instead of them. With `record_mass`, buffers.block_mass
-    receives each (token block, slice)'s probability mass, the largest over the block's rows.
+    are computed beside the same tiles, never instead of them. With a gradient `tolerance`,
+    buffers.kept receives the slices each token block's backward must compute.
     """
     buffers = buffers or BlockBuffers(x, weight.shape[0])
-    buffers.block_mass = [] if record_mass else None
+    buffers.kept, buffers.tolerance = ([] if tolerance > 0 else None), tolerance
     if not (transform.is_linear and bias is None):
         return _online_forward(x, weight, bias, transform, with_stats, buffers)
     # sum_v z_iv = c x_i . sum_v W_v: the mean logit without the cancellation of sum_v (z_iv - t_i) + V t_i
@@ -251,7 +251,7 @@ def forward_partials(x: Rows, weight, bias, transform: Transform, with_stats: bo
     unsafe = ~(partials.sum_exp <= SHIFTED_SUM_LIMIT)
     if not bool(unsafe.any()):
         return partials
-    buffers.block_mass = None  # the recorded masses are not all exact: the backward stays dense
+    buffers.kept = None  # the planned masses are not all exact: the backward stays dense
     online = _online_forward(x.subset(unsafe), weight, bias, transform, with_stats, buffers)
     if with_stats:
         online = online._replace(is_top1=_top1(online))
@@ -278,7 +278,7 @@ def _shifted_block(x: Rows, r0, r1, weight, factor: float, weight_sum, buffers: 
     target_logit = gather_rows(weight, targets, buffers.parts[0].acc).mul_(xb).sum(1).mul_(factor)
     neg_shift = -target_logit[:, None]
 
-    record = buffers.block_mass is not None
+    record = buffers.kept is not None
 
     def part_sums(part: Part):
         sum_exp = torch.zeros_like(target_logit)
@@ -301,7 +301,7 @@ def _shifted_block(x: Rows, r0, r1, weight, factor: float, weight_sum, buffers: 
     results = Workers.map(part_sums, buffers.parts)
     sum_exp = _sum_in_order([s for s, _, _ in results])
     if record:  # a slice's mass is its share of the row's sum (the same shift for both)
-        buffers.block_mass.append((torch.stack([t for _, _, sums in results for t in sums]) / sum_exp).amax(1))
+        _plan_block(torch.stack([t for _, _, sums in results for t in sums]) / sum_exp, targets, buffers)
     partials = VocabPartials(max=target_logit, sum_exp=sum_exp, target_logit=target_logit)
     if not with_stats:
         return partials
@@ -376,7 +376,7 @@ def _online_block(x: Rows, r0, r1, weight, bias, transform: Transform, with_stat
                   buffers: BlockBuffers) -> VocabPartials:
     xb, targets = x.block(r0, r1, buffers.rows), x.targets[r0:r1]
 
-    record = buffers.block_mass is not None
+    record = buffers.kept is not None
 
     def part_partials(part: Part):
         running, tile_lse = None, []
@@ -394,7 +394,7 @@ def _online_block(x: Rows, r0, r1, weight, bias, transform: Transform, with_stat
     block = parts[0] if len(parts) == 1 else merge(_stack(parts))
     if record:
         tile_lse = torch.stack([t for _, lses in results for t in lses])
-        buffers.block_mass.append(torch.exp(tile_lse - logsumexp(block)).amax(1))
+        _plan_block(torch.exp(tile_lse - logsumexp(block)), targets, buffers)
     return block
 
 
@@ -434,7 +434,7 @@ def backward(x: Rows, weight, bias, lse, grad, transform: Transform, *, dx, dw, 
     """
     factored = transform.is_linear and bias is None
     buffers = buffers or BlockBuffers(x, weight.shape[0])
-    kept = _kept_slices(x, buffers, tolerance)
+    kept = _kept_slices(buffers, tolerance)
     for index, (r0, r1) in enumerate(token_blocks(len(x))):
         xb, targets = x.block(r0, r1, buffers.rows), x.targets[r0:r1]
         block = _BackwardBlock(xb, targets, weight, bias, lse[r0:r1], grad[r0:r1], transform, dx is not None, dw,
@@ -447,14 +447,16 @@ def backward(x: Rows, weight, bias, lse, grad, transform: Transform, *, dx, dw, 
             dx.index_copy_(0, x.rows[r0:r1], dx_block)
 
 
-def _kept_slices(x: Rows, buffers: BlockBuffers, tolerance: float) -> list[list[bool]] | None:
-    """Per token block, which slices the backward computes: fastdpo.sparse_plan's budget on the masses
-    the forward recorded (each the largest of its block's rows, so every row keeps its bound); None: all."""
-    if not tolerance or not buffers.block_mass:
-        return None
-    mass = torch.stack(buffers.block_mass)  # [blocks, slices]
-    holds_target = target_tiles(x.targets, mass.shape[0], mass.shape[1], TOKEN_BLOCK, buffers.slice_width)
-    return keep_within_budget(mass[:, :, None], holds_target, tolerance).tolist()
+def _plan_block(mass: torch.Tensor, targets: torch.Tensor, buffers: BlockBuffers) -> None:
+    """Which slices this block's backward computes, from their masses [slices, rows of the block]."""
+    holds_target = torch.zeros(mass.shape[0], dtype=torch.bool, device=mass.device)
+    holds_target[targets // buffers.slice_width] = True
+    buffers.kept.append(keep_within_budget(mass[None], holds_target[None], buffers.tolerance)[0].tolist())
+
+
+def _kept_slices(buffers: BlockBuffers, tolerance: float) -> list[list[bool]] | None:
+    """Per token block, which slices the backward computes (planned by the forward); None: all."""
+    return buffers.kept if tolerance and buffers.kept else None
 
 
 class _BackwardBlock:

@@ -49,7 +49,7 @@ class LinearLogProbs(torch.autograd.Function):
             x = chunked.Rows(hidden_2d, rows, row_targets)
             ctx.buffers = chunked.BlockBuffers(x, weight.shape[0])  # reused by the backward
             merged = chunked.forward_partials(x, weight, bias, chunked.Transform(**transform), with_stats,
-                                              ctx.buffers, record_mass=grad_tolerance > 0)
+                                              ctx.buffers, tolerance=grad_tolerance)
         lse = logsumexp(merged)
         stats = token_stats(merged, lse, weight.shape[0])
 
