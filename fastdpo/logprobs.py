@@ -1,9 +1,14 @@
 """`linear_logprobs`: per-token log softmax(h W^T + b)[target] without materializing the logits.
 
-The autograd function compacts the positions whose target is not `ignore_index` (prompt and padding
+The fused forward compacts the positions whose target is not `ignore_index` (prompt and padding
 tokens cost nothing), runs the forward of the chosen backend, keeps only lse per token for the
 backward, and recomputes the logits there. Backends: fastdpo.kernels (Triton) or fastdpo.chunked
 (PyTorch tiles); `reference` runs the naive oracle through plain autograd.
+
+Forward and backward are torch.library custom ops (fastdpo.ops) with fake implementations and a
+registered autograd formula, called eagerly and under torch.compile alike: one implementation, the
+same bits compiled or not, and no graph break (the host syncs live inside the ops). Only the checks
+that read metadata run here, where the compiler traces them.
 """
 
 from __future__ import annotations
@@ -56,14 +61,14 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
     Smaller workspaces mean more, narrower vocabulary chunks: the same result up to the rounding of
     dX's chunk sums (for given inputs and workspace, the bits are reproducible).
     """
-    for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
-        require_tensor(name, value)
-    require_tensor("bias", bias, optional=True)
     from . import distributed  # heads split across processes: VocabShard, DTensor and ZeRO-3 heads (issue 10)
-    if distributed.is_distributed_head(hidden, weight):
+    if distributed.is_distributed_head(hidden, weight):  # before the type checks: a VocabShard is no tensor
         return distributed.linear_logprobs(hidden, weight, targets, bias, ignore_index, temperature=temperature,
                                            softcap=softcap, logit_scale=logit_scale, with_stats=with_stats,
                                            backend=backend, grad_filter_eps=grad_filter_eps)
+    for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        require_tensor(name, value)
+    require_tensor("bias", bias, optional=True)
     targets = widen_labels(targets)
     device = hidden.device
     backend = resolve_backend(backend, device)
