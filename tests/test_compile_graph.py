@@ -3,8 +3,8 @@
 The fused head is opaque to the compiler (custom ops in fastdpo.ops), so the same implementation runs
 compiled and eager: with the "eager" and "aot_eager" backends, which run the traced ops as they are,
 the loss, the log-probs, the statistics and the gradients must be bitwise equal. Inductor generates
-its own kernels for the few [B]-sized loss ops around the head (its reductions round differently),
-so there the head's log-probs are bitwise equal and the rest within float32 round-off.
+its own kernels for the sequence sums and loss ops around the head (its reductions round
+differently), so there the results agree within float32 round-off.
 The Triton path runs through its interpreter here (TRITON_INTERPRET=1, CPU tensors: conftest.py).
 """
 
@@ -175,7 +175,6 @@ def test_fastdpoloss_under_inductor():
     compiled = torch.compile(lambda *a: loss_fn(*a, ref_hidden_states=ref_hidden_states), backend="inductor",
                              fullgraph=True)
     actual, grads = _loss_and_grads(compiled, leaves, args)
-    assert_bitwise(actual.chosen_logps, expected.chosen_logps, "chosen_logps")  # the head's own sums
     for name, value in dpo_outputs(expected).items():
         torch.testing.assert_close(dpo_outputs(actual)[name], value, rtol=1e-6, atol=1e-6, msg=name)
     for a, e in zip(grads, expected_grads):
