@@ -209,7 +209,7 @@ class BlockBuffers:
             acc = storage[start: start + rows_size].view(block_rows, -1)  # W[targets], or a share of dX
             self.parts.append(Part(part_slices, first, acc, storage[start + rows_size: start + rows_size + tile_size]))
             first += len(part_slices)
-        self.slice_width = slices[0][1] - slices[0][0]
+        self.slice_width, self.n_slices = slices[0][1] - slices[0][0], len(slices)
         # With a gradient tolerance, the forward plans each token block's backward as soon as the block's
         # masses are known (fastdpo.sparse_plan's per-row budget): one list of kept slices per block.
         self.kept: list[list[bool]] | None = None
@@ -424,17 +424,17 @@ def _tile_partials(z: torch.Tensor, targets: torch.Tensor, col_start: int, with_
 
 
 def backward(x: Rows, weight, bias, lse, grad, transform: Transform, *, dx, dw, db, filter_eps: float = 0.0,
-             buffers: BlockBuffers | None = None, tolerance: float = 0.0):
+             buffers: BlockBuffers | None = None, kept: list[list[bool]] | None = None):
     """Accumulate into dx ([N, H], indexed by x.rows), dw ([V, H]) and db ([V]); each may be None.
 
     All three are in the accumulation dtype and zero-initialised by the caller. With filter_eps > 0,
     a tile whose softmax stays below it (and, on the tiled path, that holds no target) adds nothing.
-    `buffers` may be the forward's: one allocation then serves the whole step. The parts of a block
-    write disjoint rows of dw and db, and their shares of the block's dx are added in a fixed order.
+    `kept` (the forward's plan under a gradient tolerance, see kept_slices) lists per token block the
+    slices to compute; None computes all. The parts of a block write disjoint rows of dw and db, and
+    their shares of the block's dx are added in a fixed order.
     """
     factored = transform.is_linear and bias is None
     buffers = buffers or BlockBuffers(x, weight.shape[0])
-    kept = _kept_slices(buffers, tolerance)
     for index, (r0, r1) in enumerate(token_blocks(len(x))):
         xb, targets = x.block(r0, r1, buffers.rows), x.targets[r0:r1]
         block = _BackwardBlock(xb, targets, weight, bias, lse[r0:r1], grad[r0:r1], transform, dx is not None, dw,
@@ -454,9 +454,12 @@ def _plan_block(mass: torch.Tensor, targets: torch.Tensor, buffers: BlockBuffers
     buffers.kept.append(keep_within_budget(mass[None], holds_target[None], buffers.tolerance)[0].tolist())
 
 
-def _kept_slices(buffers: BlockBuffers, tolerance: float) -> list[list[bool]] | None:
-    """Per token block, which slices the backward computes (planned by the forward); None: all."""
-    return buffers.kept if tolerance and buffers.kept else None
+def kept_slices(plan: torch.Tensor, n_rows: int, n_slices: int) -> list[list[bool]] | None:
+    """The forward's plan (bool [>= token blocks, >= slices], see fastdpo.ops) as one list of kept
+    slices per token block; None (compute everything) for an empty plan."""
+    if plan.numel() == 0:
+        return None
+    return plan[: len(token_blocks(n_rows)), :n_slices].tolist()
 
 
 class _BackwardBlock:

@@ -76,10 +76,11 @@ class FastDPOLoss(nn.Module):
         labels = widen_labels(labels)
         device = hidden_states.device if isinstance(hidden_states, torch.Tensor) else torch.device("cpu")
         backend = resolve_backend(self.backend, device)
-        check_dpo_inputs(hidden_states, lm_head_weight, labels, lm_head_bias, ref_chosen_logps=ref_chosen_logps,
-                         ref_rejected_logps=ref_rejected_logps, ref_hidden_states=ref_hidden_states,
-                         ref_lm_head_weight=ref_lm_head_weight, ref_lm_head_bias=ref_lm_head_bias,
-                         reference_required=cfg.needs_reference, ignore_index=self.ignore_index, backend=backend)
+        labels = check_dpo_inputs(hidden_states, lm_head_weight, labels, lm_head_bias,
+                                  ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+                                  ref_hidden_states=ref_hidden_states, ref_lm_head_weight=ref_lm_head_weight,
+                                  ref_lm_head_bias=ref_lm_head_bias, reference_required=cfg.needs_reference,
+                                  ignore_index=self.ignore_index, backend=backend)
         targets = shifted_targets(labels, self.ignore_index) if self.shift_labels else labels
         completion = targets != self.ignore_index
         with_stats = self.token_metrics or cfg.needs_log_sum_sq_probs

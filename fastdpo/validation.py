@@ -7,6 +7,9 @@ the names their users know through `Names`.
 
 The kernels index W only through tile columns, so an out-of-range label could never make them read
 out of bounds; it would silently give a wrong log-prob instead, which is why labels are checked here.
+That check reads the labels' values (a host sync), so it runs inside the custom op
+fastdpo::checked_targets (fastdpo.ops), which compiled graphs call as they are; everything else here
+reads metadata only and is traced by torch.compile without a graph break.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from .backends import triton_interpreting
+from .ops import checked_targets as _checked_targets_op
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -78,6 +82,15 @@ def _is_real(value) -> bool:
 
 def check_logprob_inputs(hidden, weight, targets, bias, ignore_index: int, backend: str, *, temperature=1.0,
                          softcap=None, logit_scale=1.0, grad_filter_eps=0.0, names: Names = Names()) -> None:
+    """check_logprob_metadata, then the targets' range."""
+    check_logprob_metadata(hidden, weight, targets, bias, ignore_index, backend, temperature=temperature,
+                           softcap=softcap, logit_scale=logit_scale, grad_filter_eps=grad_filter_eps, names=names)
+    check_targets_in_range(targets, weight.shape[0], ignore_index, names.targets)
+
+
+def check_logprob_metadata(hidden, weight, targets, bias, ignore_index: int, backend: str, *, temperature=1.0,
+                           softcap=None, logit_scale=1.0, grad_filter_eps=0.0, names: Names = Names()) -> None:
+    """Everything about the inputs that their metadata tells (no host sync): types, shapes, dtypes, devices."""
     for name, t in zip(names, (hidden, weight, targets)):
         require_tensor(name, t)
     require_tensor(names.bias, bias, optional=True)
@@ -112,14 +125,18 @@ def check_logprob_inputs(hidden, weight, targets, bias, ignore_index: int, backe
                  "computes bfloat16 dot products wrongly; use float32/float16, or backend='torch'")
     check_logit_options(temperature=temperature, softcap=softcap, logit_scale=logit_scale,
                         grad_filter_eps=grad_filter_eps)
-    check_targets_in_range(targets, weight.shape[0], ignore_index, y)
+
+
+def checked_targets(targets: torch.Tensor, vocab_size: int, ignore_index: int, name: str = "targets") -> torch.Tensor:
+    """A copy of `targets` once they are in [0, vocab_size) or ignore_index (else a ValueError naming `name`).
+
+    Compute with the copy: in a compiled graph, that is what keeps the check from being dropped as dead code.
+    """
+    return _checked_targets_op(targets, int(vocab_size), int(ignore_index), name)
 
 
 def check_targets_in_range(targets: torch.Tensor, vocab_size: int, ignore_index: int, name: str = "targets"):
-    out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
-    if bool(out_of_range.any()):
-        bad = targets[out_of_range][:5].tolist()
-        raise ValueError(f"{name} must be in [0, {vocab_size}) or ignore_index={ignore_index}; found {bad}")
+    checked_targets(targets, vocab_size, ignore_index, name)
 
 
 def widen_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -135,7 +152,9 @@ def widen_labels(labels: torch.Tensor) -> torch.Tensor:
 
 def check_dpo_inputs(hidden_states, lm_head_weight, labels, lm_head_bias, *, ref_chosen_logps, ref_rejected_logps,
                      ref_hidden_states, ref_lm_head_weight, ref_lm_head_bias, reference_required: bool,
-                     ignore_index: int, backend: str) -> None:
+                     ignore_index: int, backend: str) -> torch.Tensor:
+    """Checks FastDPOLoss's inputs; returns the labels, checked against every head's vocabulary (a copy: see
+    `checked_targets`)."""
     require_tensor("hidden_states", hidden_states)
     _require(hidden_states.dim() == 3,
              f"hidden_states must be a [2B, T, H] tensor (B chosen sequences, then B rejected), got shape "
@@ -149,14 +168,17 @@ def check_dpo_inputs(hidden_states, lm_head_weight, labels, lm_head_bias, *, ref
     _require(labels.shape == hidden_states.shape[:2],
              f"labels must have shape {(num_seqs, seq_len)}, got {_shape(labels)}")
     policy = Names("hidden_states", "lm_head_weight", "labels", "lm_head_bias")
-    _check_head(hidden_states, lm_head_weight, labels, lm_head_bias, ignore_index, backend, policy)
-    _check_reference(hidden_states, lm_head_weight, labels, lm_head_bias, ref_chosen_logps, ref_rejected_logps,
-                     ref_hidden_states, ref_lm_head_weight, ref_lm_head_bias, reference_required, ignore_index, backend)
+    labels = _check_head(hidden_states, lm_head_weight, labels, lm_head_bias, ignore_index, backend, policy)
+    return _check_reference(hidden_states, lm_head_weight, labels, lm_head_bias, ref_chosen_logps, ref_rejected_logps,
+                            ref_hidden_states, ref_lm_head_weight, ref_lm_head_bias, reference_required, ignore_index,
+                            backend)
 
 
 def _check_reference(hidden_states, lm_head_weight, labels, lm_head_bias, ref_chosen_logps, ref_rejected_logps,
                      ref_hidden_states, ref_lm_head_weight, ref_lm_head_bias, reference_required, ignore_index,
-                     backend) -> None:
+                     backend) -> torch.Tensor:
+    """Checks the reference's inputs; returns `labels`, checked against the reference head's vocabulary if it has
+    its own."""
     num_seqs, seq_len = hidden_states.shape[:2]
     has_logps = ref_chosen_logps is not None or ref_rejected_logps is not None
     _require(not (has_logps and ref_hidden_states is not None),
@@ -190,13 +212,25 @@ def _check_reference(hidden_states, lm_head_weight, labels, lm_head_bias, ref_ch
         else:
             names = Names("ref_hidden_states", "ref_lm_head_weight", "labels", "ref_lm_head_bias")
             weight, bias = ref_lm_head_weight, ref_lm_head_bias
-        _check_head(ref_hidden_states, weight, labels, bias, ignore_index, backend, names)
+        if not _is_distributed(ref_hidden_states, weight):  # else fastdpo.distributed checks it (see _check_head)
+            check_logprob_metadata(ref_hidden_states, weight, labels, bias, ignore_index, backend, names=names)
+            if ref_lm_head_weight is not None:
+                labels = checked_targets(labels, ref_lm_head_weight.shape[0], ignore_index, names.targets)
         check_same_device(hidden_states=hidden_states, ref_hidden_states=ref_hidden_states)
+    return labels
 
 
-def _check_head(hidden, weight, labels, bias, ignore_index, backend, names) -> None:
+def _is_distributed(hidden, weight) -> bool:
     from .distributed import is_distributed_head
 
-    if is_distributed_head(hidden, weight):  # a shard, DTensor or ZeRO-3 partition: fastdpo.distributed checks
-        return  # it against the whole head (the local tensor is not [vocab, hidden])
-    check_logprob_inputs(hidden, weight, labels, bias, ignore_index, backend, names=names)
+    return is_distributed_head(hidden, weight)
+
+
+def _check_head(hidden, weight, labels, bias, ignore_index, backend, names):
+    """The head's checks, and the labels checked against its vocabulary. A shard, DTensor or ZeRO-3
+    partition is left to fastdpo.distributed, which checks it against the whole head (the local tensor
+    is not [vocab, hidden])."""
+    if _is_distributed(hidden, weight):
+        return labels
+    check_logprob_metadata(hidden, weight, labels, bias, ignore_index, backend, names=names)
+    return checked_targets(labels, weight.shape[0], ignore_index, names.targets)

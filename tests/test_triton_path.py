@@ -25,6 +25,9 @@ class RecordOutputs(TorchDispatchMode):
         self.outputs = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastdpo":  # fastdpo's custom ops (fastdpo.ops) are opaque: record the ops inside
+            with self:
+                return getattr(fastdpo.ops, func.name().split("::")[1])._init_fn(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         if func.__name__.startswith("set_"):
             return out
