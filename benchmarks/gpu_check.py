@@ -594,13 +594,15 @@ def _case_inputs(kind: str, n: int, hidden: int, vocab: int, dev, dtype):
     seq_len = min(1024, max(2, n // 2))
     case = bench_inputs.Case("gpu-check-lm-like", "gpu-check", max(2, n // seq_len), seq_len, hidden, vocab,
                              str(dtype).removeprefix("torch."))
-    made = bench_inputs.make_inputs(case, device=str(dev))
+    # "Zipf-LM": the frequency-ordered model of a trained LM (make_lm_inputs); else the clustered generator.
+    made = (bench_inputs.make_lm_inputs(case, device=str(dev)) if kind == "Zipf-LM"
+            else bench_inputs.make_inputs(case, device=str(dev)))
     targets = bench_inputs.shifted_targets(made["labels"]).flatten()
     return made["hidden"].flatten(0, 1), made["weight"], targets
 
 
 def measure_sparse(n: int, hidden: int, vocab: int, bench, device_name: str, device: str = "cuda",
-                   dtype_name: str = "bfloat16", kinds=("trained-LM-like", "random"),
+                   dtype_name: str = "bfloat16", kinds=("Zipf-LM", "trained-LM-like", "random"),
                    tolerance: float = SPARSE_TOLERANCE, stand_in_fraction: float = 0.1) -> list[dict]:
     """Per input kind: the kept fraction the plan gives, forward+backward with grad_tolerance and without, the
     plan and the sparse kernels alone, each next to the cost model at that f (device/dtype: for a CPU test)."""

@@ -423,12 +423,11 @@ def _tile_partials(z: torch.Tensor, targets: torch.Tensor, col_start: int, with_
 # --- backward ------------------------------------------------------------------------------------
 
 
-def backward(x: Rows, weight, bias, lse, grad, transform: Transform, *, dx, dw, db, filter_eps: float = 0.0,
+def backward(x: Rows, weight, bias, lse, grad, transform: Transform, *, dx, dw, db,
              buffers: BlockBuffers | None = None, kept: list[list[bool]] | None = None):
     """Accumulate into dx ([N, H], indexed by x.rows), dw ([V, H]) and db ([V]); each may be None.
 
-    All three are in the accumulation dtype and zero-initialised by the caller. With filter_eps > 0,
-    a tile whose softmax stays below it (and, on the tiled path, that holds no target) adds nothing.
+    All three are in the accumulation dtype and zero-initialised by the caller.
     `kept` (the forward's plan under a gradient tolerance, see kept_slices) lists per token block the
     slices to compute; None computes all. The parts of a block write disjoint rows of dw and db, and
     their shares of the block's dx are added in a fixed order.
@@ -438,7 +437,7 @@ def backward(x: Rows, weight, bias, lse, grad, transform: Transform, *, dx, dw, 
     for index, (r0, r1) in enumerate(token_blocks(len(x))):
         xb, targets = x.block(r0, r1, buffers.rows), x.targets[r0:r1]
         block = _BackwardBlock(xb, targets, weight, bias, lse[r0:r1], grad[r0:r1], transform, dx is not None, dw,
-                               db, filter_eps, None if kept is None else kept[index])
+                               db, None if kept is None else kept[index])
         shares = Workers.map(block.factored_part if factored else block.tiled_part, buffers.parts)
         dx_block = _sum_in_order(shares) if dx is not None else None
         if factored:
@@ -463,11 +462,11 @@ def kept_slices(plan: torch.Tensor, n_rows: int, n_slices: int) -> list[list[boo
 
 
 class _BackwardBlock:
-    def __init__(self, xb, targets, weight, bias, lse, grad, transform: Transform, need_dx, dw, db, filter_eps,
+    def __init__(self, xb, targets, weight, bias, lse, grad, transform: Transform, need_dx, dw, db,
                  kept: list[bool] | None = None):
         self.xb, self.targets, self.weight, self.bias = xb, targets, weight, bias
         self.lse, self.grad, self.transform = lse, grad, transform
-        self.need_dx, self.dw, self.db, self.filter_eps = need_dx, dw, db, filter_eps
+        self.need_dx, self.dw, self.db = need_dx, dw, db
         self.scaled_grad = transform.linear_factor * grad
         self.kept = kept
 
@@ -492,8 +491,6 @@ class _BackwardBlock:
         for v0, v1 in self.slices(part):
             w = self.weight[v0:v1].to(xb.dtype)
             probs = torch.addmm(neg_lse, xb, w.T, alpha=factor, out=part.tile_for(xb.shape[0], v0, v1)).exp_()
-            if self.filter_eps and bool(probs.max() < self.filter_eps):  # the onehot term is added exactly
-                continue
             if share is not None:
                 share.addmm_(probs, w)
             if self.dw is not None:
@@ -516,9 +513,7 @@ class _BackwardBlock:
         for v0, v1 in self.slices(part):
             w, b = _weight_slice(self.weight, self.bias, v0, v1, xb.dtype)
             z = _logits(xb, w, b, self.transform, out=part.tile_for(xb.shape[0], v0, v1))
-            d_z = _logits_gradient(z, self.targets - v0, self.lse, self.grad, self.filter_eps)
-            if d_z is None:
-                continue
+            d_z = _logits_gradient(z, self.targets - v0, self.lse, self.grad)
             d_raw = self.transform.scale_gradient_(d_z, z)
             if share is not None:
                 share.addmm_(d_raw, w)
@@ -529,12 +524,10 @@ class _BackwardBlock:
         return share
 
 
-def _logits_gradient(z, local_targets, lse, grad, filter_eps=0.0):
-    """g * (onehot - softmax), built in one new tile; None when the gradient filter drops the tile."""
+def _logits_gradient(z, local_targets, lse, grad):
+    """g * (onehot - softmax), built in one new tile."""
     probs = torch.sub(z, lse[:, None]).exp_()
     in_tile = (local_targets >= 0) & (local_targets < z.shape[1])
-    if filter_eps and not bool(in_tile.any()) and bool(probs.max() < filter_eps):
-        return None
     d_z = probs.mul_(-grad[:, None])
     rows = in_tile.nonzero().squeeze(1)
     d_z[rows, local_targets[rows]] += grad[rows]

@@ -75,10 +75,10 @@ def is_distributed_head(hidden, weight) -> bool:
 
 def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100, *, temperature: float = 1.0,
                     softcap: float | None = None, logit_scale: float = 1.0, with_stats: bool = False,
-                    backend: str | None = None, grad_filter_eps: float = 0.0):
+                    backend: str | None = None, grad_tolerance: float = 0.0):
     """`fastdpo.linear_logprobs` for a VocabShard, DTensor or ZeRO-3 head (same arguments and outputs)."""
     kwargs = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, with_stats=with_stats,
-                  backend=backend, grad_filter_eps=grad_filter_eps)
+                  backend=backend, grad_tolerance=grad_tolerance)
     if _is_dtensor(weight) or _is_dtensor(hidden):
         hidden, weight, targets, bias = _from_dtensors(hidden, weight, targets, bias)
         if not isinstance(weight, VocabShard):  # a replicated head: every rank computes the same thing
@@ -158,22 +158,22 @@ def _shard_start(weight) -> int:
 
 
 def _vocab_parallel(hidden, shard: VocabShard, targets, bias, ignore_index, *, temperature, softcap, logit_scale,
-                    with_stats, backend, grad_filter_eps):
+                    with_stats, backend, grad_tolerance):
     weight = shard.weight
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
     if backend not in (None, "auto", "torch"):  # "auto" picks the PyTorch path on every device here
         raise ValueError(f"a vocab-parallel head runs on backend='torch' for now, got backend={backend!r}; pass "
                          "backend='torch' (FastDPOLoss(backend='torch'))")
     hidden, weight, bias = _autocast_inputs(device, hidden, weight, bias)
-    _check_shard(hidden, shard, weight, targets, bias, ignore_index, temperature, softcap, grad_filter_eps)
+    _check_shard(hidden, shard, weight, targets, bias, ignore_index, temperature, softcap, grad_tolerance)
     transform = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
     with torch.autocast(device.type, enabled=False):
         out = VocabParallelLogProbs.apply(hidden, weight, bias, targets, ignore_index, shard.vocab_start,
-                                          shard.vocab_size, shard.group, transform, with_stats, float(grad_filter_eps))
+                                          shard.vocab_size, shard.group, transform, with_stats, float(grad_tolerance))
     return TokenStats(*out) if with_stats else out
 
 
-def _check_shard(hidden, shard, weight, targets, bias, ignore_index, temperature, softcap, grad_filter_eps):
+def _check_shard(hidden, shard, weight, targets, bias, ignore_index, temperature, softcap, grad_tolerance):
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] == 0:
         raise ValueError(f"VocabShard.weight must be a non-empty [rows, hidden] tensor, got "
                          f"{getattr(weight, 'shape', type(weight).__name__)}")
@@ -185,7 +185,7 @@ def _check_shard(hidden, shard, weight, targets, bias, ignore_index, temperature
     # Everything but the label range against the shard (labels are global), then the labels against the vocabulary.
     local_probe = torch.full_like(targets, ignore_index) if isinstance(targets, torch.Tensor) else targets
     check_logprob_inputs(hidden, weight, local_probe, bias, ignore_index, "torch", temperature=temperature,
-                         softcap=softcap, grad_filter_eps=grad_filter_eps)
+                         softcap=softcap, grad_tolerance=grad_tolerance)
     check_targets_in_range(targets, shard.vocab_size, ignore_index)
     _check_shards_agree(shard, weight.shape[0], hidden, targets)
 
@@ -230,7 +230,7 @@ class VocabParallelLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index, vocab_start, vocab_size, group, transform,
-                with_stats, grad_filter_eps):
+                with_stats, grad_tolerance):
         hidden_2d = hidden.reshape(-1, hidden.shape[-1])
         flat_targets = targets.reshape(-1)
         rows = (flat_targets != ignore_index).nonzero().squeeze(1)
@@ -250,7 +250,7 @@ class VocabParallelLogProbs(torch.autograd.Function):
 
         ctx.save_for_backward(hidden_2d, weight, bias, rows, clamped, in_shard, lse)
         ctx.hidden_shape, ctx.hidden_dtype, ctx.group = hidden.shape, hidden.dtype, group
-        ctx.transform, ctx.grad_filter_eps = transform, grad_filter_eps
+        ctx.transform, ctx.grad_tolerance = transform, grad_tolerance
         stats = stats if with_stats else stats[:1]
         outputs = [_scatter(stat, rows, flat_targets.numel()).view(targets.shape) for stat in stats]
         if not with_stats:
@@ -273,8 +273,8 @@ class VocabParallelLogProbs(torch.autograd.Function):
             grad_rows = grad_logps.reshape(-1).index_select(0, rows).to(acc_dtype).contiguous()
             x = chunked.Rows(hidden_2d, rows, clamped)
             transform = chunked.Transform(**ctx.transform)
-            chunked.backward(x, weight, bias, lse, grad_rows, transform, dx=dx, dw=dw, db=db,
-                             filter_eps=ctx.grad_filter_eps, buffers=ctx.buffers)
+            # Exact, whatever grad_tolerance: a shard holds no plan for the global budget (yet).
+            chunked.backward(x, weight, bias, lse, grad_rows, transform, dx=dx, dw=dw, db=db, buffers=ctx.buffers)
             _remove_borrowed_onehot(x, weight, bias, grad_rows, ~in_shard, transform, dx, dw, db)
             if dx is not None:
                 dist.all_reduce(dx, group=ctx.group)
@@ -351,7 +351,7 @@ def _is_available(param) -> bool:
 
 
 def _zero3(hidden, weight, targets, bias, ignore_index, *, temperature, softcap, logit_scale, with_stats, backend,
-           grad_filter_eps):
+           grad_tolerance):
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
     backend = resolve_backend(backend, device)
     if backend == "reference":
@@ -361,10 +361,10 @@ def _zero3(hidden, weight, targets, bias, ignore_index, *, temperature, softcap,
     with gathered(weight, bias):
         hidden, weight, bias = _autocast_inputs(device, hidden, weight, bias)
         check_logprob_inputs(hidden, weight, targets, bias, ignore_index, backend, temperature=temperature,
-                             softcap=softcap, grad_filter_eps=grad_filter_eps)
+                             softcap=softcap, grad_tolerance=grad_tolerance)
         with torch.autocast(device.type, enabled=False):
             out = _Zero3LogProbs.apply(hidden, weight, bias, targets, ignore_index, logit_scale, softcap, temperature,
-                                       with_stats, backend, float(grad_filter_eps), None, 0.0)
+                                       with_stats, backend, None, float(grad_tolerance))
     return TokenStats(*out) if with_stats else out
 
 

@@ -38,9 +38,9 @@ class FastDPOLoss(nn.Module):
     `label_smoothing` with "sigmoid" gives conservative DPO (TRL 1.16's sigmoid ignores it).
     `token_metrics=True` adds the kernel-pass aggregates (entropy, mean logits, top-1 accuracy).
     `temperature`, `softcap` (Gemma's final_logit_softcapping) and `logit_scale` transform the logits
-    as in linear_logprobs, for the policy and the reference alike. `grad_filter_eps` (default 0,
-    exact) lets the backward skip tiles whose |onehot - softmax| stays below it, and `workspace_bytes`
-    bounds the Triton backward's d_logits workspace (see linear_logprobs).
+    as in linear_logprobs, for the policy and the reference alike. `grad_tolerance` (default 0, exact)
+    lets the backward skip vocabulary tiles within a stated per-row budget of dropped probability mass,
+    and `workspace_bytes` bounds the Triton backward's d_logits workspace (see linear_logprobs).
     """
 
     def __init__(self, beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid", label_smoothing: float = 0.0,
@@ -49,7 +49,7 @@ class FastDPOLoss(nn.Module):
                  f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
                  use_weighting: bool = False, ld_alpha: float | None = None, discopop_tau: float = 0.05,
                  simpo_gamma: float = 0.5, token_metrics: bool = False, temperature: float = 1.0,
-                 softcap: float | None = None, logit_scale: float = 1.0, grad_filter_eps: float = 0.0,
+                 softcap: float | None = None, logit_scale: float = 1.0, grad_tolerance: float = 0.0,
                  workspace_bytes: int | None = None):
         super().__init__()
         self.config = LossConfig(
@@ -59,11 +59,11 @@ class FastDPOLoss(nn.Module):
             simpo_gamma=simpo_gamma, average_log_prob=average_log_prob, cdpo=True,
         )
         check_logit_options(temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-                            grad_filter_eps=grad_filter_eps)
+                            grad_tolerance=grad_tolerance)
         self.ignore_index, self.shift_labels, self.backend = ignore_index, shift_labels, backend
         self.token_metrics = token_metrics
         self.logit_transform = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
-        self.grad_filter_eps, self.workspace_bytes = grad_filter_eps, workspace_bytes
+        self.grad_tolerance, self.workspace_bytes = grad_tolerance, workspace_bytes
 
     @property
     def beta(self) -> float:
@@ -85,7 +85,7 @@ class FastDPOLoss(nn.Module):
         completion = targets != self.ignore_index
         with_stats = self.token_metrics or cfg.needs_log_sum_sq_probs
         policy = linear_logprobs(hidden_states, lm_head_weight, targets, lm_head_bias, self.ignore_index,
-                                 with_stats=with_stats, backend=backend, grad_filter_eps=self.grad_filter_eps,
+                                 with_stats=with_stats, backend=backend, grad_tolerance=self.grad_tolerance,
                                  workspace_bytes=self.workspace_bytes,
                                  **self.logit_transform)
         token_logps = policy.logps if with_stats else policy

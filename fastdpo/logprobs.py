@@ -39,13 +39,12 @@ class LinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps, *_unused_stat_grads):
-        return (*ops.backward(ctx, grad_logps), *([None] * 10))
+        return (*ops.backward(ctx, grad_logps), *([None] * 9))
 
 
 def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100, *, temperature: float = 1.0,
                     softcap: float | None = None, logit_scale: float = 1.0, with_stats: bool = False,
-                    backend: str | None = None, grad_filter_eps: float = 0.0, workspace_bytes: int | None = None,
-                    grad_tolerance: float = 0.0):
+                    backend: str | None = None, grad_tolerance: float = 0.0, workspace_bytes: int | None = None):
     """Per-token log-probabilities of `targets` under logits = transform(hidden @ weight.T + bias).
 
     hidden [..., H], weight [V, H], targets [...] (not shifted; `ignore_index` positions get 0).
@@ -53,9 +52,11 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
     Returns float32 log-probs shaped like `targets` (float64 for float64 inputs on the torch and
     reference backends), differentiable w.r.t. hidden, weight and bias; with `with_stats`, a
     TokenStats whose other fields (entropy, log sum p^2, mean logit, is_top1) carry no gradient.
-    grad_filter_eps > 0 lets the backward skip (token block, vocab tile) pairs whose |onehot - softmax|
-    stays below it everywhere (Cut Cross-Entropy's gradient filter; the torch path skips only tiles
-    without a target); each skipped d_logit is below grad_filter_eps * |g|. 0 is exact.
+    grad_tolerance = δ > 0 lets the backward skip (token block, vocabulary tile) pairs, decided from the
+    forward's exact per-tile probability masses before anything is recomputed: each row drops at most
+    δ of probability mass in total (tiles holding a target are always kept), so the dropped part of row
+    i's d_logits has L1 norm <= |g_i| δ and its dX error is <= |g_i| δ max_v ||W_v|| (fastdpo.sparse_plan).
+    0 (the default) is exact. The log-probs do not depend on it.
     workspace_bytes bounds the Triton backward's d_logits workspace ([scored tokens, chunk] in the
     input dtype; at least one 128-column tile): None takes 1/64 of the device's memory, at most 1 GiB.
     Smaller workspaces mean more, narrower vocabulary chunks: the same result up to the rounding of
@@ -65,7 +66,7 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
     if distributed.is_distributed_head(hidden, weight):  # before the type checks: a VocabShard is no tensor
         return distributed.linear_logprobs(hidden, weight, targets, bias, ignore_index, temperature=temperature,
                                            softcap=softcap, logit_scale=logit_scale, with_stats=with_stats,
-                                           backend=backend, grad_filter_eps=grad_filter_eps)
+                                           backend=backend, grad_tolerance=grad_tolerance)
     for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         require_tensor(name, value)
     require_tensor("bias", bias, optional=True)
@@ -78,7 +79,7 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     check_logprob_metadata(hidden, weight, targets, bias, ignore_index, backend, temperature=temperature,
-                           softcap=softcap, logit_scale=logit_scale, grad_filter_eps=grad_filter_eps)
+                           softcap=softcap, logit_scale=logit_scale, grad_tolerance=grad_tolerance)
     targets = checked_targets(targets, weight.shape[0], ignore_index)
     if workspace_bytes is not None and (isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int)
                                         or workspace_bytes <= 0):
@@ -90,6 +91,5 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
     with torch.autocast(device.type, enabled=False):
         out = torch.ops.fastdpo.logprobs_forward(hidden, weight, bias, targets, ignore_index, float(logit_scale),
                                                  None if softcap is None else float(softcap), float(temperature),
-                                                 with_stats, backend, float(grad_filter_eps), workspace_bytes,
-                                                 float(grad_tolerance))
+                                                 with_stats, backend, workspace_bytes, float(grad_tolerance))
     return TokenStats(*out[:ops.STAT_FIELDS]) if with_stats else out[0]

@@ -66,11 +66,11 @@ def _(targets, vocab_size, ignore_index, name):
 @torch.library.custom_op("fastdpo::logprobs_forward", mutates_args=())
 def logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                      ignore_index: int, logit_scale: float, softcap: float | None, temperature: float,
-                     with_stats: bool, backend: str, grad_filter_eps: float, workspace_bytes: int | None,
+                     with_stats: bool, backend: str, workspace_bytes: int | None,
                      grad_tolerance: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-token outputs shaped like `targets`: the five TokenStats fields (the last four empty without
     `with_stats`), lse, and the per-tile lse [tiles, tokens] (Triton with grad_tolerance > 0; else empty).
-    grad_filter_eps and workspace_bytes are the backward's: inputs here so that autograd can save them."""
+    workspace_bytes is the backward's: an input here so that autograd can save it."""
     keep_tile_lse = keeps_tile_lse(backend, grad_tolerance)
     hidden_2d, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     rows = scored_rows(flat_targets, ignore_index)
@@ -107,7 +107,7 @@ def logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 @logprobs_forward.register_fake
 def _(hidden, weight, bias, targets, ignore_index, logit_scale, softcap, temperature, with_stats, backend,
-      grad_filter_eps, workspace_bytes, grad_tolerance):
+      workspace_bytes, grad_tolerance):
     dtype = chunked.accumulation_dtype(hidden.dtype)
     logps = targets.new_empty(targets.shape, dtype=dtype)
     stats = [logps.new_empty(targets.shape if with_stats else 0) for _ in range(STAT_FIELDS - 2)]
@@ -174,7 +174,7 @@ def scatter(values: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor
 def logprobs_backward(grad_logps: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       targets: torch.Tensor, lse: torch.Tensor, tile_lse: torch.Tensor, ignore_index: int,
                       logit_scale: float, softcap: float | None, temperature: float, backend: str,
-                      grad_filter_eps: float, workspace_bytes: int | None, grad_tolerance: float, need_dx: bool,
+                      workspace_bytes: int | None, grad_tolerance: float, need_dx: bool,
                       need_dw: bool, need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX shaped like hidden, dW like weight, db like bias), each empty where not needed."""
     hidden_2d, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
@@ -188,8 +188,7 @@ def logprobs_backward(grad_logps: torch.Tensor, hidden: torch.Tensor, weight: to
         hidden_2d, weight = row_major(hidden_2d), row_major(weight)
         dx_rows, dw, db = backward(hidden_2d, weight, bias, rows, row_targets, row_lse, grad_rows, transform,
                                    need_dx=need_dx, need_dw=need_dw, need_db=need_db,
-                                   workspace_bytes=workspace_bytes, filter_eps=grad_filter_eps,
-                                   tolerance=grad_tolerance,
+                                   workspace_bytes=workspace_bytes, tolerance=grad_tolerance,
                                    tile_lse=tile_lse.index_select(1, rows) if tile_lse.numel() else None)
         dx = None
         if dx_rows is not None:
@@ -206,7 +205,7 @@ def logprobs_backward(grad_logps: torch.Tensor, hidden: torch.Tensor, weight: to
             x = chunked.Rows(hidden_2d, rows, row_targets)
             buffers = chunked.BlockBuffers(x, weight.shape[0])
             chunked.backward(x, weight, bias, row_lse, grad_rows, chunked.Transform(**transform), dx=dx, dw=dw, db=db,
-                             filter_eps=grad_filter_eps, buffers=buffers,
+                             buffers=buffers,
                              kept=chunked.kept_slices(tile_lse, len(x), buffers.n_slices))
     empty = hidden.new_empty(0)
     return (empty if dx is None else dx.to(hidden.dtype).view(hidden.shape),
@@ -216,7 +215,7 @@ def logprobs_backward(grad_logps: torch.Tensor, hidden: torch.Tensor, weight: to
 
 @logprobs_backward.register_fake
 def _(grad_logps, hidden, weight, bias, targets, lse, tile_lse, ignore_index, logit_scale, softcap, temperature,
-      backend, grad_filter_eps, workspace_bytes, grad_tolerance, need_dx, need_dw, need_db):
+      backend, workspace_bytes, grad_tolerance, need_dx, need_dw, need_db):
     return (torch.empty_like(hidden) if need_dx else hidden.new_empty(0),
             torch.empty_like(weight) if need_dw else hidden.new_empty(0),
             torch.empty_like(bias) if need_db else hidden.new_empty(0))
@@ -230,7 +229,7 @@ def save_for_backward(ctx, inputs: tuple, outputs: tuple) -> None:
     hidden, weight, bias, targets, ignore_index, logit_scale, softcap, temperature, _with_stats, backend, *rest = inputs
     lse, tile_lse = outputs[-2:]
     ctx.save_for_backward(hidden, weight, bias, targets, lse, tile_lse)
-    # In logprobs_backward's order: ignore_index ... backend, then grad_filter_eps, workspace_bytes, grad_tolerance.
+    # In logprobs_backward's order: ignore_index ... backend, then workspace_bytes, grad_tolerance.
     ctx.options = (ignore_index, logit_scale, softcap, temperature, backend, *rest)
 
 
@@ -253,7 +252,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_logps, *_unused_grads):
-    return (*backward(ctx, grad_logps), *([None] * 10))
+    return (*backward(ctx, grad_logps), *([None] * 9))
 
 
 logprobs_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -64,7 +64,7 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     _require(len(set(devices.values())) <= 1, f"all tensors must be on one device, got {devices}")
 
 
-def check_logit_options(*, temperature=1.0, softcap=None, logit_scale=1.0, grad_filter_eps=0.0) -> None:
+def check_logit_options(*, temperature=1.0, softcap=None, logit_scale=1.0, grad_tolerance=0.0) -> None:
     """The logit transform and the gradient filter: finite numbers in their ranges."""
     _require(_is_real(temperature) and math.isfinite(temperature) and temperature > 0,
              f"temperature must be > 0 and finite, got {temperature!r}")
@@ -72,8 +72,8 @@ def check_logit_options(*, temperature=1.0, softcap=None, logit_scale=1.0, grad_
              f"softcap must be None or > 0 and finite, got {softcap!r}")
     _require(_is_real(logit_scale) and math.isfinite(logit_scale) and logit_scale > 0,
              f"logit_scale must be > 0 and finite, got {logit_scale!r}")
-    _require(_is_real(grad_filter_eps) and 0 <= grad_filter_eps < 1,
-             f"grad_filter_eps must be in [0, 1), got {grad_filter_eps!r}")
+    _require(_is_real(grad_tolerance) and 0 <= grad_tolerance < 1,
+             f"grad_tolerance must be in [0, 1), got {grad_tolerance!r}")
 
 
 def _is_real(value) -> bool:
@@ -81,15 +81,15 @@ def _is_real(value) -> bool:
 
 
 def check_logprob_inputs(hidden, weight, targets, bias, ignore_index: int, backend: str, *, temperature=1.0,
-                         softcap=None, logit_scale=1.0, grad_filter_eps=0.0, names: Names = Names()) -> None:
+                         softcap=None, logit_scale=1.0, grad_tolerance=0.0, names: Names = Names()) -> None:
     """check_logprob_metadata, then the targets' range."""
     check_logprob_metadata(hidden, weight, targets, bias, ignore_index, backend, temperature=temperature,
-                           softcap=softcap, logit_scale=logit_scale, grad_filter_eps=grad_filter_eps, names=names)
+                           softcap=softcap, logit_scale=logit_scale, grad_tolerance=grad_tolerance, names=names)
     check_targets_in_range(targets, weight.shape[0], ignore_index, names.targets)
 
 
 def check_logprob_metadata(hidden, weight, targets, bias, ignore_index: int, backend: str, *, temperature=1.0,
-                           softcap=None, logit_scale=1.0, grad_filter_eps=0.0, names: Names = Names()) -> None:
+                           softcap=None, logit_scale=1.0, grad_tolerance=0.0, names: Names = Names()) -> None:
     """Everything about the inputs that their metadata tells (no host sync): types, shapes, dtypes, devices."""
     for name, t in zip(names, (hidden, weight, targets)):
         require_tensor(name, t)
@@ -124,7 +124,7 @@ def check_logprob_metadata(hidden, weight, targets, bias, ignore_index: int, bac
                  f"backend='triton' cannot run bfloat16 inputs ({h}) under TRITON_INTERPRET=1: Triton's interpreter "
                  "computes bfloat16 dot products wrongly; use float32/float16, or backend='torch'")
     check_logit_options(temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-                        grad_filter_eps=grad_filter_eps)
+                        grad_tolerance=grad_tolerance)
 
 
 def checked_targets(targets: torch.Tensor, vocab_size: int, ignore_index: int, name: str = "targets") -> torch.Tensor:

@@ -36,7 +36,7 @@ def chunk_width(n_rows: int, weight: torch.Tensor, workspace_bytes: int) -> int:
 
 
 def backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform: dict, *, need_dx: bool, need_dw: bool,
-             need_db: bool, workspace_bytes: int | None = None, filter_eps: float = 0.0, tolerance: float = 0.0,
+             need_db: bool, workspace_bytes: int | None = None, tolerance: float = 0.0,
              tile_lse: torch.Tensor | None = None):
     """(dX of the scored rows fp32 [n, H], dW [V, H] in the weight's dtype, db fp32 [V]); None where not needed.
 
@@ -56,8 +56,7 @@ def backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform: dict,
             _sparse_backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform, kept, cfg, workspace_bytes,
                              dx, dw, db)
             return dx, dw, db
-    _dense_backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform, workspace_bytes, filter_eps,
-                    dx, dw, db)
+    _dense_backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform, workspace_bytes, dx, dw, db)
     return dx, dw, db
 
 
@@ -89,8 +88,7 @@ def _sparse_backward(hidden_2d, weight, bias, rows, targets, lse, grad, transfor
                       dw, db, weight.shape[0])
 
 
-def _dense_backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform, workspace_bytes, filter_eps,
-                    dx, dw, db):
+def _dense_backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform, workspace_bytes, dx, dw, db):
     from .kernels import logits_grad
 
     n_rows, vocab_size = rows.numel(), weight.shape[0]
@@ -100,8 +98,7 @@ def _dense_backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform
     for c0 in range(0, vocab_size, width):
         c1 = min(c0 + width, vocab_size)
         d_logits = workspace[:, : c1 - c0]
-        logits_grad(hidden_2d, weight, bias, rows, targets, lse, grad, d_logits, c0, filter_eps=filter_eps,
-                    **transform)
+        logits_grad(hidden_2d, weight, bias, rows, targets, lse, grad, d_logits, c0, **transform)
         if dx is not None:
             accumulate_product(dx, d_logits, weight[c0:c1])
         if dw is not None:

@@ -12,9 +12,7 @@ round an operand), and cuBLAS turns the workspace into dX and dW with two GEMMs.
 the forward's GEMM (same tile, same grouped order, same K loop), so it recomputes the forward's
 exact logits, and every workspace element has one writer: no atomics anywhere.
 
-Optional gradient filter (Cut Cross-Entropy's, Wijmans et al. 2024): with filter_eps > 0 a tile
-whose |onehot - softmax| stays below filter_eps everywhere is written as zeros; each dropped d_logit
-is below filter_eps * |g|. (The chunk GEMMs are dense, so this changes the result, not the speed.)
+With grad_tolerance > 0 the backward may skip tiles altogether: kernels/sparse_backward.py.
 
 Cost per chunk of C columns at the Llama-3-8B head (n = 16,384, H = 4096, bf16): 2 n C H FLOPs of
 recompute, n C x 2 bytes written; over the vocabulary 2 n V H = 17.2 TFLOP and 4.2 GB of workspace
@@ -32,8 +30,8 @@ from .logits_tile import grouped_tile, logits_tile, transform_derivative
 def logits_grad_kernel(
     x_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, grad_ptr, out_ptr,
     n_rows, vocab_size, col_start, chunk_width, hidden_size, stride_x, stride_w, stride_out,
-    logit_scale, softcap, inv_temperature, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
+    logit_scale, softcap, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -56,16 +54,13 @@ def logits_grad_kernel(
     valid = row_mask[:, None] & col_mask[None, :]
     # onehot - softmax; tl.where, not a multiply: padded rows/columns may hold inf (0 * inf = NaN).
     d_soft = tl.where(valid, tl.where(cols[None, :] == targets[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None]), 0.0)
-    if FILTER:  # Cut Cross-Entropy's criterion: keep the tile if some |onehot - softmax| reaches filter_eps
-        keep = tl.max(tl.max(tl.abs(d_soft), axis=1), axis=0) >= filter_eps
-        d_soft = tl.where(keep, d_soft, 0.0)
     d_raw = grad[:, None] * d_soft * transform_derivative(z, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
     out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + local_cols[None, :]
     tl.store(out, d_raw.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def logits_grad(hidden, weight, bias, rows, targets, lse, grad, out, col_start, *, logit_scale=1.0, softcap=None,
-                temperature=1.0, filter_eps=0.0):
+                temperature=1.0):
     """Write dL/draw for the selected rows and vocabulary columns [col_start, col_start + out.shape[1])
     into `out` ([n, width], unit stride along columns, any row stride). col_start must be a multiple
     of the tile width (config.gemm_config's BLOCK_V) so that the tiles are the forward's."""
@@ -77,7 +72,7 @@ def logits_grad(hidden, weight, bias, rows, targets, lse, grad, out, col_start, 
     logits_grad_kernel[grid](
         hidden, weight, bias if bias is not None else weight, rows, targets, lse, grad, out,
         n_rows, vocab_size, col_start, width, hidden_size, hidden.stride(0), weight.stride(0), out.stride(0),
-        float(logit_scale), float(softcap or 1.0), 1.0 / float(temperature), float(filter_eps),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, FILTER=filter_eps > 0,
+        float(logit_scale), float(softcap or 1.0), 1.0 / float(temperature),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         INPUT_PRECISION=input_precision(hidden.dtype), **cfg,
     )

@@ -81,13 +81,10 @@ def forward_variants(capability: int, hidden_size: int):
 def backward_variants(capability: int, hidden_size: int):
     for dtype, t in TRITON_TYPES.items():
         blocks, options = _launch_options(config.gemm_config(dtype, capability, hidden_size))
-        for grad_filter in (False, True):
-            for softcap in (False, True):
-                types = dict(_operand_types(t), lse_ptr="*fp32", grad_ptr="*fp32", out_ptr=f"*{t}", filter_eps="fp32")
-                constexprs = dict(blocks, HAS_BIAS=True, HAS_SOFTCAP=softcap, FILTER=grad_filter,
-                                  INPUT_PRECISION=config.input_precision(dtype))
-                name = f"logits_grad {t} filter={grad_filter} softcap={softcap}"
-                yield logits_grad_kernel, types, constexprs, options, name
+        for softcap in (False, True):
+            types = dict(_operand_types(t), lse_ptr="*fp32", grad_ptr="*fp32", out_ptr=f"*{t}")
+            constexprs = dict(blocks, HAS_BIAS=True, HAS_SOFTCAP=softcap, INPUT_PRECISION=config.input_precision(dtype))
+            yield logits_grad_kernel, types, constexprs, options, f"logits_grad {t} softcap={softcap}"
 
 
 def sparse_variants(capability: int, hidden_size: int):

@@ -555,7 +555,7 @@ def test_kept_fraction_matches_the_cpu_path_plan():
     tol = 2.0**-10
     kept = measure.kept_fraction(inp["hidden"], inp["weight"], inp["labels"], None, tol)
     plans = []
-    original = chunked._kept_slices
+    original = chunked.kept_slices
 
     def spy(*args, **kwargs):
         plan = original(*args, **kwargs)
@@ -565,7 +565,7 @@ def test_kept_fraction_matches_the_cpu_path_plan():
     h = inp["hidden"].clone().requires_grad_(True)
     targets = inputs.shifted_targets(inp["labels"])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(chunked, "_kept_slices", spy)
+        mp.setattr(chunked, "kept_slices", spy)
         fastdpo.linear_logprobs(h, inp["weight"], targets, backend="torch", grad_tolerance=tol).sum().backward()
     assert len(plans) == 1 and plans[0] is not None
     plan = torch.tensor(plans[0])
