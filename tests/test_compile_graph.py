@@ -5,7 +5,8 @@ compiled and eager: with the "eager" and "aot_eager" backends, which run the tra
 the loss, the log-probs, the statistics and the gradients must be bitwise equal. Inductor generates
 its own kernels for the sequence sums and loss ops around the head (its reductions round
 differently), so there the results agree within float32 round-off.
-The Triton path runs through its interpreter here (TRITON_INTERPRET=1, CPU tensors: conftest.py).
+The Triton path runs through its interpreter without a GPU (TRITON_INTERPRET=1, CPU tensors: conftest.py)
+and on the GPU's tensors where there is one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 import fastdpo
-from helpers import random_targets
+from helpers import DEVICE, random_targets
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not fastdpo.backends.triton_available(), reason="needs triton"))]
@@ -28,10 +29,10 @@ def fresh_dynamo():
 
 
 def head_inputs(shape=(3, 7), hidden_size=24, vocab=70, bias=True):
-    hidden = torch.randn(*shape, hidden_size, requires_grad=True)
-    weight = (0.3 * torch.randn(vocab, hidden_size)).requires_grad_()
-    b = torch.randn(vocab, requires_grad=True) if bias else None
-    targets = random_targets(shape, vocab)
+    hidden = torch.randn(*shape, hidden_size, device=DEVICE, requires_grad=True)
+    weight = (0.3 * torch.randn(vocab, hidden_size, device=DEVICE)).requires_grad_()
+    b = torch.randn(vocab, device=DEVICE, requires_grad=True) if bias else None
+    targets = random_targets(shape, vocab).to(DEVICE)
     targets.view(-1)[-1] = -100  # at least one ignored position
     return hidden, weight, b, targets
 
@@ -110,10 +111,10 @@ def test_frozen_head_and_fully_ignored_batch():
 
 
 def dpo_batch(pairs=2, seq=9, hidden_size=24, vocab=70):
-    hidden_states = torch.randn(2 * pairs, seq, hidden_size, requires_grad=True)
-    weight = (0.3 * torch.randn(vocab, hidden_size)).requires_grad_()
-    bias = torch.randn(vocab, requires_grad=True)
-    labels = torch.randint(0, vocab, (2 * pairs, seq))
+    hidden_states = torch.randn(2 * pairs, seq, hidden_size, device=DEVICE, requires_grad=True)
+    weight = (0.3 * torch.randn(vocab, hidden_size, device=DEVICE)).requires_grad_()
+    bias = torch.randn(vocab, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, vocab, (2 * pairs, seq), device=DEVICE)
     labels[:, :3] = -100  # prompt
     labels[-1, -2:] = -100  # padding
     ref_hidden_states = hidden_states.detach() + 0.1 * torch.randn_like(hidden_states)

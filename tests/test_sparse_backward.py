@@ -149,6 +149,7 @@ def test_logps_do_not_depend_on_the_tolerance():
 
 
 def test_plan_keeps_target_tiles_and_respects_every_rows_budget():
+    BLOCK_M, BLOCK_V = 16, 32  # the planning function alone: any tile; small blocks leave something to drop
     n, tiles = 37, 9
     tile_lse = torch.randn(tiles, n) * 3
     tile_lse[0] += 6  # the targets' tile holds most of the mass, as in a trained model
