@@ -27,25 +27,21 @@ from .logits_tile import grouped_tile, logits_tile, transform_derivative
 
 
 @triton.jit
-def logits_grad_kernel(
-    x_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, grad_ptr, out_ptr,
-    n_rows, vocab_size, col_start, chunk_width, hidden_size, stride_x, stride_w, stride_out,
-    logit_scale, softcap, inv_temperature,
+def d_logits_tile(
+    x_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, grad_ptr, pid_m, cols, col_mask,
+    n_rows, hidden_size, stride_x, stride_w, logit_scale, softcap, inv_temperature,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid_m, pid_v = grouped_tile(tl.program_id(0), n_rows, chunk_width, BLOCK_M, BLOCK_V, GROUP_M)
+    """dL/draw on token block pid_m x `cols`, fp32 in registers (0 outside the matrix), and that mask.
+
+    The forward's GEMM (logits_tile, same K loop): the recomputed z are the forward's own."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = offs_m < n_rows
     rows = tl.load(rows_ptr + offs_m, mask=row_mask, other=0).to(tl.int64)
     targets = tl.load(targets_ptr + offs_m, mask=row_mask, other=-1).to(tl.int32)  # V < 2^31: half the registers
     lse = tl.load(lse_ptr + offs_m, mask=row_mask, other=0.0)
     grad = tl.load(grad_ptr + offs_m, mask=row_mask, other=0.0)
-    local_cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    cols = col_start + local_cols  # col_start is a multiple of BLOCK_V: these are the forward's tiles
-    col_mask = (local_cols < chunk_width) & (cols < vocab_size)
-
     z = logits_tile(
         x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_size, stride_x, stride_w,
         logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K,
@@ -55,6 +51,28 @@ def logits_grad_kernel(
     # onehot - softmax; tl.where, not a multiply: padded rows/columns may hold inf (0 * inf = NaN).
     d_soft = tl.where(valid, tl.where(cols[None, :] == targets[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None]), 0.0)
     d_raw = grad[:, None] * d_soft * transform_derivative(z, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+    return d_raw, valid
+
+
+@triton.jit
+def logits_grad_kernel(
+    x_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, grad_ptr, out_ptr,
+    n_rows, vocab_size, col_start, chunk_width, hidden_size, stride_x, stride_w, stride_out,
+    logit_scale, softcap, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_v = grouped_tile(tl.program_id(0), n_rows, chunk_width, BLOCK_M, BLOCK_V, GROUP_M)
+    local_cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = col_start + local_cols  # col_start is a multiple of BLOCK_V: these are the forward's tiles
+    col_mask = (local_cols < chunk_width) & (cols < vocab_size)
+    d_raw, valid = d_logits_tile(
+        x_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, grad_ptr, pid_m, cols, col_mask,
+        n_rows, hidden_size, stride_x, stride_w, logit_scale, softcap, inv_temperature,
+        HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K, INPUT_PRECISION,
+    )
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + local_cols[None, :]
     tl.store(out, d_raw.to(out_ptr.dtype.element_ty), mask=valid)
 

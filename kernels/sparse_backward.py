@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from .config import device_capability, gemm_config, input_precision
-from .logits_tile import grouped_tile, logits_tile, transform_derivative
+from .logits_tile import grouped_tile
+from .logprob_backward import d_logits_tile
 
 
 @triton.jit
@@ -38,24 +39,12 @@ def sparse_logits_grad_kernel(
 ):
     """One program per kept pair k: D[k] into out[k] ([BLOCK_M, BLOCK_V], zero outside the matrix)."""
     k = tl.program_id(0)
-    pid_m = tl.load(pair_block_ptr + k)
-    pid_v = tl.load(pair_tile_ptr + k)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = offs_m < n_rows
-    rows = tl.load(rows_ptr + offs_m, mask=row_mask, other=0).to(tl.int64)
-    targets = tl.load(targets_ptr + offs_m, mask=row_mask, other=-1).to(tl.int32)
-    lse = tl.load(lse_ptr + offs_m, mask=row_mask, other=0.0)
-    grad = tl.load(grad_ptr + offs_m, mask=row_mask, other=0.0)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < vocab_size
-    z = logits_tile(
-        x_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_size, stride_x, stride_w,
-        logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K,
-        INPUT_PRECISION,
+    cols = tl.load(pair_tile_ptr + k) * BLOCK_V + tl.arange(0, BLOCK_V)
+    d_raw, _valid = d_logits_tile(
+        x_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, grad_ptr, tl.load(pair_block_ptr + k), cols,
+        cols < vocab_size, n_rows, hidden_size, stride_x, stride_w, logit_scale, softcap, inv_temperature,
+        HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K, INPUT_PRECISION,
     )
-    valid = row_mask[:, None] & col_mask[None, :]
-    d_soft = tl.where(valid, tl.where(cols[None, :] == targets[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None]), 0.0)
-    d_raw = grad[:, None] * d_soft * transform_derivative(z, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
     tile = out_ptr + k.to(tl.int64) * (BLOCK_M * BLOCK_V)
     offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
     tl.store(tile + offs, d_raw.to(out_ptr.dtype.element_ty))  # the whole tile: zeros where not valid
