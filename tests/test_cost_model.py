@@ -410,7 +410,7 @@ def test_gpu_check_sparse_part_runs_on_cpu(monkeypatch):
 
     cases = gpu_check.measure_sparse(48, 16, 300, bench, "cpu test", device="cpu", dtype_name="float32",
                                      tolerance=2**-6)
-    assert [c["inputs"] for c in cases] == ["trained-LM-like", "random", "stand-in mask f=0.1"]
+    assert [c["inputs"] for c in cases] == ["Zipf-LM", "trained-LM-like", "random", "stand-in mask f=0.1"]
     stand_in = cases.pop()
     assert [r["phase"] for r in stand_in["rows"]] == ["sparse_logits_grad kernel", "sparse_dx kernel",
                                                        "sparse_dw kernel"]
