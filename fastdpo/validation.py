@@ -65,7 +65,7 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
 
 
 def check_logit_options(*, temperature=1.0, softcap=None, logit_scale=1.0, grad_tolerance=0.0) -> None:
-    """The logit transform and the gradient filter: finite numbers in their ranges."""
+    """The logit transform and the gradient tolerance: finite numbers in their ranges."""
     _require(_is_real(temperature) and math.isfinite(temperature) and temperature > 0,
              f"temperature must be > 0 and finite, got {temperature!r}")
     _require(softcap is None or (_is_real(softcap) and math.isfinite(softcap) and softcap > 0),

@@ -176,6 +176,14 @@ def test_logit_transform_must_be_finite_and_positive(option, value):
         fastdpo.FastDPOLoss(**{option: value})
 
 
+@pytest.mark.parametrize("value", [float("nan"), -0.1, 1.0, float("inf"), True])
+def test_grad_tolerance_must_be_a_fraction(value):
+    with pytest.raises(ValueError, match="grad_tolerance must be in"):
+        fastdpo.linear_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]), grad_tolerance=value)
+    with pytest.raises(ValueError, match="grad_tolerance must be in"):
+        fastdpo.FastDPOLoss(grad_tolerance=value)
+
+
 # --- reference arguments that would be ignored ----------------------------------------------------------------
 
 
