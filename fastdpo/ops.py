@@ -9,9 +9,10 @@ Everything that waits on the device's values lives inside the ops' implementatio
 compiler never looks: the label range check, the `nonzero` compaction of the scored positions, the
 CPU path's overflow fallback and the sparse backward's plan. What leaks into a graph is shapes that
 follow from the inputs' metadata alone (fake implementations): every per-token output, the lse
-included, has the targets' shape (0 at ignored positions), and the Triton forward's per-tile lse,
-kept for the block-sparse backward only when grad_tolerance > 0, is [vocabulary tiles, tokens]
-(else empty). The backward recomputes the scored rows from the targets. Statistics that were not
+included, has the targets' shape (0 at ignored positions), and what the sparse backward needs from
+the forward when grad_tolerance > 0 (else empty) has a shape fixed by the inputs' shapes too: on
+Triton the per-tile lse [vocabulary tiles, tokens], on the CPU path its plan of kept slices, bool
+[token blocks, slices] at the largest size any count of scored tokens can give. The backward recomputes the scored rows from the targets. Statistics that were not
 asked for, and gradients that are not needed, come back as empty tensors (ops return no None).
 
 Why the ops serve eager calls too, rather than only compiled ones: one implementation, so the
