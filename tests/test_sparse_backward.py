@@ -126,14 +126,18 @@ def test_adversarial_many_tiles_just_under_the_budget():
     assert len(dropped_tiles) == 1, dropped_tiles
 
 
-def test_flat_distribution_drops_nothing():
-    """Every tile holds 1/tiles of the mass, above the budget: the result is the dense one, exactly."""
-    vocab, hidden, tokens = 640, 16, 40
+def flat_inputs(vocab, hidden=16, tokens=40):
+    """Logits within 1e-3 of each other: every tile holds its share, 1/tiles, of each row's mass."""
     h0 = torch.zeros(tokens, hidden, dtype=torch.float64)
     h0[:, 0] = 1.0
     w0 = 1e-3 * torch.randn(vocab, hidden, dtype=torch.float64)
-    targets = torch.randint(0, vocab, (tokens,))
-    upstream = torch.randn(tokens, dtype=torch.float64)
+    return h0, w0, torch.randint(0, vocab, (tokens,)), torch.randn(tokens, dtype=torch.float64)
+
+
+def test_flat_distribution_drops_nothing():
+    """Every tile holds 1/tiles of the mass, above the budget: the result is the dense one, exactly."""
+    vocab = 640
+    h0, w0, targets, upstream = flat_inputs(vocab)
     tolerance = 0.5 / (vocab // BLOCK_V)  # every tile holds about twice the budget
     dense = run(h0, w0, targets, upstream, 0.0)
     sparse = run(h0, w0, targets, upstream, tolerance)
@@ -188,12 +192,8 @@ def test_cpu_error_within_the_bound(small_cpu_tiles, transform, tolerance):
 
 
 def test_cpu_flat_distribution_drops_nothing(small_cpu_tiles):
-    vocab, hidden, tokens = 1280, 16, 40
-    h0 = torch.zeros(tokens, hidden, dtype=torch.float64)
-    h0[:, 0] = 1.0
-    w0 = 1e-3 * torch.randn(vocab, hidden, dtype=torch.float64)
-    targets = torch.randint(0, vocab, (tokens,))
-    upstream = torch.randn(tokens, dtype=torch.float64)
+    vocab = 1280
+    h0, w0, targets, upstream = flat_inputs(vocab)
     tolerance = 0.5 / (vocab // 128)  # every slice holds about twice the budget
     dense = run(h0, w0, targets, upstream, 0.0, backend="torch", bias=False)
     sparse = run(h0, w0, targets, upstream, tolerance, backend="torch", bias=False)
