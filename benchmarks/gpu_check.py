@@ -406,12 +406,7 @@ def measure_shape(n: int, hidden: int, vocab: int, bench, device_name: str, devi
     measured = {}
 
     def row(phase, fn, cublas=None, note=""):
-        try:
-            ms = bench(fn)
-        except Exception as exc:  # noqa: BLE001 - keep measuring the other phases
-            out["errors"][phase] = f"{type(exc).__name__}: {exc}"[:500]
-            ms = None
-        measured[phase] = ms
+        ms = measured[phase] = _timed(bench, fn, phase, out["errors"])
         cublas_ms = measured.get(cublas) if cublas else None
         out["rows"].append(dict(phase=phase, ms=ms, model_ms=model_ms.get(phase), cublas_ms=cublas_ms,
                                 x_cublas=ms / cublas_ms if ms and cublas_ms else None, note=note))
@@ -632,12 +627,7 @@ def measure_sparse(n: int, hidden: int, vocab: int, bench, device_name: str, dev
         measured = {}
 
         def row(phase, fn, model_ms=None):
-            try:
-                ms = bench(fn)
-            except Exception as exc:  # noqa: BLE001 - keep measuring the other rows
-                res["errors"][phase] = f"{type(exc).__name__}: {exc}"[:500]
-                ms = None
-            measured[phase] = ms
+            ms = measured[phase] = _timed(bench, fn, phase, res["errors"])
             res["rows"].append(dict(phase=phase, ms=ms, model_ms=model_ms))
 
         model = res["model"]
@@ -688,15 +678,19 @@ def _stand_in_case(h, w, rows, targets, lse, cfg, fraction, bench, device_name, 
                                   shared, tokens=h.shape[0]))
 
     def row(phase, fn, model_ms=None):
-        try:
-            ms = bench(fn)
-        except Exception as exc:  # noqa: BLE001
-            res["errors"][phase] = f"{type(exc).__name__}: {exc}"[:500]
-            ms = None
-        res["rows"].append(dict(phase=phase, ms=ms, model_ms=model_ms))
+        res["rows"].append(dict(phase=phase, ms=_timed(bench, fn, phase, res["errors"]), model_ms=model_ms))
 
     _time_sparse_kernels(row, res["model"]["phases_ms"], h, w, rows, targets, lse, kept, cfg)
     return res
+
+
+def _timed(bench, fn, phase: str, errors: dict) -> float | None:
+    """bench(fn) in ms, or None with the error recorded under `phase`: one failing row keeps the others."""
+    try:
+        return bench(fn)
+    except Exception as exc:  # noqa: BLE001 - keep measuring the other rows
+        errors[phase] = f"{type(exc).__name__}: {exc}"[:500]
+        return None
 
 
 def _time_sparse_kernels(row, model_ms, h, w, rows, targets, lse, kept, cfg) -> None:

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .softmax_stats import VocabPartials, logsumexp, merge
-from .sparse_plan import keep_within_budget
+from .sparse_plan import keep_within_budget, target_tiles
 
 # 2^15 values (128 KiB in fp32) per logits tile, 128 token rows per block. On 2 idle cores (1273
 # scored tokens, H=256, V=65536, fwd+bwd) tiles of 2^15 to 2^21 values all ran in 1.2-1.5 s, while
@@ -448,9 +448,8 @@ def backward(x: Rows, weight, bias, lse, grad, transform: Transform, *, dx, dw, 
 
 def _plan_block(mass: torch.Tensor, targets: torch.Tensor, buffers: BlockBuffers) -> None:
     """Which slices this block's backward computes, from their masses [slices, rows of the block]."""
-    holds_target = torch.zeros(mass.shape[0], dtype=torch.bool, device=mass.device)
-    holds_target[targets // buffers.slice_width] = True
-    buffers.kept.append(keep_within_budget(mass[None], holds_target[None], buffers.tolerance)[0].tolist())
+    holds_target = target_tiles(targets, 1, mass.shape[0], max(1, targets.numel()), buffers.slice_width)
+    buffers.kept.append(keep_within_budget(mass[None], holds_target, buffers.tolerance)[0].tolist())
 
 
 def kept_slices(plan: torch.Tensor, n_rows: int, n_slices: int) -> list[list[bool]] | None:

@@ -9,14 +9,8 @@ tests/test_compile.py builds every configuration for sm_80 and sm_90 and checks 
 memory, wgmma and the absence of atomics; benchmarks/cost_model.py reads the same functions.
 """
 
-import os
-
 import torch
 import triton
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def input_precision(dtype: torch.dtype) -> str:
