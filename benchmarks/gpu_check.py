@@ -387,8 +387,7 @@ def measure_shape(n: int, hidden: int, vocab: int, bench, device_name: str, devi
     import torch
 
     import fastdpo
-    from fastdpo import kernels
-    from fastdpo.kernels import config
+    from fastdpo.kernels import config, logprob_backward, logprob_forward
 
     dev = torch.device(device)
     dtype = getattr(torch, dtype_name)
@@ -432,7 +431,7 @@ def measure_shape(n: int, hidden: int, vocab: int, bench, device_name: str, devi
             torch.mm(ws[:, :c].T, h, out=dw[s:s + c])
 
     row(CUBLAS_LOGITS, cublas_logits, note="2nVH into a bf16 chunk: the forward kernel's GEMM on cuBLAS")
-    row("forward kernel", lambda: kernels.logprob_forward(h, w, None, rows, targets), cublas=CUBLAS_LOGITS)
+    row("forward kernel", lambda: logprob_forward.logprob_forward(h, w, None, rows, targets), cublas=CUBLAS_LOGITS)
     with torch.no_grad():
         row("forward (end to end)", lambda: fastdpo.linear_logprobs(h, w, targets, backend="triton"))
     lse = _lse_from_table(kernels, h, w, rows, targets, vocab)
@@ -440,7 +439,7 @@ def measure_shape(n: int, hidden: int, vocab: int, bench, device_name: str, devi
 
     def logits_grad_chunks():
         for s, c in chunks():
-            kernels.logits_grad(h, w, None, rows, targets, lse, grad, ws[:, :c], s)
+            logprob_backward.logits_grad(h, w, None, rows, targets, lse, grad, ws[:, :c], s)
 
     row("logits_grad kernel (recompute)", logits_grad_chunks, cublas=CUBLAS_LOGITS,
         note=f"{len(starts)} chunk(s) of {width}")
@@ -483,7 +482,7 @@ def _lse_from_table(kernels, h, w, rows, targets, vocab):
     import torch
 
     try:
-        table, _target = kernels.logprob_forward(h, w, None, rows, targets)
+        table, _target = logprob_forward.logprob_forward(h, w, None, rows, targets)
         m = table[0].amax(0)
         return m + torch.log((table[1] * torch.exp(table[0] - m)).sum(0))
     except Exception:  # noqa: BLE001 - timing only needs plausible values
@@ -604,8 +603,8 @@ def measure_sparse(n: int, hidden: int, vocab: int, bench, device_name: str, dev
     import torch
 
     import fastdpo
-    from fastdpo import kernels, sparse_plan, vocab_chunks
-    from fastdpo.kernels import config, sparse_backward
+    from fastdpo import sparse_plan, vocab_chunks
+    from fastdpo.kernels import config, logprob_forward, sparse_backward
 
     dev, dtype = torch.device(device), getattr(torch, dtype_name)
     out = []
@@ -614,7 +613,7 @@ def measure_sparse(n: int, hidden: int, vocab: int, bench, device_name: str, dev
         rows = (targets != -100).nonzero().squeeze(1)
         row_targets = targets[rows]
         cfg, _tiles = sparse_backward.sparse_gemm_options(dtype, config.device_capability(dev), hidden)
-        table, _ = kernels.logprob_forward(h, w, None, rows, row_targets)
+        table, _ = logprob_forward.logprob_forward(h, w, None, rows, row_targets)
         tile_lse = table[0] + torch.log(table[1])
         lse = torch.logsumexp(tile_lse, dim=0)
         stats = kept_statistics(tile_lse, lse, row_targets, cfg["BLOCK_M"], cfg["BLOCK_V"], tolerance)

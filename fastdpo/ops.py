@@ -82,7 +82,7 @@ def logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     if rows.numel() == 0:  # every position ignored: nothing to launch
         merged = no_partials(hidden, with_stats)
     elif backend == "triton":
-        from .kernels import logprob_forward
+        from .kernels.logprob_forward import logprob_forward
 
         table, target_logit = logprob_forward(row_major(hidden_2d), row_major(weight), bias, rows, row_targets,
                                               with_stats=with_stats, **transform)

@@ -89,7 +89,7 @@ def _sparse_backward(hidden_2d, weight, bias, rows, targets, lse, grad, transfor
 
 
 def _dense_backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform, workspace_bytes, dx, dw, db):
-    from .kernels import logits_grad
+    from .kernels.logprob_backward import logits_grad
 
     n_rows, vocab_size = rows.numel(), weight.shape[0]
     x_scored = hidden_2d.index_select(0, rows) if dw is not None else None  # the dW GEMM's operand, [n, H]

@@ -106,7 +106,7 @@ def test_torch_shifted_statistics_match_the_reference(small_tiles):
 
 def test_triton_logps_same_bits_with_or_without_stats_and_grad():
     """The Triton forward must give the same log-probs whether or not it computes the statistics."""
-    pytest.importorskip("fastdpo.kernels")
+    pytest.importorskip("fastdpo.kernels.logprob_forward")
     h, w, _, targets = head_inputs(n=21, vocab=300)
     results = all_logps(h, w, None, targets, "triton")
     for key, logps in results.items():
@@ -137,7 +137,7 @@ STEP0_OPTIONS = {
 def test_first_step_rewards_are_exactly_zero(small_tiles, backend, options):
     """Policy = reference (hidden states given twice): rewards, margins and accuracies exactly 0."""
     if backend == "triton":
-        pytest.importorskip("fastdpo.kernels")
+        pytest.importorskip("fastdpo.kernels.logprob_forward")
     hs, w, labels = dpo_batch()
     loss_fn = fastdpo.FastDPOLoss(backend=backend, **STEP0_OPTIONS[options])
     out = loss_fn(hs.clone().requires_grad_(), w.clone().requires_grad_(), labels, ref_hidden_states=hs.clone())
@@ -155,7 +155,7 @@ def test_first_step_rewards_are_exactly_zero(small_tiles, backend, options):
 def test_sequence_logps_are_one_torch_summation_on_every_backend(backend):
     """FastDPOLoss's sequence log-probs are torch's masked sum of the backend's token log-probs, bit for bit."""
     if backend == "triton":
-        pytest.importorskip("fastdpo.kernels")
+        pytest.importorskip("fastdpo.kernels.logprob_forward")
     hs, w, labels = dpo_batch()
     targets = fastdpo.sequences.shifted_targets(labels)
     token_logps = fastdpo.linear_logprobs(hs, w, targets, backend=backend)

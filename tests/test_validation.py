@@ -79,7 +79,7 @@ def test_bad_backend_environment_variable(monkeypatch):
 def test_triton_on_cpu_tensors_without_the_interpreter(monkeypatch):
     # Triton reads TRITON_INTERPRET when it is first imported and when kernels are decorated: do both
     # under the suite's setting before switching it off here.
-    pytest.importorskip("fastdpo.kernels")
+    pytest.importorskip("fastdpo.kernels.logprob_forward")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         fastdpo.linear_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]), backend="triton")
@@ -221,7 +221,7 @@ def test_reference_head_with_its_bias_is_used():
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
 def test_narrow_label_dtypes_are_widened(backend, dtype):
     if backend == "triton":
-        pytest.importorskip("fastdpo.kernels")
+        pytest.importorskip("fastdpo.kernels.logprob_forward")
     vocab = 200
     hidden, weight = torch.randn(2, 7, 16), torch.randn(vocab, 16)
     targets = torch.randint(0, 100, (2, 7))
@@ -245,7 +245,7 @@ def test_narrow_label_dtypes_are_widened(backend, dtype):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_double_backward_is_refused_clearly(backend):
     if backend == "triton":
-        pytest.importorskip("fastdpo.kernels")
+        pytest.importorskip("fastdpo.kernels.logprob_forward")
     hidden, weight = torch.randn(5, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
     logps = fastdpo.linear_logprobs(hidden, weight, torch.randint(0, 30, (5,)), backend=backend)
     with pytest.raises(RuntimeError, match="double backward"):
@@ -260,7 +260,7 @@ def test_double_backward_is_refused_clearly(backend):
 
 
 def test_triton_bfloat16_under_the_interpreter_is_refused(monkeypatch):
-    pytest.importorskip("fastdpo.kernels")
+    pytest.importorskip("fastdpo.kernels.logprob_forward")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     hidden, weight = torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(5, 4, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="bfloat16 .* TRITON_INTERPRET=1"):
