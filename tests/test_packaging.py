@@ -145,3 +145,28 @@ def test_wheel_in_fresh_venv_runs_a_triton_forward(wheel, tmp_path):
         "print(float((got.double() - want).abs().max()))\n"
     )
     assert float(run_python(code, tmp_path, python)) < 1e-4
+
+
+def test_constraints_pin_every_declared_requirement():
+    """constraints.txt (the tested set) pins each requirement pyproject.toml declares, dev and bench extras too."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"], *project["optional-dependencies"]["dev"],
+                *project["optional-dependencies"]["bench"]]
+    pinned = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            assert str(req.specifier).startswith("=="), line
+            pinned[canonicalize_name(req.name)] = req.specifier
+    for text in declared:
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        name = canonicalize_name(req.name)
+        assert name in pinned, f"constraints.txt lacks {req.name}"
+        version = str(pinned[name]).removeprefix("==")
+        assert req.specifier.contains(version, prereleases=True), f"{text} excludes the pinned {version}"
