@@ -350,7 +350,7 @@ def zero3_suite():
     @check
     def zero3_loss_inside_forward():
         ids, labels, ref = pattern_batches(dist.get_world_size())
-        model = TinyLM().double()
+        model = TinyLM().float()  # ZeRO-3 partitions half, bfloat16 and float32 parameters only
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=zero3_config())
         r = rank()
         loss = engine(ids[r], labels[r], ref[r, 0], ref[r, 1])
@@ -369,7 +369,7 @@ def zero3_suite():
         from deepspeed.utils import safe_get_full_fp32_param
 
         ids, labels, _ = pattern_batches(dist.get_world_size())
-        model = TinyLM().double()
+        model = TinyLM().float()  # ZeRO-3 partitions half, bfloat16 and float32 parameters only
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=zero3_config())
         r = rank()
         hidden = engine(ids[r])
@@ -388,7 +388,7 @@ def zero3_suite():
         import fastdpo
 
         ids, labels, ref = pattern_batches(dist.get_world_size())
-        model = TinyLM().double()
+        model = TinyLM().float()  # ZeRO-3 partitions half, bfloat16 and float32 parameters only
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=zero3_config())
         r = rank()
         hidden = engine(ids[r])
