@@ -7,13 +7,13 @@ part; whatever finished is written after every part):
   setup   install carried wheels (--wheels), make `fastdpo.kernels` importable (`pip install -e .` if needed)
   tests   `python -m pytest tests/test_gpu.py -q` (bf16 against the float64 oracle)
   phases  triton.testing.do_bench of fastdpo's phases (forward kernel, logits_grad over the chunks, the dX and
-          dW GEMMs, forward and forward+backward end to end) next to cost_model.py's prediction and next to
+          dW GEMMs, forward and forward+backward end to end) next to tools/cost_model.py's prediction and next to
           cuBLAS (torch.mm) for the same GEMM shapes ("within 1.35x of cuBLAS"), the peak memory above the
           inputs next to the model's, and the device's measured ceilings (bf16 GEMM rate, copy bandwidth)
   sparse  grad_tolerance=2**-10 (issue 13) at Llama-3-8B 16k on trained-LM-like inputs (benchmarks/inputs.py)
           and on the random ones: the kept fraction f the plan gives (sparse_plan.kept_pairs on the forward
           kernel's tile logsumexps) and the share of kept pairs in shared tiles, forward+backward with and
-          without the tolerance, the plan and the three sparse kernels alone, each next to cost_model.py at f
+          without the tolerance, the plan and the three sparse kernels alone, each next to tools/cost_model.py at f
   bench   `python benchmarks/run.py --device cuda --out <results>/bench` with every peer that imports; stopped
           at the remaining budget (run.py rewrites its results after each case, so finished cases stay)
 Results: <out>/gpu_check.json and gpu_check.md (default out: benchmarks/results/<device-name-slug>/, e.g.
@@ -360,7 +360,7 @@ CUBLAS_LOGITS = "cuBLAS logits (X W^T, chunked)"
 
 def model_rows(n: int, hidden: int, vocab: int, device_name: str, workspace_bytes: int) -> tuple[dict, float]:
     """The cost model's per-phase prediction (ms) for the shape, on the model device closest to device_name."""
-    from benchmarks import cost_model as cm
+    from tools import cost_model as cm
 
     device = cm.DEVICES["h200" if "h200" in device_name.lower() else "h100"]
     p = cm.fastdpo(cm.Shape(n, hidden, vocab), device, cm.Options(workspace_bytes=workspace_bytes))
@@ -563,7 +563,7 @@ def kept_statistics(tile_lse, lse, targets, block_m: int, block_v: int, toleranc
 def sparse_model(n: int, hidden: int, vocab: int, device_name: str, workspace_bytes: int, f: float,
                  shared: float, tokens: int | None = None) -> dict:
     """The cost model at the measured f and s: dense and grad_tolerance totals (ms), its per-phase sparse times."""
-    from benchmarks import cost_model as cm
+    from tools import cost_model as cm
 
     device = cm.DEVICES["h200" if "h200" in device_name.lower() else "h100"]
     shape = cm.Shape(n, hidden, vocab, tokens=tokens)
@@ -664,7 +664,7 @@ def measure_sparse(n: int, hidden: int, vocab: int, bench, device_name: str, dev
 def _stand_in_case(h, w, rows, targets, lse, cfg, fraction, bench, device_name, workspace) -> dict:
     """The three sparse kernels on the last inputs with cost_model.stand_in_kept's mask at `fraction` (pairs
     spread evenly over the tiles): calibrates the kernels' model where the inputs keep too much."""
-    from benchmarks import cost_model as cm
+    from tools import cost_model as cm
 
     blocks, tiles = -(-rows.numel() // cfg["BLOCK_M"]), -(-w.shape[0] // cfg["BLOCK_V"])
     kept = cm.stand_in_kept(blocks, tiles, fraction).to(w.device)
