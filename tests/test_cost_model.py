@@ -272,10 +272,10 @@ def test_gpu_check_without_a_gpu_says_so_and_runs_nothing(capsys, tmp_path):
 
 def test_gpu_check_arguments(tmp_path):
     args = gpu_check.parse_args([])
-    assert args.wheels is None and args.skip == set() and args.budget_s == gpu_check.DEFAULT_BUDGET_S
-    args = gpu_check.parse_args(["--wheels", str(tmp_path), "--skip", "bench, tests", "--budget-s", "100"])
-    assert args.wheels == tmp_path and args.skip == {"bench", "tests"}
-    for bad in (["--skip", "nope"], ["--wheels", str(tmp_path / "missing")], ["--budget-s", "5"]):
+    assert args.out is None and args.skip == set() and args.budget_s == gpu_check.DEFAULT_BUDGET_S
+    args = gpu_check.parse_args(["--out", str(tmp_path), "--skip", "bench, tests", "--budget-s", "100"])
+    assert args.out == tmp_path and args.skip == {"bench", "tests"} and args.budget_s == 100
+    for bad in (["--skip", "nope"], ["--budget-s", "5"], ["--wheels", str(tmp_path)]):
         with pytest.raises(SystemExit):
             gpu_check.parse_args(bad)
 
@@ -309,9 +309,9 @@ def test_gpu_check_parts_fail_alone(tmp_path):
     assert slow["timed_out"] and slow["seconds"] < 20 and "hi" in slow["tail"]
 
 
-def test_gpu_check_writes_and_copies_results(tmp_path, capsys):
-    out, dest = tmp_path / "results", tmp_path / "back"
-    rc = gpu_check.main(["--out", str(out), "--copy-to", str(dest), "--skip", "setup,tests,phases,sparse,bench"],
+def test_gpu_check_writes_its_results(tmp_path, capsys):
+    out = tmp_path / "results"
+    rc = gpu_check.main(["--out", str(out), "--skip", "setup,tests,phases,sparse,bench"],
                         cuda_available=True, device_name="NVIDIA H100 80GB HBM3")
     assert rc == 0
     saved = json.loads((out / "gpu_check.json").read_text())
@@ -319,7 +319,7 @@ def test_gpu_check_writes_and_copies_results(tmp_path, capsys):
     assert set(saved["parts"]) == set(gpu_check.PARTS)
     assert {"torch", "triton", "driver", "cuda"} <= set(saved["versions"])
     assert "# gpu_check on NVIDIA H100 80GB HBM3" in (out / "gpu_check.md").read_text()
-    assert sorted(p.name for p in dest.iterdir()) == ["gpu_check.json", "gpu_check.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md"]
 
 
 def test_gpu_check_markdown_of_a_full_result():
@@ -337,44 +337,51 @@ def test_gpu_check_markdown_of_a_full_result():
 
 
 def test_gpu_check_tolerates_a_failing_benchmark_runner(tmp_path):
-    res = gpu_check.run_bench(tmp_path, None, timeout_s=120)  # no CUDA here: run.py refuses --device cuda
+    res = gpu_check.run_bench(tmp_path, timeout_s=120)  # no CUDA here: run.py refuses --device cuda
     assert res["status"].startswith("error: benchmarks/run.py exit")
     assert (tmp_path / "bench.log").exists()
 
 
 def test_gpu_check_phase_measurement_code_runs_on_cpu(monkeypatch):
-    """Walk measure_shape on CPU with stand-in kernels (fp32, tiny shape): every row present, failures recorded."""
-    import types
+    """Walk measure_shape with the real kernels in the interpreter (fp32, tiny shape, two vocabulary chunks): the
+    backward rows run the library's chunk loop, every row is timed, the GEMM rows are differences."""
+    from fastdpo.kernels import logprob_backward
 
-    import torch
+    chunks = set()
+    logits_grad = logprob_backward.logits_grad
 
-    calls = []
+    def recording_logits_grad(h, w, bias, rows, targets, lse, grad, out, col_start, **transform):
+        chunks.add((col_start, out.shape[1]))
+        return logits_grad(h, w, bias, rows, targets, lse, grad, out, col_start, **transform)
 
-    def logprob_forward(h, w, bias, rows, targets, **_):
-        tiles = -(-w.shape[0] // 32)
-        return torch.zeros(2, tiles, rows.numel()), torch.zeros(rows.numel())
-
-    def logits_grad(h, w, bias, rows, targets, lse, grad, out, col_start, **_):
-        calls.append((col_start, out.shape[1]))
-        out.zero_()
-
-    fake = types.ModuleType("fastdpo.kernels")
-    fake.logprob_forward, fake.logits_grad, fake.config = logprob_forward, logits_grad, cm.kernel_config
-    monkeypatch.setitem(sys.modules, "fastdpo.kernels", fake)
-    monkeypatch.setitem(sys.modules, "fastdpo.kernels.config", cm.kernel_config)
+    monkeypatch.setattr(logprob_backward, "logits_grad", recording_logits_grad)
     monkeypatch.setattr(cm.kernel_config, "INTERPRETER_WORKSPACE", 24 * 32 * 4 * 2)  # two 32-column chunks
+    times = iter(range(1, 100))
+
     def bench(fn):
         fn()
-        return 1.0
+        return float(next(times))
 
     out = gpu_check.measure_shape(24, 16, 70, bench, "cpu test", device="cpu", dtype_name="float32")
-    assert out["chunks"] == 2 and sorted(calls) == [(0, 64), (64, 6)]
-    phases = [r["phase"] for r in out["rows"]]
-    assert set(gpu_check.MEASURED_TO_MODEL) <= set(phases) and gpu_check.CUBLAS_LOGITS in phases
-    for r in out["rows"]:
-        assert r["ms"] == 1.0 or r["phase"] in out["errors"]
+    assert not out["errors"], out["errors"]
+    assert out["chunks"] == 2 and chunks == {(0, 64), (64, 6)}
+    ms = {r["phase"]: r["ms"] for r in out["rows"]}
+    assert set(gpu_check.MEASURED_TO_MODEL) <= set(ms) and gpu_check.CUBLAS_LOGITS in ms
+    for phase, total, less in gpu_check.DIFFERENCES:
+        assert ms[phase] == ms[total] - ms[less]
     fwd = next(r for r in out["rows"] if r["phase"] == "forward kernel")
-    assert fwd["x_cublas"] == 1.0 and fwd["model_ms"] > 0
+    assert fwd["x_cublas"] == ms["forward kernel"] / ms[gpu_check.CUBLAS_LOGITS] and fwd["model_ms"] > 0
+
+
+def test_gpu_check_lse_is_the_reference_logsumexp():
+    import torch
+
+    h, w = torch.randn(20, 16), torch.randn(70, 16)
+    rows, targets = torch.arange(3, 20), torch.randint(0, 70, (17,))
+    tile_lse, lse = gpu_check.forward_logsumexps(h, w, rows, targets)
+    expected = (h[rows] @ w.T).double().logsumexp(-1)
+    torch.testing.assert_close(lse.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tile_lse.logsumexp(0).double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_gpu_check_kept_statistics_reads_f_and_sharing():
