@@ -1,46 +1,30 @@
-"""One command for a GPU session: GPU tests, per-phase times next to the cost model, the side-by-side benchmark.
+"""One command on a GPU machine: the GPU tests, fastdpo's phases next to the cost model, the side-by-side benchmark.
 
-    python benchmarks/gpu_check.py [--wheels DIR] [--out DIR] [--copy-to DIR] [--budget-s 540] [--skip PARTS]
+    python benchmarks/gpu_check.py [--out DIR] [--budget-s SECONDS] [--skip PARTS]
 
 Parts, in this order, each in its own process with its own time limit (one failure or hang loses only that
 part; whatever finished is written after every part):
-  setup   install carried wheels (--wheels), make `fastdpo.kernels` importable (`pip install -e .` if needed)
+  setup   make `fastdpo.kernels` importable (`pip install -e .` if it is not)
   tests   `python -m pytest tests/test_gpu.py -q` (bf16 against the float64 oracle)
-  phases  triton.testing.do_bench of fastdpo's phases (forward kernel, logits_grad over the chunks, the dX and
-          dW GEMMs, forward and forward+backward end to end) next to cost_model.py's prediction and next to
-          cuBLAS (torch.mm) for the same GEMM shapes ("within 1.35x of cuBLAS"), the peak memory above the
-          inputs next to the model's, and the device's measured ceilings (bf16 GEMM rate, copy bandwidth)
-  sparse  grad_tolerance=2**-10 (issue 13) at Llama-3-8B 16k on trained-LM-like inputs (benchmarks/inputs.py)
-          and on the random ones: the kept fraction f the plan gives (sparse_plan.kept_pairs on the forward
-          kernel's tile logsumexps) and the share of kept pairs in shared tiles, forward+backward with and
-          without the tolerance, the plan and the three sparse kernels alone, each next to cost_model.py at f
-  bench   `python benchmarks/run.py --device cuda --out <results>/bench` with every peer that imports; stopped
+  phases  triton.testing.do_bench of fastdpo's phases, each run by the library's own functions: the forward
+          kernel, the Triton backward's chunk loop (fastdpo.vocab_chunks.backward) with the recompute alone, with
+          the dX GEMMs and with the dW GEMMs (each GEMM's time is the difference to the recompute alone), forward
+          and forward+backward end to end; each next to tools/cost_model.py's prediction and next to cuBLAS
+          (torch.mm) for the same GEMM shapes ("within 1.35x of cuBLAS"), the peak memory above the inputs next
+          to the model's, and the device's measured ceilings (bf16 GEMM rate, copy bandwidth)
+  sparse  grad_tolerance=2**-10 at Llama-3-8B 16k on trained-LM-like inputs (benchmarks/inputs.py) and on
+          random ones: the kept fraction f the plan gives (sparse_plan.kept_pairs on the forward kernel's tile
+          logsumexps) and the share of kept pairs in shared tiles, forward+backward with and without the
+          tolerance, the plan and the three sparse kernels alone, each next to tools/cost_model.py at f
+  bench   `python benchmarks/run.py --device cuda --out <out>/bench` with every peer that imports; stopped
           at the remaining budget (run.py rewrites its results after each case, so finished cases stay)
 Results: <out>/gpu_check.json and gpu_check.md (default out: benchmarks/results/<device-name-slug>/, e.g.
-nvidia-h100-80gb-hbm3), with the logs; torch, triton, CUDA and driver versions and the device name inside.
+nvidia-h100-80gb-hbm3), with each part's log; torch, triton, CUDA and driver versions and the device name inside.
 Without a CUDA device it prints why and exits with status 2, running nothing.
 
-Fits one 10-minute device call: the default budget is 540 s of wall time in all (setup <= 90 s, tests
-<= 150 s, phases <= 150 s, sparse <= 120 s, the bench gets the rest less 15 s to write the results).
-
-Carrying the peers. The GPU image has torch, triton and transformers but none of the peers, and nothing can be
-downloaded there, so their wheels travel with the call. Here (no GPU), once, in the repository root:
-
-    echo /wheels/ >> .git/info/exclude
-    python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
-        -d wheels liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0 datasets dill multiprocess
-
-(about 3 MB; trl's head also needs datasets, and datasets dill and multiprocess, which the image lacks.)
-quack-kernels (0.6.5, 0.7 MB) needs nvidia-cutlass-dsl, whose CUDA 13 library wheel is 92 MB: over the 64 MiB a
-call may carry, so quack cannot travel this way and is reported as not importable. Then one device call:
-
-    run(command="PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --wheels wheels --copy-to $OUT",
-        carry=["wheels"], timeout_s=600)
-
---wheels installs them with `pip install --no-index --no-deps --target <tmp>` and puts that folder first on
-PYTHONPATH for every part. --copy-to copies the result files (at most 8, flat) to a folder that comes back
-from the device; commit them under benchmarks/results/<device>/ here.
+--budget-s is the wall time for everything (default 900 s): setup <= 90 s, tests <= 150 s, phases <= 150 s,
+sparse <= 120 s, the bench the rest less 15 s to write the results. A peer that is not installed is a
+`skipped:` row of the bench (`pip install -e ".[bench]"` installs the peers).
 """
 
 from __future__ import annotations
@@ -50,11 +34,9 @@ import json
 import os
 import platform
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -64,16 +46,15 @@ if str(REPO) not in sys.path:  # `python benchmarks/gpu_check.py` puts benchmark
     sys.path.insert(0, str(REPO))
 
 PARTS = ("setup", "tests", "phases", "sparse", "bench")
-DEFAULT_BUDGET_S = 540.0
+DEFAULT_BUDGET_S = 900.0
 PART_CAPS_S = {"setup": 90.0, "tests": 150.0, "phases": 150.0, "sparse": 120.0}
 WRITE_RESERVE_S = 15.0
-COPY_LIMIT = 8  # files that come back from a device call
-CUBLAS_RATIO_TARGET = 1.35  # issue 9: measured within 1.35x of cuBLAS for the same GEMMs
+CUBLAS_RATIO_TARGET = 1.35  # the GEMM-tiled design's target: within 1.35x of cuBLAS for the same GEMMs
 # Phase shapes (scored tokens, H, V), most important first; later ones run while the part's time lasts.
 PHASE_SHAPES = ((16384, 4096, 128256), (4096, 4096, 128256), (8192, 2304, 256000))
 CHILD_PARTS = ("phases", "sparse")  # parts that run in a child process on the GPU
 # The sparse part: Llama-3-8B head, 16 sequences of 1024 tokens (trained-LM-like inputs score only the completions),
-# grad_tolerance 2**-10 (issue 13's setting).
+# grad_tolerance 2**-10 (the setting the README reports).
 SPARSE_SHAPE = (16384, 4096, 128256)
 SPARSE_TOLERANCE = 2.0**-10
 NO_GPU_MESSAGE = ("gpu_check.py: no CUDA device here (torch.cuda.is_available() is False); nothing was run. "
@@ -87,9 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python benchmarks/gpu_check.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device-name-slug>")
-    p.add_argument("--wheels", type=Path, default=None, help="folder of carried peer wheels to install first")
-    p.add_argument("--copy-to", type=Path, default=None, help="also copy the result files (flat) here")
-    p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="wall-clock seconds for everything")
+    p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                   help=f"wall-clock seconds for everything (default {DEFAULT_BUDGET_S:.0f})")
     p.add_argument("--skip", default="", help=f"comma-separated parts to skip, of {','.join(PARTS)}")
     # internal: one part in a child process
     p.add_argument("--part", choices=CHILD_PARTS, default=None, help=argparse.SUPPRESS)
@@ -103,8 +83,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.budget_s <= WRITE_RESERVE_S:
         p.error(f"--budget-s must exceed {WRITE_RESERVE_S:.0f} s (the time kept to write the results), "
                 f"got {args.budget_s}")
-    if args.wheels is not None and not args.wheels.is_dir():
-        p.error(f"--wheels: {args.wheels} is not a folder")
     return args
 
 
@@ -177,43 +155,30 @@ def run_part(results: dict, name: str, fn, timeout_s: float) -> None:
 # --- parts ------------------------------------------------------------------------------------------------------
 
 
-def child_env(site: Path | None) -> dict:
+def child_env() -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
-    if site is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(site)] + [p for p in [env.get("PYTHONPATH")] if p])
     return env
 
 
-def setup(args, out_dir: Path, timeout_s: float) -> tuple[dict, Path | None]:
-    """Install the carried wheels into a fresh folder, and fastdpo (editable) if `fastdpo.kernels` does not import."""
-    info, site = {}, None
-    deadline = time.monotonic() + timeout_s
-    if args.wheels is not None:
-        wheels = sorted(str(p) for p in args.wheels.glob("*.whl"))
-        site = Path(tempfile.mkdtemp(prefix="fastdpo-site-"))
-        info["wheels"] = [Path(w).name for w in wheels]
-        if wheels:
-            info["install_wheels"] = run_logged(
-                [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                 "--target", str(site), *wheels], deadline - time.monotonic(), out_dir / "setup.log")
-            sys.path.insert(0, str(site))
+def setup(out_dir: Path, timeout_s: float) -> dict:
+    """fastdpo (editable) if `fastdpo.kernels` does not import."""
+    info = {}
     probe = [sys.executable, "-c", "import fastdpo.kernels"]
-    env = child_env(site)
-    if subprocess.run(probe, cwd=REPO, env=env, capture_output=True, timeout=120).returncode != 0:
+    if subprocess.run(probe, cwd=REPO, env=child_env(), capture_output=True, timeout=120).returncode != 0:
         info["install_fastdpo"] = run_logged(
             [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(REPO)],
-            deadline - time.monotonic(), out_dir / "setup-fastdpo.log", env=env)
-    check = subprocess.run(probe, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+            timeout_s, out_dir / "setup-fastdpo.log", env=child_env())
+    check = subprocess.run(probe, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     info["fastdpo_kernels_importable"] = check.returncode == 0
     if check.returncode != 0:
         info["status"] = "error: fastdpo.kernels does not import: " + check.stderr.strip()[-500:]
-    return info, site
+    return info
 
 
-def run_tests(out_dir: Path, site: Path | None, timeout_s: float) -> dict:
+def run_tests(out_dir: Path, timeout_s: float) -> dict:
     res = run_logged([sys.executable, "-m", "pytest", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider"], timeout_s,
-                     out_dir / "tests.log", env=child_env(site))
+                     out_dir / "tests.log", env=child_env())
     res["summary"] = pytest_summary(res["tail"])
     if res["timed_out"]:
         res["status"] = f"error: timed out after {timeout_s:.0f} s"
@@ -222,13 +187,13 @@ def run_tests(out_dir: Path, site: Path | None, timeout_s: float) -> dict:
     return res
 
 
-def run_phases(out_dir: Path, site: Path | None, timeout_s: float, part: str = "phases") -> dict:
+def run_phases(out_dir: Path, timeout_s: float, part: str = "phases") -> dict:
     """A child part (phases or sparse) in its own process; it rewrites <part>.json as it goes."""
     part_json = out_dir / f"{part}.json"
     part_json.unlink(missing_ok=True)
     res = run_logged([sys.executable, str(Path(__file__).resolve()), "--part", part, "--part-out", str(part_json),
                       "--part-budget-s", str(max(1.0, timeout_s - 10))], timeout_s, out_dir / f"{part}.log",
-                     env=child_env(site))
+                     env=child_env())
     if part_json.exists():  # the child rewrites it after every shape, so a timeout keeps what it measured
         res.update(json.loads(part_json.read_text()))
     if res["timed_out"]:
@@ -238,10 +203,10 @@ def run_phases(out_dir: Path, site: Path | None, timeout_s: float, part: str = "
     return res
 
 
-def run_bench(out_dir: Path, site: Path | None, timeout_s: float) -> dict:
+def run_bench(out_dir: Path, timeout_s: float) -> dict:
     bench_dir = out_dir / "bench"
     res = run_logged([sys.executable, "benchmarks/run.py", "--device", "cuda", "--out", str(bench_dir)], timeout_s,
-                     out_dir / "bench.log", env=child_env(site))
+                     out_dir / "bench.log", env=child_env())
     res["out"] = str(bench_dir)
     res["files"] = sorted(p.name for p in bench_dir.glob("*")) if bench_dir.is_dir() else []
     if res["timed_out"]:
@@ -249,7 +214,8 @@ def run_bench(out_dir: Path, site: Path | None, timeout_s: float) -> dict:
                          f"{bench_dir}/results.json" if "results.json" in res["files"] else
                          f"error: stopped at the budget ({timeout_s:.0f} s) before run.py finished a case")
     elif res["returncode"] != 0:
-        res["status"] = f"error: benchmarks/run.py exit {res['returncode']} (see bench.log)"
+        res["status"] = (f"error: benchmarks/run.py exit {res['returncode']} (see bench.log, which ends with the "
+                         "rows that errored)")
     return res
 
 
@@ -328,21 +294,6 @@ def write_results(results: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
-def copy_results(out_dir: Path, dest: Path) -> list[Path]:
-    """Copy the most useful result files flat into dest, at most COPY_LIMIT of them."""
-    wanted = ["gpu_check.json", "gpu_check.md", "tests.log", "phases.log", "bench/results.json", "bench/results.md",
-              "bench.log", "setup.log"]
-    dest.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for rel in wanted:
-        src = out_dir / rel
-        if src.is_file() and len(copied) < COPY_LIMIT:
-            target = dest / rel.replace("/", "-")
-            shutil.copyfile(src, target)
-            copied.append(target)
-    return copied
-
-
 # --- the phases part (child process, on the GPU) --------------------------------------------------------------------
 
 
@@ -351,16 +302,22 @@ MEASURED_TO_MODEL = {
     "forward kernel": ("forward kernel",),
     "forward (end to end)": ("forward kernel", "forward merge (torch)"),
     "logits_grad kernel (recompute)": ("logits_grad kernel (recompute)",),
-    "dX GEMM + add (cuBLAS)": ("dX GEMM (cuBLAS, fp32 out)", "dX_scored += product"),
-    "dW GEMM (cuBLAS)": ("dW GEMM (cuBLAS)",),
+    "backward chunks with dX": ("logits_grad kernel (recompute)", "dX_scored zeros", "dX GEMM (cuBLAS, fp32 out)",
+                                "dX_scored += product"),
+    "backward chunks with dW": ("logits_grad kernel (recompute)", "X_scored gather", "dW GEMM (cuBLAS)"),
+    "dX GEMM + add (cuBLAS)": ("dX_scored zeros", "dX GEMM (cuBLAS, fp32 out)", "dX_scored += product"),
+    "dW GEMM (cuBLAS)": ("X_scored gather", "dW GEMM (cuBLAS)"),
     "forward + backward (end to end)": (),
 }
 CUBLAS_LOGITS = "cuBLAS logits (X W^T, chunked)"
+# Rows that are differences of two measured ones: (row, measured, less the measured)
+DIFFERENCES = (("dX GEMM + add (cuBLAS)", "backward chunks with dX", "logits_grad kernel (recompute)"),
+               ("dW GEMM (cuBLAS)", "backward chunks with dW", "logits_grad kernel (recompute)"))
 
 
 def model_rows(n: int, hidden: int, vocab: int, device_name: str, workspace_bytes: int) -> tuple[dict, float]:
     """The cost model's per-phase prediction (ms) for the shape, on the model device closest to device_name."""
-    from benchmarks import cost_model as cm
+    from tools import cost_model as cm
 
     device = cm.DEVICES["h200" if "h200" in device_name.lower() else "h100"]
     p = cm.fastdpo(cm.Shape(n, hidden, vocab), device, cm.Options(workspace_bytes=workspace_bytes))
@@ -387,7 +344,8 @@ def measure_shape(n: int, hidden: int, vocab: int, bench, device_name: str, devi
     import torch
 
     import fastdpo
-    from fastdpo.kernels import config, logprob_backward, logprob_forward
+    from fastdpo import vocab_chunks
+    from fastdpo.kernels import config, logprob_forward
 
     dev = torch.device(device)
     dtype = getattr(torch, dtype_name)
@@ -395,59 +353,51 @@ def measure_shape(n: int, hidden: int, vocab: int, bench, device_name: str, devi
     w = (torch.randn(vocab, hidden, device=dev) * hidden**-0.5 * 3).to(dtype)
     targets = torch.randint(0, vocab, (n,), device=dev)
     rows = torch.arange(n, device=dev)
-    cfg = config.gemm_config(dtype, config.device_capability(dev), hidden)
     workspace = config.default_workspace_bytes(dev)
-    width = config.vocab_chunk_width(n, vocab, h.element_size(), cfg["BLOCK_V"], workspace)
-    starts = list(range(0, vocab, width))
+    width = vocab_chunks.chunk_width(n, w, workspace)
+    chunks = [(s, min(s + width, vocab)) for s in range(0, vocab, width)]
     model_ms, model_peak = model_rows(n, hidden, vocab, device_name, workspace)
-    out = dict(n=n, hidden=hidden, vocab=vocab, chunk_width=width, chunks=len(starts), config=cfg,
-               workspace_bytes=workspace, model_ms=model_ms, model_peak_bytes=model_peak, rows=[], errors={})
+    out = dict(n=n, hidden=hidden, vocab=vocab, chunk_width=width, chunks=len(chunks),
+               config=config.gemm_config(dtype, config.device_capability(dev), hidden), workspace_bytes=workspace,
+               model_ms=model_ms, model_peak_bytes=model_peak, rows=[], errors={})
     measured = {}
 
-    def row(phase, fn, cublas=None, note=""):
-        ms = measured[phase] = _timed(bench, fn, phase, out["errors"])
+    def row(phase, ms, cublas=None, note=""):
+        measured[phase] = ms
         cublas_ms = measured.get(cublas) if cublas else None
         out["rows"].append(dict(phase=phase, ms=ms, model_ms=model_ms.get(phase), cublas_ms=cublas_ms,
                                 x_cublas=ms / cublas_ms if ms and cublas_ms else None, note=note))
 
-    ws = torch.randn(n, width, device=dev).to(dtype)
-    logits_buf = torch.empty(n, width, device=dev, dtype=dtype)
-    dw = torch.empty_like(w)
-    dx32 = torch.zeros(n, hidden, device=dev)
+    def timed(phase, fn, cublas=None, note=""):
+        row(phase, _timed(bench, fn, phase, out["errors"]), cublas, note)
 
-    def chunks():
-        return [(s, min(width, vocab - s)) for s in starts]
+    logits = torch.empty(n, width, device=dev, dtype=dtype)
 
     def cublas_logits():
-        for s, c in chunks():
-            torch.mm(h, w[s:s + c].T, out=logits_buf[:, :c])
+        for c0, c1 in chunks:
+            torch.mm(h, w[c0:c1].T, out=logits[:, : c1 - c0])
 
-    def dx_chunks():
-        for s, c in chunks():
-            dx32.add_(_mm_fp32(ws[:, :c], w[s:s + c]))
-
-    def dw_chunks():
-        for s, c in chunks():
-            torch.mm(ws[:, :c].T, h, out=dw[s:s + c])
-
-    row(CUBLAS_LOGITS, cublas_logits, note="2nVH into a bf16 chunk: the forward kernel's GEMM on cuBLAS")
-    row("forward kernel", lambda: logprob_forward.logprob_forward(h, w, None, rows, targets), cublas=CUBLAS_LOGITS)
+    timed(CUBLAS_LOGITS, cublas_logits, note="2nVH into a bf16 chunk: the forward kernel's GEMM on cuBLAS")
+    del logits
+    timed("forward kernel", lambda: logprob_forward.logprob_forward(h, w, None, rows, targets), cublas=CUBLAS_LOGITS)
     with torch.no_grad():
-        row("forward (end to end)", lambda: fastdpo.linear_logprobs(h, w, targets, backend="triton"))
-    lse = _lse_from_table(logprob_forward, h, w, rows, targets, vocab)
+        timed("forward (end to end)", lambda: fastdpo.linear_logprobs(h, w, targets, backend="triton"))
+    _tile_lse, lse = forward_logsumexps(h, w, rows, targets)
     grad = torch.randn(n, device=dev)
 
-    def logits_grad_chunks():
-        for s, c in chunks():
-            logprob_backward.logits_grad(h, w, None, rows, targets, lse, grad, ws[:, :c], s)
+    def backward(**need):
+        flags = dict(need_dx=False, need_dw=False, need_db=False) | need
+        return lambda: vocab_chunks.backward(h, w, None, rows, targets, lse, grad, {}, workspace_bytes=workspace,
+                                             **flags)
 
-    row("logits_grad kernel (recompute)", logits_grad_chunks, cublas=CUBLAS_LOGITS,
-        note=f"{len(starts)} chunk(s) of {width}")
-    row("dX GEMM + add (cuBLAS)", dx_chunks, note="torch.mm(out_dtype=fp32), then dX_scored +=")
-    row("dW GEMM (cuBLAS)", dw_chunks)
-    parts = [measured.get(CUBLAS_LOGITS), measured.get("dX GEMM + add (cuBLAS)"), measured.get("dW GEMM (cuBLAS)")]
-    measured["cuBLAS 8P"] = 2 * parts[0] + parts[1] + parts[2] if all(parts) else None
-    del ws, logits_buf, dw, dx32
+    timed("logits_grad kernel (recompute)", backward(), cublas=CUBLAS_LOGITS, note=f"{len(chunks)} chunk(s) of {width}")
+    timed("backward chunks with dX", backward(need_dx=True), note="the recompute, then dX_scored += D W per chunk")
+    timed("backward chunks with dW", backward(need_dw=True), note="the recompute, then dW = D^T X per chunk")
+    for phase, total, less in DIFFERENCES:
+        parts = measured.get(total), measured.get(less)
+        row(phase, parts[0] - parts[1] if None not in parts else None, note=f"{total} less {less}")
+    gemms = [measured.get(CUBLAS_LOGITS), measured.get("dX GEMM + add (cuBLAS)"), measured.get("dW GEMM (cuBLAS)")]
+    measured["cuBLAS 8P"] = 2 * gemms[0] + gemms[1] + gemms[2] if None not in gemms else None
 
     hg = h.clone().requires_grad_()
     wg = w.clone().requires_grad_()
@@ -457,8 +407,8 @@ def measure_shape(n: int, hidden: int, vocab: int, bench, device_name: str, devi
         hg.grad = wg.grad = None
         (fastdpo.linear_logprobs(hg, wg, targets, backend="triton") * upstream).sum().backward()
 
-    row("forward + backward (end to end)", step, cublas="cuBLAS 8P",
-        note="cuBLAS column: 2 x logits + dX + dW products alone")
+    timed("forward + backward (end to end)", step, cublas="cuBLAS 8P",
+          note="cuBLAS column: 2 x logits + dX + dW products alone")
     out["peak_bytes"] = _peak_above_inputs(step, hg, wg) if dev.type == "cuda" else None
     ratios = {r["phase"]: r["x_cublas"] for r in out["rows"] if r["x_cublas"] is not None}
     out["checks"] = {f"{k} within {CUBLAS_RATIO_TARGET}x of cuBLAS": v <= CUBLAS_RATIO_TARGET
@@ -466,27 +416,16 @@ def measure_shape(n: int, hidden: int, vocab: int, bench, device_name: str, devi
     return out
 
 
-def _mm_fp32(a, b):
+def forward_logsumexps(h, w, rows, targets):
+    """(per-tile logsumexp [vocabulary tiles, n], each row's lse [n]) from the Triton forward's table, merged
+    over the tiles by the library (fastdpo.softmax_stats)."""
     import torch
 
-    try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except (TypeError, NotImplementedError, RuntimeError):  # a torch or device without mm(out_dtype=)
-        return torch.mm(a, b).float()
+    from fastdpo.kernels.logprob_forward import logprob_forward
+    from fastdpo.softmax_stats import VocabPartials, logsumexp, merge
 
-
-def _lse_from_table(logprob_forward, h, w, rows, targets, vocab):
-    """lse per row from the forward's [F, vocab tiles, n] table (F0 = max, F1 = sum of exp)."""
-    import math
-
-    import torch
-
-    try:
-        table, _target = logprob_forward.logprob_forward(h, w, None, rows, targets)
-        m = table[0].amax(0)
-        return m + torch.log((table[1] * torch.exp(table[0] - m)).sum(0))
-    except Exception:  # noqa: BLE001 - timing only needs plausible values
-        return torch.full((rows.numel(),), math.log(vocab) + 5.0, device=h.device)
+    table, target_logit = logprob_forward(h, w, None, rows, targets)
+    return table[0] + torch.log(table[1]), logsumexp(merge(VocabPartials(table[0], table[1], target_logit[None])))
 
 
 def _peak_above_inputs(step, hidden, weight) -> int | None:
@@ -546,12 +485,16 @@ def phases_child(part_out: Path, budget_s: float) -> int:
 
 
 def kept_statistics(tile_lse, lse, targets, block_m: int, block_v: int, tolerance: float) -> dict:
-    """The plan's kept fraction f of (token block, vocabulary tile) pairs, and the share s of the kept pairs in
-    tiles every block keeps, read from the distinct kept tiles as the cost model counts them:
-    distinct = pairs (s / blocks + 1 - s)."""
+    """The plan's kept pairs (fastdpo.sparse_plan.kept_pairs) and what kept_summary reads from them."""
     from fastdpo import sparse_plan
 
-    kept = sparse_plan.kept_pairs(tile_lse, lse, targets, block_m, block_v, tolerance)
+    return kept_summary(sparse_plan.kept_pairs(tile_lse, lse, targets, block_m, block_v, tolerance))
+
+
+def kept_summary(kept) -> dict:
+    """The kept fraction f of (token block, vocabulary tile) pairs, and the share s of the kept pairs in tiles
+    every block keeps, read from the distinct kept tiles as the cost model counts them:
+    distinct = pairs (s / blocks + 1 - s)."""
     blocks, tiles = kept.shape
     pairs = int(kept.sum())
     distinct = int(kept.any(0).sum())
@@ -563,7 +506,7 @@ def kept_statistics(tile_lse, lse, targets, block_m: int, block_v: int, toleranc
 def sparse_model(n: int, hidden: int, vocab: int, device_name: str, workspace_bytes: int, f: float,
                  shared: float, tokens: int | None = None) -> dict:
     """The cost model at the measured f and s: dense and grad_tolerance totals (ms), its per-phase sparse times."""
-    from benchmarks import cost_model as cm
+    from tools import cost_model as cm
 
     device = cm.DEVICES["h200" if "h200" in device_name.lower() else "h100"]
     shape = cm.Shape(n, hidden, vocab, tokens=tokens)
@@ -604,7 +547,7 @@ def measure_sparse(n: int, hidden: int, vocab: int, bench, device_name: str, dev
 
     import fastdpo
     from fastdpo import sparse_plan, vocab_chunks
-    from fastdpo.kernels import config, logprob_forward, sparse_backward
+    from fastdpo.kernels import config, sparse_backward
 
     dev, dtype = torch.device(device), getattr(torch, dtype_name)
     out = []
@@ -613,9 +556,7 @@ def measure_sparse(n: int, hidden: int, vocab: int, bench, device_name: str, dev
         rows = (targets != -100).nonzero().squeeze(1)
         row_targets = targets[rows]
         cfg, _tiles = sparse_backward.sparse_gemm_options(dtype, config.device_capability(dev), hidden)
-        table, _ = logprob_forward.logprob_forward(h, w, None, rows, row_targets)
-        tile_lse = table[0] + torch.log(table[1])
-        lse = torch.logsumexp(tile_lse, dim=0)
+        tile_lse, lse = forward_logsumexps(h, w, rows, row_targets)
         stats = kept_statistics(tile_lse, lse, row_targets, cfg["BLOCK_M"], cfg["BLOCK_V"], tolerance)
         kept = stats.pop("kept")
         workspace = config.default_workspace_bytes(dev)
@@ -655,7 +596,7 @@ def measure_sparse(n: int, hidden: int, vocab: int, bench, device_name: str, dev
         if kind == kinds[-1] and stand_in_fraction:  # the kernels at a set f, whatever the inputs give
             out.append(_stand_in_case(h, w, rows, row_targets, lse, cfg, stand_in_fraction, bench, device_name,
                                       workspace))
-        del h, w, hg, wg, table, tile_lse
+        del h, w, hg, wg, tile_lse
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return out
@@ -664,17 +605,14 @@ def measure_sparse(n: int, hidden: int, vocab: int, bench, device_name: str, dev
 def _stand_in_case(h, w, rows, targets, lse, cfg, fraction, bench, device_name, workspace) -> dict:
     """The three sparse kernels on the last inputs with cost_model.stand_in_kept's mask at `fraction` (pairs
     spread evenly over the tiles): calibrates the kernels' model where the inputs keep too much."""
-    from benchmarks import cost_model as cm
+    from tools import cost_model as cm
 
     blocks, tiles = -(-rows.numel() // cfg["BLOCK_M"]), -(-w.shape[0] // cfg["BLOCK_V"])
-    kept = cm.stand_in_kept(blocks, tiles, fraction).to(w.device)
-    pairs, distinct = int(kept.sum()), int(kept.any(0).sum())
-    shared = min(1.0, max(0.0, (1 - distinct / pairs) / (1 - 1 / blocks))) if pairs and blocks > 1 else 0.0
-    res = dict(inputs=f"stand-in mask f={fraction:g}", scored_rows=rows.numel(), tolerance=0.0,
-               kept_fraction=pairs / (blocks * tiles), kept_shared=shared, pairs=pairs, distinct_tiles=distinct,
-               blocks=blocks, tiles=tiles, rows=[], errors={},
-               model=sparse_model(rows.numel(), h.shape[1], w.shape[0], device_name, workspace, pairs / (blocks * tiles),
-                                  shared, tokens=h.shape[0]))
+    stats = kept_summary(cm.stand_in_kept(blocks, tiles, fraction).to(w.device))
+    kept = stats.pop("kept")
+    res = dict(inputs=f"stand-in mask f={fraction:g}", scored_rows=rows.numel(), tolerance=0.0, **stats, rows=[],
+               errors={}, model=sparse_model(rows.numel(), h.shape[1], w.shape[0], device_name, workspace,
+                                             stats["kept_fraction"], stats["kept_shared"], tokens=h.shape[0]))
 
     def row(phase, fn, model_ms=None):
         res["rows"].append(dict(phase=phase, ms=_timed(bench, fn, phase, res["errors"]), model_ms=model_ms))
@@ -777,27 +715,16 @@ def main(argv=None, cuda_available: bool | None = None, device_name: str | None 
     out_dir.mkdir(parents=True, exist_ok=True)
     results = dict(device=name, slug=device_slug(name), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                    budget_s=args.budget_s, versions=_safe_versions(), parts={})
-    site = None
-
-    def do_setup(timeout_s):
-        nonlocal site
-        info, site = setup(args, out_dir, timeout_s)
-        return info
-
-    steps = [("setup", do_setup), ("tests", lambda t: run_tests(out_dir, site, t)),
-             ("phases", lambda t: run_phases(out_dir, site, t)),
-             ("sparse", lambda t: run_phases(out_dir, site, t, part="sparse")), ("bench", lambda t: run_bench(out_dir, site, t))]
+    steps = [("setup", lambda t: setup(out_dir, t)), ("tests", lambda t: run_tests(out_dir, t)),
+             ("phases", lambda t: run_phases(out_dir, t)), ("sparse", lambda t: run_phases(out_dir, t, part="sparse")),
+             ("bench", lambda t: run_bench(out_dir, t))]
     for part, fn in steps:
         if part in args.skip:
             results["parts"][part] = dict(status="skipped: --skip")
             continue
         run_part(results, part, fn, budget.for_part(PART_CAPS_S.get(part)))
-        if part == "setup":  # the carried wheels are installed now
-            results["versions"] = _safe_versions()
         write_results(results, out_dir)
     paths = write_results(results, out_dir)
-    if args.copy_to is not None:
-        paths = copy_results(out_dir, args.copy_to)
     print(markdown(results))
     print("[gpu_check] wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -45,7 +45,7 @@ class Case:
 
 # --- case sets --------------------------------------------------------------------------------------------------
 
-# 2-core CPU, under 5 minutes for every implementation (issue 5)
+# 2-core CPU, under 5 minutes for every implementation
 QUICK_CPU = (
     Case("cpu-2k-h256-v32k", "cpu-h256-v32k", 8, 256, 256, 32768, "float32"),
     Case("cpu-2k-h256-v64k", "cpu-h256-v64k", 8, 256, 256, 65536, "float32"),
@@ -335,7 +335,7 @@ def make_lm_inputs(case: Case, shape: LMShape = LMShape(), device: str = "cpu", 
 
     What it does not capture: real conditional distributions are not a fixed base plus one topic; how much
     mass a real model leaves in the far tail (and where, by id) decides the kept fraction of a sparse backward,
-    and this model's tail follows the base exponent s exactly. The sweep (benchmarks/sparsity_sweep.py) shows
+    and this model's tail follows the base exponent s exactly. The sweep (tools/sparsity_sweep.py) shows
     how the kept fraction moves with s, K, b and the entropy; measure on a real model's hidden states before
     relying on a number from here.
     """

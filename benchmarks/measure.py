@@ -267,7 +267,7 @@ def cublas_roofline_ms(hidden: torch.Tensor, weight: torch.Tensor, rows: int, ch
 
 # --- how much of the backward a gradient tolerance keeps ---------------------------------------------------------
 
-SPARSE_TOLERANCE = 2.0**-10  # the CPU target; fastdpo_tol runs with it
+SPARSE_TOLERANCE = 2.0**-10  # the tolerance of the CPU results; fastdpo_tol runs with it
 
 
 @torch.no_grad()

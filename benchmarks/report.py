@@ -16,7 +16,7 @@ MiB = 1 << 20
 
 
 def validate(results: dict) -> None:
-    """Raise ValueError when `results` does not follow the results.json schema (issue 5)."""
+    """Raise ValueError when `results` does not follow the results.json schema."""
     if not isinstance(results.get("device"), str):
         raise ValueError("device must be a string")
     if not isinstance(results.get("versions"), dict):
@@ -60,7 +60,7 @@ def _fmt(x, spec: str, none: str = "-") -> str:
 
 
 def _spread(r) -> str:
-    """'min-max (n runs)' of a row's timed runs; '-' where they were not recorded (results before issue 12)."""
+    """'min-max (n runs)' of a row's timed runs; '-' where they were not recorded (older results files)."""
     runs = r.get("runs")
     if r.get("ms_min") is None:
         return f"- ({runs})" if runs else "-"
@@ -215,7 +215,7 @@ def _draw_bars(ax, rows, key, scale, colors, label) -> None:
     base = next((v for r, v in zip(rows, values) if r["impl"] == "fastdpo" and v), None)
     lo, hi = _whiskers(rows, key, values)
     ys = range(len(rows))
-    has_spread = any(lo) or any(hi)  # results before issue 12 recorded no min/max
+    has_spread = any(lo) or any(hi)  # older results files recorded no min/max
     ax.barh(ys, [v or 0.0 for v in values], color=[colors[n] for n in names],
             xerr=[lo, hi] if has_spread else None, error_kw={"elinewidth": 1, "capsize": 3})
     top = max([(v or 0.0) + h for v, h in zip(values, hi)] + [1e-9])

@@ -13,6 +13,10 @@ reference once; `bench` workers then measure the implementations. On CPU each im
 process (peak RSS is per process); on GPU one process per case measures them in turn with the CUDA allocator's
 peak, and a crash only costs the implementation that was running. Results are rewritten after every case, so an
 interrupted run still leaves a valid results.json.
+
+Under the final table it lists every row that ended in an error, and exits with status 1 if there is one: an
+installed peer, the naive loss or fastdpo itself failed. A peer that is not installed (or cannot express a
+case) is a `skipped:` row and leaves the exit status 0.
 """
 
 from __future__ import annotations
@@ -452,6 +456,31 @@ def foreign_files(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.is_file() and p.name not in WRITTEN) if out.is_dir() else []
 
 
+EXIT_ROWS_FAILED = 1  # some implementation that is installed (a peer, the naive loss, fastdpo) errored
+
+
+def error_rows(rows: list[dict]) -> list[dict]:
+    """Rows of an implementation that ran and failed. A peer that is not installed, or cannot express the case,
+    is `skipped:` (impls.Skip), never an error; fastdpo and the naive loss are never skipped."""
+    return [r for r in rows if r["status"].startswith("error: ")]
+
+
+def outcome_lines(rows: list[dict]) -> list[str]:
+    """The run's verdict under the table: every error row in full, then the skips, each on its own line."""
+    failed, skipped = error_rows(rows), [r for r in rows if r["status"].startswith("skipped: ")]
+    lines = []
+    if skipped:
+        lines += ["", f"{len(skipped)} row(s) skipped (not installed, or the case is beyond the implementation):"]
+        lines += [f"  {r['case']} {r['impl']}: {r['status']}" for r in skipped]
+    if failed:
+        lines += ["", f"FAILED: {len(failed)} of {len(rows)} row(s) ended in an error "
+                      f"(exit status {EXIT_ROWS_FAILED}):"]
+        lines += [f"  {r['case']} {r['impl']}: {r['status']}" for r in failed]
+    else:
+        lines += ["", f"all {len(rows) - len(skipped)} measured row(s) ok"]
+    return lines
+
+
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the worker is killed, the temporary inputs removed
 
@@ -494,7 +523,8 @@ def main(argv=None) -> int:
     print()
     print(report.table(results))
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'results.md'}: {describe_load(results['machine_load'])}")
-    return 0
+    print("\n".join(outcome_lines(results["rows"])))
+    return EXIT_ROWS_FAILED if error_rows(results["rows"]) else 0
 
 
 def run_one_case(case: Case, args, tmp: Path, results: dict, progress: Progress) -> None:

@@ -87,7 +87,7 @@ def test_case_filter():
 # --- case sets ----------------------------------------------------------------------------------------------------
 
 
-def test_quick_cpu_cases_match_the_issue():
+def test_quick_cpu_cases_are_two_2k_token_heads():
     cases = inputs.case_set("cpu", quick=True)
     assert {(c.n_seqs, c.seq_len, c.hidden, c.vocab, c.dtype) for c in cases} == {
         (8, 256, 256, 32768, "float32"), (8, 256, 256, 65536, "float32")}
@@ -293,10 +293,11 @@ def test_run_case_silent_worker_death():
     assert [r["status"] for r in rows] == ["error: worker exited with code 1: ImportError: boom"] * 2
 
 
-def test_main_end_to_end_with_fake_workers(tmp_path, monkeypatch, capsys):
-    """main(): prep + bench workers (faked), progress lines, results.json/.md in --out."""
+def fake_worker_process(statuses: dict):
+    """run.launch_worker's stand-in: prep reports fixed statistics; bench gives each name in `statuses` a row with
+    that status (a skip or an error) and every other name an ok row after two step reports."""
 
-    def fake_launch_worker(argv, on_line, timeout, log_path):
+    def launch_worker(argv, on_line, timeout, log_path):
         cmd, case = argv[0], argv[argv.index("--case") + 1]
         if cmd == "prep":
             on_line(worker.TAG_INFO + json.dumps({"mean_entropy": 2.5, "target_top1": 0.7, "mean_target_logp": -1.5,
@@ -305,9 +306,9 @@ def test_main_end_to_end_with_fake_workers(tmp_path, monkeypatch, capsys):
             return 0, ""
         for name in argv[argv.index("--impls") + 1].split(","):
             on_line(worker.TAG_START + name)
-            if name == "liger":
+            if name in statuses:
                 row = worker.base_row(name, inputs.all_cases()[case])
-                row["status"] = "skipped: liger-kernel not importable"
+                row["status"] = statuses[name]
             else:
                 on_line(worker.TAG_STEP + json.dumps({"impl": name, "done": 0, "planned": None, "what": "warm-up"}))
                 on_line(worker.TAG_STEP + json.dumps({"impl": name, "done": 1, "planned": 3, "what": "run 1/3"}))
@@ -315,8 +316,14 @@ def test_main_end_to_end_with_fake_workers(tmp_path, monkeypatch, capsys):
             on_line(worker.TAG_ROW + json.dumps(row))
         return 0, ""
 
-    monkeypatch.setattr(run, "launch_worker", fake_launch_worker)
+    return launch_worker
+
+
+def test_main_end_to_end_with_fake_workers(tmp_path, monkeypatch, capsys):
+    """main(): prep + bench workers (faked), progress lines, results.json/.md in --out."""
+    monkeypatch.setattr(run, "launch_worker", fake_worker_process({"liger": "skipped: liger-kernel not importable"}))
     monkeypatch.setattr(report, "write_plots", lambda *a, **k: [])
+    # A peer that is not installed is a skip, not a failure: exit status 0
     assert run.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--impls", "naive,liger"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     report.validate(results)
@@ -336,6 +343,27 @@ def test_main_end_to_end_with_fake_workers(tmp_path, monkeypatch, capsys):
     lines = out.splitlines()
     assert any(x.split()[:2] == ["cpu-2k-h256-v32k", "liger"] and "skipped: liger-kernel" in x for x in lines)
     assert any(x.split()[:2] == ["cpu-2k-h256-v64k", "naive"] and " ms " in x for x in lines)
+    verdict = out[out.index("wrote "):]  # what follows the final table
+    assert "cpu-2k-h256-v64k liger: skipped: liger-kernel not importable" in verdict
+    assert "FAILED" not in verdict and "all 2 measured row(s) ok" in verdict
+
+
+@pytest.mark.parametrize("failing", ["trl", "fastdpo"])
+def test_an_error_row_is_listed_after_the_table_and_fails_the_run(failing, tmp_path, monkeypatch, capsys):
+    """An installed peer (or fastdpo itself) that errors: every such row named under the final table, exit status 1;
+    a peer that is not installed stays a skip beside it."""
+    error = "error: ImportError: cannot import name 'CUDAProperties' from 'kernels'"
+    monkeypatch.setattr(run, "launch_worker", fake_worker_process({failing: error,
+                                                                   "cce": "skipped: cut-cross-entropy not importable"}))
+    monkeypatch.setattr(report, "write_plots", lambda *a, **k: [])
+    rc = run.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--impls", f"naive,{failing},cce"])
+    assert rc == run.EXIT_ROWS_FAILED != 0
+    verdict = capsys.readouterr().out.split("wrote ")[-1]  # what follows the final table
+    assert "FAILED: 2 of 6 row(s) ended in an error" in verdict
+    for case in ("cpu-2k-h256-v32k", "cpu-2k-h256-v64k"):
+        assert f"  {case} {failing}: {error}" in verdict.splitlines()
+        assert f"  {case} cce: skipped: cut-cross-entropy not importable" in verdict.splitlines()
+    assert [r["status"] for r in json.loads((tmp_path / "results.json").read_text())["rows"]].count(error) == 2
 
 
 def test_progress_moves_with_steps_and_beats_without_a_terminal(capsys):
@@ -359,9 +387,10 @@ def test_progress_moves_with_steps_and_beats_without_a_terminal(capsys):
 def test_failed_input_preparation_gives_error_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "launch_worker", lambda argv, on_line, timeout, log: (1, "MemoryError"))
     monkeypatch.setattr(report, "write_plots", lambda *a, **k: [])
-    run.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--impls", "naive", "--cases", "v32k"])
+    rc = run.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--impls", "naive", "--cases", "v32k"])
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert len(rows) == 1 and rows[0]["status"] == "error: input preparation failed: MemoryError"
+    assert rc == run.EXIT_ROWS_FAILED
 
 
 # --- results files ------------------------------------------------------------------------------------------------

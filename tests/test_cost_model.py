@@ -1,4 +1,4 @@
-"""The GPU cost model (benchmarks/cost_model.py) and the GPU session script's CPU-runnable parts (gpu_check.py)."""
+"""The GPU cost model (tools/cost_model.py) and the GPU session script's CPU-runnable parts (gpu_check.py)."""
 
 import importlib
 import json
@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import cost_model as cm  # noqa: E402
+from tools import cost_model as cm  # noqa: E402
 from benchmarks import gpu_check  # noqa: E402
 
 H100 = cm.DEVICES["h100"]
@@ -63,7 +63,7 @@ def test_smaller_workspace_means_more_chunks_and_less_peak_memory():
     assert small.flops == big.flops
 
 
-# --- FLOPs, atomics, the issue's figures ---------------------------------------------------------------------------
+# --- FLOPs, atomics, the design's figures --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("shape", [LLAMA_16K, cm.Shape(4096, 2304, 256000), cm.Shape(1000, 96, 50257)])
@@ -73,11 +73,11 @@ def test_fastdpo_flops_are_8P_and_6P_with_a_frozen_head(shape):
     assert cm.fastdpo(shape, H100, cm.Options(frozen_hidden=True)).flops == pytest.approx(6 * shape.P)
 
 
-def test_fastdpo_has_no_atomics_and_stays_within_the_issue_memory_bound():
+def test_fastdpo_has_no_atomics_and_stays_within_its_memory_bound():
     p = cm.fastdpo(LLAMA_16K, H100)
     assert p.atomic_bytes == 0
     n, H, V = LLAMA_16K.n, LLAMA_16K.hidden, LLAMA_16K.vocab
-    # Issue 9's memory bound: gradients in their own dtypes + workspace + O(n H) fp32 (+ the small lse table).
+    # The memory bound: gradients in their own dtypes + workspace + O(n H) fp32 (+ the small lse table).
     bound = (V * H + n * H) * 2 + p.workspace_bytes + 3 * 4 * n * H + 4 * n * 1100
     assert p.peak_bytes <= bound
 
@@ -89,7 +89,7 @@ def test_frozen_head_drops_the_dW_memory():
     assert not any("dW" in ph.name for ph in frozen.phases)
 
 
-def test_old_design_matches_the_issue_figures():
+def test_old_design_matches_its_estimated_figures():
     old = cm.old_fastdpo(LLAMA_16K, H100)
     assert old.atomic_bytes / cm.GB == pytest.approx(540, rel=0.03)  # 2 N V H / 128 fp32 adds
     forward = next(ph for ph in old.phases if ph.name == "forward kernel")
@@ -97,7 +97,7 @@ def test_old_design_matches_the_issue_figures():
     assert 0.8 * 0.600 <= old.time_s <= 1.25 * 0.600  # "modelled total ~ 600 ms"
 
 
-def test_fastdpo_meets_the_issue_target_on_h100():
+def test_fastdpo_meets_its_target_on_h100():
     """Llama-3-8B head, 16k tokens: within 1.25x of 8P at 800 TFLOP/s (~108 ms)."""
     p = cm.fastdpo(LLAMA_16K, H100)
     floor = 8 * LLAMA_16K.P / 800e12
@@ -129,7 +129,7 @@ def test_peers_follow_their_published_structure():
         assert preds[name].flops == pytest.approx(6 * P)  # gradients computed in the forward, no recompute
     assert preds["Cut Cross-Entropy 25.1.1"].atomic_bytes > 100 * cm.GB
     # TRL keeps an fp32 [V, H] buffer and its cast copy: more memory than fastdpo.
-    assert preds["TRL 1.16 chunked head"].peak_bytes > preds["fastdpo (issue 9)"].peak_bytes
+    assert preds["TRL 1.16 chunked head"].peak_bytes > preds["fastdpo"].peak_bytes
     for p in preds.values():
         assert p.time_s > 0 and p.peak_bytes > 0 and p.hbm_bytes > 0
 
@@ -147,12 +147,12 @@ def test_cli_prints_the_markdown_tables(capsys):
     assert "a model, not a measurement" in out
     for label, _shape in cm.CASES:
         assert label in out
-    assert "fastdpo (issue 9)" in out and "Cut Cross-Entropy" in out
+    assert "fastdpo" in out and "Cut Cross-Entropy" in out
     assert cm.main(["--tflops", "400", "--hbm-tbps", "2"]) == 0
     assert "(custom)" in capsys.readouterr().out
 
 
-# --- fastdpo with grad_tolerance: the block-sparse backward (issue 13) ----------------------------------------------
+# --- fastdpo with grad_tolerance: the block-sparse backward --------------------------------------------------------
 
 vocab_chunks = importlib.import_module("fastdpo.vocab_chunks")
 sparse_backward = importlib.import_module("fastdpo.kernels.sparse_backward")
@@ -190,8 +190,8 @@ def test_sparse_dispatch_follows_vocab_chunks_threshold(monkeypatch):
 
 @pytest.mark.parametrize("device", ["h100", "h200"])
 @pytest.mark.parametrize("shared", [0.0, 0.5, 1.0])
-def test_sparse_meets_the_issue_target_at_small_f(device, shared, sparse_always):
-    """Issue 13: total <= 0.6x the dense path at the kept fraction trained-LM-like inputs give (small f)."""
+def test_sparse_meets_its_target_at_small_f(device, shared, sparse_always):
+    """grad_tolerance's target: total <= 0.6x the dense path at the kept fraction of trained-LM-like inputs."""
     dev = cm.DEVICES[device]
     dense = cm.fastdpo(LLAMA_16K, dev).time_s
     for f in (0.02, 0.05):
@@ -272,10 +272,10 @@ def test_gpu_check_without_a_gpu_says_so_and_runs_nothing(capsys, tmp_path):
 
 def test_gpu_check_arguments(tmp_path):
     args = gpu_check.parse_args([])
-    assert args.wheels is None and args.skip == set() and args.budget_s == gpu_check.DEFAULT_BUDGET_S
-    args = gpu_check.parse_args(["--wheels", str(tmp_path), "--skip", "bench, tests", "--budget-s", "100"])
-    assert args.wheels == tmp_path and args.skip == {"bench", "tests"}
-    for bad in (["--skip", "nope"], ["--wheels", str(tmp_path / "missing")], ["--budget-s", "5"]):
+    assert args.out is None and args.skip == set() and args.budget_s == gpu_check.DEFAULT_BUDGET_S
+    args = gpu_check.parse_args(["--out", str(tmp_path), "--skip", "bench, tests", "--budget-s", "100"])
+    assert args.out == tmp_path and args.skip == {"bench", "tests"} and args.budget_s == 100
+    for bad in (["--skip", "nope"], ["--budget-s", "5"], ["--wheels", str(tmp_path)]):
         with pytest.raises(SystemExit):
             gpu_check.parse_args(bad)
 
@@ -309,9 +309,9 @@ def test_gpu_check_parts_fail_alone(tmp_path):
     assert slow["timed_out"] and slow["seconds"] < 20 and "hi" in slow["tail"]
 
 
-def test_gpu_check_writes_and_copies_results(tmp_path, capsys):
-    out, dest = tmp_path / "results", tmp_path / "back"
-    rc = gpu_check.main(["--out", str(out), "--copy-to", str(dest), "--skip", "setup,tests,phases,sparse,bench"],
+def test_gpu_check_writes_its_results(tmp_path, capsys):
+    out = tmp_path / "results"
+    rc = gpu_check.main(["--out", str(out), "--skip", "setup,tests,phases,sparse,bench"],
                         cuda_available=True, device_name="NVIDIA H100 80GB HBM3")
     assert rc == 0
     saved = json.loads((out / "gpu_check.json").read_text())
@@ -319,7 +319,7 @@ def test_gpu_check_writes_and_copies_results(tmp_path, capsys):
     assert set(saved["parts"]) == set(gpu_check.PARTS)
     assert {"torch", "triton", "driver", "cuda"} <= set(saved["versions"])
     assert "# gpu_check on NVIDIA H100 80GB HBM3" in (out / "gpu_check.md").read_text()
-    assert sorted(p.name for p in dest.iterdir()) == ["gpu_check.json", "gpu_check.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md"]
 
 
 def test_gpu_check_markdown_of_a_full_result():
@@ -337,49 +337,51 @@ def test_gpu_check_markdown_of_a_full_result():
 
 
 def test_gpu_check_tolerates_a_failing_benchmark_runner(tmp_path):
-    res = gpu_check.run_bench(tmp_path, None, timeout_s=120)  # no CUDA here: run.py refuses --device cuda
+    res = gpu_check.run_bench(tmp_path, timeout_s=120)  # no CUDA here: run.py refuses --device cuda
     assert res["status"].startswith("error: benchmarks/run.py exit")
     assert (tmp_path / "bench.log").exists()
 
 
 def test_gpu_check_phase_measurement_code_runs_on_cpu(monkeypatch):
-    """Walk measure_shape on CPU with stand-in kernels (fp32, tiny shape): every row present, failures recorded."""
-    import types
+    """Walk measure_shape with the real kernels in the interpreter (fp32, tiny shape, two vocabulary chunks): the
+    backward rows run the library's chunk loop, every row is timed, the GEMM rows are differences."""
+    from fastdpo.kernels import logprob_backward
 
-    import torch
+    chunks = set()
+    logits_grad = logprob_backward.logits_grad
 
-    calls = []
+    def recording_logits_grad(h, w, bias, rows, targets, lse, grad, out, col_start, **transform):
+        chunks.add((col_start, out.shape[1]))
+        return logits_grad(h, w, bias, rows, targets, lse, grad, out, col_start, **transform)
 
-    def logprob_forward(h, w, bias, rows, targets, **_):
-        tiles = -(-w.shape[0] // 32)
-        return torch.zeros(2, tiles, rows.numel()), torch.zeros(rows.numel())
-
-    def logits_grad(h, w, bias, rows, targets, lse, grad, out, col_start, **_):
-        calls.append((col_start, out.shape[1]))
-        out.zero_()
-
-    forward = types.ModuleType("fastdpo.kernels.logprob_forward")
-    backward = types.ModuleType("fastdpo.kernels.logprob_backward")
-    forward.logprob_forward, backward.logits_grad = logprob_forward, logits_grad
-    fake = types.ModuleType("fastdpo.kernels")
-    fake.logprob_forward, fake.logprob_backward, fake.config = forward, backward, cm.kernel_config
-    for name, module in (("", fake), (".config", cm.kernel_config), (".logprob_forward", forward),
-                         (".logprob_backward", backward)):
-        monkeypatch.setitem(sys.modules, "fastdpo.kernels" + name, module)
+    monkeypatch.setattr(logprob_backward, "logits_grad", recording_logits_grad)
     monkeypatch.setattr(cm.kernel_config, "INTERPRETER_WORKSPACE", 24 * 32 * 4 * 2)  # two 32-column chunks
+    times = iter(range(1, 100))
+
     def bench(fn):
         fn()
-        return 1.0
+        return float(next(times))
 
     out = gpu_check.measure_shape(24, 16, 70, bench, "cpu test", device="cpu", dtype_name="float32")
-    # The recompute row's chunk loop runs first; the end-to-end rows then go through the library's own loop.
-    assert out["chunks"] == 2 and calls[:2] == [(0, 64), (64, 6)]
-    phases = [r["phase"] for r in out["rows"]]
-    assert set(gpu_check.MEASURED_TO_MODEL) <= set(phases) and gpu_check.CUBLAS_LOGITS in phases
-    for r in out["rows"]:
-        assert r["ms"] == 1.0 or r["phase"] in out["errors"]
+    assert not out["errors"], out["errors"]
+    assert out["chunks"] == 2 and chunks == {(0, 64), (64, 6)}
+    ms = {r["phase"]: r["ms"] for r in out["rows"]}
+    assert set(gpu_check.MEASURED_TO_MODEL) <= set(ms) and gpu_check.CUBLAS_LOGITS in ms
+    for phase, total, less in gpu_check.DIFFERENCES:
+        assert ms[phase] == ms[total] - ms[less]
     fwd = next(r for r in out["rows"] if r["phase"] == "forward kernel")
-    assert fwd["x_cublas"] == 1.0 and fwd["model_ms"] > 0
+    assert fwd["x_cublas"] == ms["forward kernel"] / ms[gpu_check.CUBLAS_LOGITS] and fwd["model_ms"] > 0
+
+
+def test_gpu_check_lse_is_the_reference_logsumexp():
+    import torch
+
+    h, w = torch.randn(20, 16), torch.randn(70, 16)
+    rows, targets = torch.arange(3, 20), torch.randint(0, 70, (17,))
+    tile_lse, lse = gpu_check.forward_logsumexps(h, w, rows, targets)
+    expected = (h[rows] @ w.T).double().logsumexp(-1)
+    torch.testing.assert_close(lse.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tile_lse.logsumexp(0).double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_gpu_check_kept_statistics_reads_f_and_sharing():

@@ -1,6 +1,6 @@
 """Time one forward+backward of fastdpo and the naive loss on the quick CPU shape, idle or beside a busy process.
 
-    python benchmarks/results/cpu/contention.py [--busy N] [--impls fastdpo,naive] [--runs 3]
+    python tools/contention.py [--busy N] [--impls fastdpo,naive] [--runs 3]
 
 --busy N starts N pure-Python busy loops (`while True: pass`, one core each) before timing and stops them after.
 Prints one line per implementation: the median and every run's seconds.
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import impls, inputs, measure, worker  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Time the forward and d_logits kernels under other tile configurations than kernels/config.py's (GPU only).
 
-    python benchmarks/tile_sweep.py [--tokens 16384 --hidden 4096 --vocab 128256] [--json OUT]
+    python tools/tile_sweep.py [--tokens 16384 --hidden 4096 --vocab 128256] [--json OUT]
 
 For each candidate (BLOCK_M, BLOCK_V, BLOCK_K, GROUP_M, num_warps, num_stages) it patches the launchers'
 gemm_config, checks that the forward's log-probs still agree with the default's (same math, other

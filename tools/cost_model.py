@@ -1,17 +1,17 @@
 """Arithmetic model of an LM-head log-prob step (forward + backward) on a GPU: a MODEL until measured.
 
-    python benchmarks/cost_model.py [--device h100|h200] [--markdown] [--frozen-head] [--stats]
-                                    [--workspace-mib N] [--kept-fraction F --kept-shared S]
-                                    [--tflops X --hbm-tbps Y --l2-mb Z --sms N]
+    python tools/cost_model.py [--device h100|h200] [--markdown] [--frozen-head] [--stats]
+                               [--workspace-mib N] [--kept-fraction F --kept-shared S]
+                               [--tflops X --hbm-tbps Y --l2-mb Z --sms N]
 
 For a shape (n scored tokens, hidden H, vocabulary V) and dtype it lists, per phase of each design, the FLOPs,
 the HBM bytes, the bytes moved by atomics or locked read-modify-writes, the workspace, and a predicted time;
 then totals and the peak memory above the inputs. With --kept-fraction F < 1 the table adds fastdpo with
-grad_tolerance (issue 13) at that kept fraction of (token block, vocabulary tile) pairs; --markdown always shows
+grad_tolerance at that kept fraction of (token block, vocabulary tile) pairs; --markdown always shows
 its dense-vs-sparse table over F. fastdpo's phases follow the launch configurations the code
 would use: `gemm_config`, `vocab_chunk_width`, `default_workspace_bytes` and MAX_DEFAULT_WORKSPACE are read
 from fastdpo.kernels.config at every call, never copied. The peers follow their published code (versions in
-each function's docstring); `OLD_FASTDPO` is the design issue 9 replaces.
+each function's docstring); `OLD_FASTDPO` is fastdpo's earlier row-block design, which the current one replaced.
 
 How a phase's time is predicted (every number below is an assumption, stated once, here):
 - compute  = FLOPs / (device GEMM rate x efficiency). The rate is cuBLAS's measured bf16 rate (H100: 798
@@ -50,7 +50,7 @@ from unittest import mock
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python benchmarks/cost_model.py` puts benchmarks/ first on sys.path
+if str(REPO) not in sys.path:  # `python tools/cost_model.py` puts tools/ first on sys.path
     sys.path.insert(0, str(REPO))
 
 
@@ -290,7 +290,7 @@ def merge_phases(phases: list[Phase]) -> list[Phase]:
     return list(merged.values())
 
 
-# --- fastdpo (issue 9's design), read from kernels/config.py --------------------------------------------------------
+# --- fastdpo (GEMM-tiled forward, backward in vocabulary chunks), read from kernels/config.py -------------------------
 
 # Passes of the torch merge over one [vocab tiles, n] fp32 field (reads + writes): max (1), exp rescale (2),
 # rescaled sum (3), sum (1), per-tile lse kept for the backward (3); the statistics add about 12 more.
@@ -306,7 +306,7 @@ def default_workspace(device: Device, shape: Shape) -> int:
 
 
 def fastdpo(shape: Shape, device: Device, options: Options = Options()) -> Prediction:
-    """Issue 9: GEMM-tiled forward with a [F, vocab tiles, n] partials table, backward in vocabulary chunks
+    """GEMM-tiled forward with a [F, vocab tiles, n] partials table, backward in vocabulary chunks
     (Triton d_logits into a workspace, then cuBLAS dX and dW), no atomics, no fp32 [V, H] buffer."""
     n, H, V, e = shape.n, shape.hidden, shape.vocab, shape.elem
     cfg = kernel_config.gemm_config(shape.dtype, device.capability, shape.hidden)
@@ -344,7 +344,7 @@ def fastdpo(shape: Shape, device: Device, options: Options = Options()) -> Predi
 
     workspace_used = n * max(widths) * e
     peak = _fastdpo_peak(shape, fields, field_bytes, workspace_used, need_dx, need_dw)
-    return Prediction("fastdpo (issue 9)", shape, device, phases, peak, workspace_used,
+    return Prediction("fastdpo", shape, device, phases, peak, workspace_used,
                       notes=f"tile {cfg['BLOCK_M']}x{cfg['BLOCK_V']}x{cfg['BLOCK_K']} G{cfg['GROUP_M']}, "
                             f"{len(widths)} chunk(s) of {width} columns, 0 atomics",
                       details=dict(config=cfg, chunk_width=width, chunks=len(widths), workspace_budget=workspace,
@@ -377,7 +377,7 @@ def _fastdpo_peak(shape: Shape, fields: int, field_bytes: float, workspace: floa
     return max(forward, chunk_loop, scatter)
 
 
-# --- fastdpo with grad_tolerance (issue 13): the plan, then the block-sparse backward ------------------------------
+# --- fastdpo with grad_tolerance: the plan, then the block-sparse backward ------------------------------
 #
 # Read from the code at every call: the tiles (kernels.sparse_backward.sparse_gemm_options, which reads
 # config.gemm_config), the dispatch threshold (fastdpo.vocab_chunks.SPARSE_BREAK_EVEN) and the chunking
@@ -557,13 +557,13 @@ def _sparse_at(shape: Shape, device: Device, options: Options, f: float) -> Pred
         return fastdpo_sparse(shape, device, replace(options, kept_fraction=f))
 
 
-# --- the design issue 9 replaces --------------------------------------------------------------------------------------
+# --- fastdpo's earlier row-block design, which the current one replaced -----------------------------------------------
 
 OLD_FASTDPO = dict(forward_block_m=128, forward_block_v=64, backward_block=128, group_m=8)
 
 
 def old_fastdpo(shape: Shape, device: Device, options: Options = Options()) -> Prediction:
-    """Before issue 9: one program per 128-token block walks the vocabulary in 64-wide tiles (its X block
+    """The earlier row-block design: one program per 128-token block walks the vocabulary in 64-wide tiles (its X block
     re-read from HBM per tile once the resident X blocks overflow L2); the backward's (128 x 128) programs
     add dX and dW with fp32 atomics into fp32 [positions, H] and [V, H] buffers, cast at the end."""
     n, H, V, e = shape.n, shape.hidden, shape.vocab, shape.elem
@@ -584,7 +584,7 @@ def old_fastdpo(shape: Shape, device: Device, options: Options = Options()) -> P
         memory_phase("cast fp32 -> dtype", (4.0 + e) * (shape.positions * H * need_dx + V * H * need_dw), launches=2),
     ]
     peak = (4.0 + e) * (V * H * need_dw + shape.positions * H * need_dx)
-    return Prediction("fastdpo before issue 9", shape, device, phases, peak,
+    return Prediction("fastdpo, earlier row-block design", shape, device, phases, peak,
                       notes="X re-read per 64-wide vocab tile; fp32 acq_rel atomics for dX and dW")
 
 
@@ -771,7 +771,7 @@ CASES = [
     ("llama3-8b 32k", Shape(32768, 4096, 128256)),
     ("gemma-like 8k (V=256000, H=2304)", Shape(8192, 2304, 256000)),
 ]
-TARGET_RATIO = 1.25  # issue 9: fastdpo within 1.25x of 8P at cuBLAS speed (Llama-3-8B, 16k tokens)
+TARGET_RATIO = 1.25  # the GEMM-tiled design's target: within 1.25x of 8P at cuBLAS speed (Llama-3-8B, 16k)
 
 
 def summary_table(device: Device, options: Options = Options(), cases=CASES) -> str:
@@ -807,7 +807,7 @@ def target_line(device: Device, options: Options = Options()) -> str:
             f"{floor * 1e3:.1f} ms ({p.time_s / floor:.2f}x; target <= {TARGET_RATIO}x: {verdict})")
 
 
-SPARSE_TARGET_RATIO = 0.6  # issue 13: at the kept fraction trained-LM-like inputs give, total <= 0.6x the dense path
+SPARSE_TARGET_RATIO = 0.6  # grad_tolerance's target: <= 0.6x the dense path at trained-LM-like inputs' f
 SPARSE_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.5)
 SPARSE_PHASE_FRACTION = 0.1
 SHARING_CASES = (("every block keeps the same tiles", 1.0), ("half shared", 0.5), ("each block its own", 0.0))
@@ -864,7 +864,7 @@ def markdown_report(device: Device, options: Options = Options()) -> str:
         phase_table(fastdpo(llama16k, device, options)),
         "#### The design it replaces, same shape",
         phase_table(old),
-        "#### fastdpo with grad_tolerance (issue 13), Llama-3-8B head, 16k tokens: dense vs sparse backward (a model)",
+        "#### fastdpo with grad_tolerance, Llama-3-8B head, 16k tokens: dense vs sparse backward (a model)",
         sparse_table(device, options),
         f"##### The sparse path per phase at f = {SPARSE_PHASE_FRACTION}, half the kept pairs in shared tiles",
         phase_table(_sparse_at(llama16k, device, replace(options, kept_shared=0.5), SPARSE_PHASE_FRACTION)),
@@ -879,9 +879,9 @@ def text_report(device: Device, options: Options = Options()) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python benchmarks/cost_model.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python tools/cost_model.py", description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=sorted(DEVICES), default="h100")
-    p.add_argument("--markdown", action="store_true", help="the MODEL.md section: summary + per-phase tables")
+    p.add_argument("--markdown", action="store_true", help="the docs/cost_model.md section: summary + per-phase tables")
     p.add_argument("--frozen-head", action="store_true")
     p.add_argument("--frozen-hidden", action="store_true")
     p.add_argument("--stats", action="store_true", help="forward statistics (entropy, ...) in the table")

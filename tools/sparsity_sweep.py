@@ -1,6 +1,6 @@
 """How the kept fraction and the speed of fastdpo's sparse backward move with the trained-LM model's parameters.
 
-    python benchmarks/sparsity_sweep.py [--out benchmarks/results/cpu-sparsity] [--rounds 3] [--settings N]
+    python tools/sparsity_sweep.py [--out benchmarks/results/cpu-sparsity] [--rounds 3] [--settings N]
 
 CPU quick shape (8 x 257 tokens, H=256, V=65,536, fp32), inputs from inputs.make_lm_inputs: one parameter of
 LMShape varied at a time around the default. Per setting: the kept fraction at grad_tolerance=2^-10 (the plan
@@ -93,7 +93,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python benchmarks/sparsity_sweep.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python tools/sparsity_sweep.py", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "runs" / "sparsity")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--settings", type=int, default=None, help="only the first N settings (the default first)")
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     load = MachineLoad()
     chosen = settings()[:args.settings]
-    results = {"command": "python benchmarks/sparsity_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    results = {"command": "python tools/sparsity_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "device": "cpu", "rounds": args.rounds, "versions": impls.versions(), "settings": []}
     for i, shape in enumerate(chosen):
         row = time_setting(shape, args.rounds)
