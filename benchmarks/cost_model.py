@@ -415,10 +415,10 @@ PLAN_PEAK_FIELDS = 7
 
 def _sparse_code():
     """(sparse_gemm_options, SPARSE_BREAK_EVEN, tile_chunks), looked up at every call."""
-    from fastdpo import sparse_plan, vocab_chunks
+    from fastdpo import sparse_plan, triton_head
     from fastdpo.kernels import sparse_backward
 
-    return sparse_backward.sparse_gemm_options, vocab_chunks.SPARSE_BREAK_EVEN, sparse_plan.tile_chunks
+    return sparse_backward.sparse_gemm_options, triton_head.SPARSE_BREAK_EVEN, sparse_plan.tile_chunks
 
 
 def stand_in_kept(blocks: int, tiles: int, fraction: float) -> torch.Tensor:
@@ -553,7 +553,7 @@ def sparse_break_even(shape: Shape, device: Device, options: Options = Options()
 
 def _sparse_at(shape: Shape, device: Device, options: Options, f: float) -> Prediction:
     """The sparse kernels at f, whatever the dispatch threshold says."""
-    with mock.patch("fastdpo.vocab_chunks.SPARSE_BREAK_EVEN", 1.0):
+    with mock.patch("fastdpo.triton_head.SPARSE_BREAK_EVEN", 1.0):
         return fastdpo_sparse(shape, device, replace(options, kept_fraction=f))
 
 

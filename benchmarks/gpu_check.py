@@ -603,7 +603,7 @@ def measure_sparse(n: int, hidden: int, vocab: int, bench, device_name: str, dev
     import torch
 
     import fastdpo
-    from fastdpo import sparse_plan, vocab_chunks
+    from fastdpo import sparse_plan, triton_head
     from fastdpo.kernels import config, logprob_forward, sparse_backward
 
     dev, dtype = torch.device(device), getattr(torch, dtype_name)
@@ -620,7 +620,7 @@ def measure_sparse(n: int, hidden: int, vocab: int, bench, device_name: str, dev
         kept = stats.pop("kept")
         workspace = config.default_workspace_bytes(dev)
         res = dict(inputs=kind, scored_rows=rows.numel(), tolerance=tolerance, **stats,
-                   break_even=vocab_chunks.SPARSE_BREAK_EVEN, workspace_bytes=workspace, rows=[], errors={},
+                   break_even=triton_head.SPARSE_BREAK_EVEN, workspace_bytes=workspace, rows=[], errors={},
                    model=sparse_model(rows.numel(), hidden, vocab, device_name, workspace, stats["kept_fraction"],
                                       stats["kept_shared"], tokens=h.shape[0]))
         measured = {}
