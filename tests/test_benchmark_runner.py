@@ -87,7 +87,7 @@ def test_case_filter():
 # --- case sets ----------------------------------------------------------------------------------------------------
 
 
-def test_quick_cpu_cases_match_the_issue():
+def test_quick_cpu_cases_are_the_two_stated_shapes():
     cases = inputs.case_set("cpu", quick=True)
     assert {(c.n_seqs, c.seq_len, c.hidden, c.vocab, c.dtype) for c in cases} == {
         (8, 256, 256, 32768, "float32"), (8, 256, 256, 65536, "float32")}

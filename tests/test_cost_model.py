@@ -63,7 +63,7 @@ def test_smaller_workspace_means_more_chunks_and_less_peak_memory():
     assert small.flops == big.flops
 
 
-# --- FLOPs, atomics, the issue's figures ---------------------------------------------------------------------------
+# --- FLOPs, atomics, the stated figures ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("shape", [LLAMA_16K, cm.Shape(4096, 2304, 256000), cm.Shape(1000, 96, 50257)])
@@ -73,11 +73,11 @@ def test_fastdpo_flops_are_8P_and_6P_with_a_frozen_head(shape):
     assert cm.fastdpo(shape, H100, cm.Options(frozen_hidden=True)).flops == pytest.approx(6 * shape.P)
 
 
-def test_fastdpo_has_no_atomics_and_stays_within_the_issue_memory_bound():
+def test_fastdpo_has_no_atomics_and_stays_within_its_memory_bound():
     p = cm.fastdpo(LLAMA_16K, H100)
     assert p.atomic_bytes == 0
     n, H, V = LLAMA_16K.n, LLAMA_16K.hidden, LLAMA_16K.vocab
-    # Issue 9's memory bound: gradients in their own dtypes + workspace + O(n H) fp32 (+ the small lse table).
+    # The memory bound: gradients in their own dtypes + workspace + O(n H) fp32 (+ the small lse table).
     bound = (V * H + n * H) * 2 + p.workspace_bytes + 3 * 4 * n * H + 4 * n * 1100
     assert p.peak_bytes <= bound
 
@@ -89,7 +89,7 @@ def test_frozen_head_drops_the_dW_memory():
     assert not any("dW" in ph.name for ph in frozen.phases)
 
 
-def test_old_design_matches_the_issue_figures():
+def test_old_design_matches_its_stated_figures():
     old = cm.old_fastdpo(LLAMA_16K, H100)
     assert old.atomic_bytes / cm.GB == pytest.approx(540, rel=0.03)  # 2 N V H / 128 fp32 adds
     forward = next(ph for ph in old.phases if ph.name == "forward kernel")
@@ -97,7 +97,7 @@ def test_old_design_matches_the_issue_figures():
     assert 0.8 * 0.600 <= old.time_s <= 1.25 * 0.600  # "modelled total ~ 600 ms"
 
 
-def test_fastdpo_meets_the_issue_target_on_h100():
+def test_fastdpo_meets_its_target_on_h100():
     """Llama-3-8B head, 16k tokens: within 1.25x of 8P at 800 TFLOP/s (~108 ms)."""
     p = cm.fastdpo(LLAMA_16K, H100)
     floor = 8 * LLAMA_16K.P / 800e12
@@ -129,7 +129,7 @@ def test_peers_follow_their_published_structure():
         assert preds[name].flops == pytest.approx(6 * P)  # gradients computed in the forward, no recompute
     assert preds["Cut Cross-Entropy 25.1.1"].atomic_bytes > 100 * cm.GB
     # TRL keeps an fp32 [V, H] buffer and its cast copy: more memory than fastdpo.
-    assert preds["TRL 1.16 chunked head"].peak_bytes > preds["fastdpo (issue 9)"].peak_bytes
+    assert preds["TRL 1.16 chunked head"].peak_bytes > preds[cm.fastdpo(LLAMA_16K, H100).design].peak_bytes
     for p in preds.values():
         assert p.time_s > 0 and p.peak_bytes > 0 and p.hbm_bytes > 0
 
@@ -147,12 +147,12 @@ def test_cli_prints_the_markdown_tables(capsys):
     assert "a model, not a measurement" in out
     for label, _shape in cm.CASES:
         assert label in out
-    assert "fastdpo (issue 9)" in out and "Cut Cross-Entropy" in out
+    assert cm.fastdpo(LLAMA_16K, H100).design in out and "Cut Cross-Entropy" in out
     assert cm.main(["--tflops", "400", "--hbm-tbps", "2"]) == 0
     assert "(custom)" in capsys.readouterr().out
 
 
-# --- fastdpo with grad_tolerance: the block-sparse backward (issue 13) ----------------------------------------------
+# --- fastdpo with grad_tolerance: the block-sparse backward ---------------------------------------------------------
 
 triton_head = importlib.import_module("fastdpo.triton_head")
 sparse_backward = importlib.import_module("fastdpo.kernels.sparse_backward")
@@ -190,8 +190,8 @@ def test_sparse_dispatch_follows_triton_head_threshold(monkeypatch):
 
 @pytest.mark.parametrize("device", ["h100", "h200"])
 @pytest.mark.parametrize("shared", [0.0, 0.5, 1.0])
-def test_sparse_meets_the_issue_target_at_small_f(device, shared, sparse_always):
-    """Issue 13: total <= 0.6x the dense path at the kept fraction trained-LM-like inputs give (small f)."""
+def test_sparse_meets_its_target_at_small_f(device, shared, sparse_always):
+    """The target: total <= 0.6x the dense path at the kept fraction trained-LM-like inputs give (small f)."""
     dev = cm.DEVICES[device]
     dense = cm.fastdpo(LLAMA_16K, dev).time_s
     for f in (0.02, 0.05):
