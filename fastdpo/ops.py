@@ -7,8 +7,10 @@
 
 The ops compact the scored positions (the `nonzero` of the targets that are not ignore_index), hand them to
 the backend's head (fastdpo.torch_head or fastdpo.triton_head: a forward and a backward of one signature)
-and scatter the per-token outputs back into the targets' shape. The logit transform crosses the op
-boundary as three floats (`fused_logprobs` unpacks it) and is packed again inside.
+and scatter the per-token outputs back into the targets' shape. Another route (a pass that computes the
+loss gradient inside the forward, say) adds its functions to both head modules in the same style, and a
+branch here. The logit transform crosses the op boundary as three floats (`fused_logprobs` unpacks it)
+and is packed again inside.
 
 Everything that waits on the device's values lives inside the ops' implementations, where the
 compiler never looks: the label range check, the compaction, the CPU path's overflow fallback and the
