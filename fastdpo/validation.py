@@ -113,7 +113,7 @@ def check_logprob_metadata(hidden, weight, targets, bias, ignore_index: int, bac
              f"{y} must be an integer tensor, got {targets.dtype}")
     _require(hidden.is_floating_point(), f"{h} must be floating point, got {hidden.dtype}")
     _require(weight.is_floating_point(), f"{w} must be floating point, got {weight.dtype}")
-    # Under autocast the head runs in the autocast dtype (linear_logprobs casts), as nn.Linear would.
+    # Under autocast the head runs in the autocast dtype (heads.autocast_head casts it), as nn.Linear would.
     autocast = torch.is_autocast_enabled(hidden.device.type)
     dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
     _require(autocast or weight.dtype == hidden.dtype, f"{w} dtype {weight.dtype} must match {h} dtype {hidden.dtype}")
