@@ -7,7 +7,7 @@ part; whatever finished is written after every part):
   setup   make `fastdpo.kernels` importable (`pip install -e .` if it is not)
   tests   `python -m pytest tests/test_gpu.py -q` (bf16 against the float64 oracle)
   phases  triton.testing.do_bench of fastdpo's phases, each run by the library's own functions: the forward
-          kernel, the Triton backward's chunk loop (fastdpo.vocab_chunks.backward) with the recompute alone, with
+          kernel, the Triton backward's chunk loop (fastdpo.triton_head.scored_rows_backward) with the recompute alone, with
           the dX GEMMs and with the dW GEMMs (each GEMM's time is the difference to the recompute alone), forward
           and forward+backward end to end; each next to tools/cost_model.py's prediction and next to cuBLAS
           (torch.mm) for the same GEMM shapes ("within 1.35x of cuBLAS"), the peak memory above the inputs next
@@ -344,7 +344,8 @@ def measure_shape(n: int, hidden: int, vocab: int, bench, device_name: str, devi
     import torch
 
     import fastdpo
-    from fastdpo import vocab_chunks
+    from fastdpo import triton_head
+    from fastdpo.transform import LogitTransform
     from fastdpo.kernels import config, logprob_forward
 
     dev = torch.device(device)
@@ -354,7 +355,7 @@ def measure_shape(n: int, hidden: int, vocab: int, bench, device_name: str, devi
     targets = torch.randint(0, vocab, (n,), device=dev)
     rows = torch.arange(n, device=dev)
     workspace = config.default_workspace_bytes(dev)
-    width = vocab_chunks.chunk_width(n, w, workspace)
+    width = triton_head.chunk_width(n, w, workspace)
     chunks = [(s, min(s + width, vocab)) for s in range(0, vocab, width)]
     model_ms, model_peak = model_rows(n, hidden, vocab, device_name, workspace)
     out = dict(n=n, hidden=hidden, vocab=vocab, chunk_width=width, chunks=len(chunks),
@@ -387,8 +388,8 @@ def measure_shape(n: int, hidden: int, vocab: int, bench, device_name: str, devi
 
     def backward(**need):
         flags = dict(need_dx=False, need_dw=False, need_db=False) | need
-        return lambda: vocab_chunks.backward(h, w, None, rows, targets, lse, grad, {}, workspace_bytes=workspace,
-                                             **flags)
+        return lambda: triton_head.scored_rows_backward(h, w, None, rows, targets, lse, grad, LogitTransform(),
+                                                        workspace_bytes=workspace, **flags)
 
     timed("logits_grad kernel (recompute)", backward(), cublas=CUBLAS_LOGITS, note=f"{len(chunks)} chunk(s) of {width}")
     timed("backward chunks with dX", backward(need_dx=True), note="the recompute, then dX_scored += D W per chunk")
@@ -546,7 +547,7 @@ def measure_sparse(n: int, hidden: int, vocab: int, bench, device_name: str, dev
     import torch
 
     import fastdpo
-    from fastdpo import sparse_plan, vocab_chunks
+    from fastdpo import sparse_plan, triton_head
     from fastdpo.kernels import config, sparse_backward
 
     dev, dtype = torch.device(device), getattr(torch, dtype_name)
@@ -561,7 +562,7 @@ def measure_sparse(n: int, hidden: int, vocab: int, bench, device_name: str, dev
         kept = stats.pop("kept")
         workspace = config.default_workspace_bytes(dev)
         res = dict(inputs=kind, scored_rows=rows.numel(), tolerance=tolerance, **stats,
-                   break_even=vocab_chunks.SPARSE_BREAK_EVEN, workspace_bytes=workspace, rows=[], errors={},
+                   break_even=triton_head.SPARSE_BREAK_EVEN, workspace_bytes=workspace, rows=[], errors={},
                    model=sparse_model(rows.numel(), hidden, vocab, device_name, workspace, stats["kept_fraction"],
                                       stats["kept_shared"], tokens=h.shape[0]))
         measured = {}

@@ -29,6 +29,7 @@ import torch
 
 from .softmax_stats import VocabPartials, logsumexp, merge
 from .sparse_plan import keep_within_budget, target_tiles
+from .transform import LogitTransform
 
 # 2^15 values (128 KiB in fp32) per logits tile, 128 token rows per block. On 2 idle cores (1273
 # scored tokens, H=256, V=65536, fwd+bwd) tiles of 2^15 to 2^21 values all ran in 1.2-1.5 s, while
@@ -120,10 +121,11 @@ def _single_threaded() -> None:
 
 
 class Transform:
-    """z = transform(raw) and dz/draw, TRL's order: scale, softcap, temperature."""
+    """z = transform(raw) and dz/draw of a LogitTransform on torch tiles, TRL's order: scale, softcap, temperature."""
 
-    def __init__(self, logit_scale=1.0, softcap=None, temperature=1.0):
-        self.logit_scale, self.softcap, self.inv_temperature = logit_scale, softcap, 1.0 / temperature
+    def __init__(self, transform: LogitTransform):
+        self.logit_scale, self.softcap = transform.logit_scale, transform.softcap
+        self.inv_temperature = 1.0 / transform.temperature
 
     @property
     def is_linear(self) -> bool:
@@ -453,7 +455,7 @@ def _plan_block(mass: torch.Tensor, targets: torch.Tensor, buffers: BlockBuffers
 
 
 def kept_slices(plan: torch.Tensor, n_rows: int, n_slices: int) -> list[list[bool]] | None:
-    """The forward's plan (bool [>= token blocks, >= slices], see fastdpo.ops) as one list of kept
+    """The forward's plan (bool [>= token blocks, >= slices], see fastdpo.torch_head) as one list of kept
     slices per token block; None (compute everything) for an empty plan."""
     if plan.numel() == 0:
         return None

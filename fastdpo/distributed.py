@@ -1,6 +1,9 @@
 """LM heads split across processes: vocab-parallel shards, DTensor heads and DeepSpeed ZeRO-3 heads.
 
-`linear_logprobs` (and so `FastDPOLoss`) hands a head here when the weight is not a plain local tensor:
+`linear_logprobs` (and so `FastDPOLoss`) comes here for a head that is not a plain local tensor (fastdpo.heads
+tells which): a DTensor head comes back as local tensors or a VocabShard, a VocabShard is computed here, and a
+ZeRO-3 head is gathered here around the local computation.
+
 
 * `VocabShard(weight_shard, vocab_start, vocab_size, group)`: rank r holds rows [start_r, start_r + V_r) of W
   (a tensor-parallel, vocab-parallel head) and the same hidden states and targets as the other ranks of `group`.
@@ -20,80 +23,24 @@
 * A DeepSpeed ZeRO-3 partitioned parameter (`ds_id`): gathered for the forward and gathered again for the backward
   (the gradient then goes to the parameter through autograd, where ZeRO-3's hooks reduce and partition it).
 
-The vocab-parallel head runs on the PyTorch path (fastdpo.chunked); backend='triton' raises for now.
+The vocab-parallel head runs on the PyTorch path (fastdpo.torch_head); backend='triton' raises for now.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import torch
 import torch.distributed as dist
 
-from . import chunked, logprobs
-from .backends import resolve_backend
-from .softmax_stats import VocabPartials, logsumexp, merge, token_stats
-from .logprobs import LinearLogProbs, _no_partials, _scatter
+from . import chunked, ops, torch_head
+from .heads import VocabShard, autocast_head, is_dtensor, is_zero3
+from .softmax_stats import VocabPartials, merge
+from .transform import LogitTransform
 from .types import TokenStats
 from .validation import check_logprob_inputs, check_targets_in_range
 
-__all__ = ["VocabShard", "is_distributed_head", "linear_logprobs"]
-
-
-@dataclasses.dataclass(frozen=True)
-class VocabShard:
-    """This rank's rows [vocab_start, vocab_start + weight.shape[0]) of a [vocab_size, H] head split over `group`.
-
-    Pass it where a head weight goes (`linear_logprobs(hidden, VocabShard(...), targets)`,
-    `FastDPOLoss()(hidden_states, VocabShard(...), labels)`); a bias, if any, is this rank's [weight.shape[0]] slice.
-    Every rank of `group` (default: the world) must pass the same hidden states and targets.
-    """
-
-    weight: torch.Tensor
-    vocab_start: int
-    vocab_size: int
-    group: object = None
-
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without DTensor
-        return False
-    return isinstance(t, DTensor)
-
-
-def _is_zero3(t) -> bool:
-    return hasattr(t, "ds_id")  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
-
-
-def is_distributed_head(hidden, weight) -> bool:
-    """Whether `fastdpo.linear_logprobs` must hand these inputs to `distributed.linear_logprobs`."""
-    return isinstance(weight, VocabShard) or _is_dtensor(weight) or _is_dtensor(hidden) or _is_zero3(weight)
-
-
-def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100, *, temperature: float = 1.0,
-                    softcap: float | None = None, logit_scale: float = 1.0, with_stats: bool = False,
-                    backend: str | None = None, grad_tolerance: float = 0.0):
-    """`fastdpo.linear_logprobs` for a VocabShard, DTensor or ZeRO-3 head (same arguments and outputs)."""
-    kwargs = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, with_stats=with_stats,
-                  backend=backend, grad_tolerance=grad_tolerance)
-    if _is_dtensor(weight) or _is_dtensor(hidden):
-        hidden, weight, targets, bias = _from_dtensors(hidden, weight, targets, bias)
-        if not isinstance(weight, VocabShard):  # a replicated head: every rank computes the same thing
-            return logprobs.linear_logprobs(hidden, weight, targets, bias, ignore_index, **kwargs)
-    if isinstance(weight, VocabShard):
-        return _vocab_parallel(hidden, weight, targets, bias, ignore_index, **kwargs)
-    return _zero3(hidden, weight, targets, bias, ignore_index, **kwargs)
-
-
-def _autocast_inputs(device: torch.device, hidden, weight, bias):
-    """Under autocast the head runs in the autocast dtype, as nn.Linear would (and as fastdpo.linear_logprobs does)."""
-    if not (torch.is_autocast_enabled(device.type) and isinstance(hidden, torch.Tensor) and hidden.is_floating_point()):
-        return hidden, weight, bias
-    dtype = torch.get_autocast_dtype(device.type)
-    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+__all__ = ["VocabShard", "local_head", "vocab_parallel_logprobs", "gathered", "Zero3LogProbs"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -110,15 +57,16 @@ _FSDP2_HINT = (
 )
 
 
-def _from_dtensors(hidden, weight, targets, bias):
-    """Local tensors (and a VocabShard for a Shard(0) head) from a tensor-parallel DTensor head, or a ValueError."""
+def local_head(hidden, weight, targets, bias):
+    """(hidden, weight, targets, bias) as local tensors, with a VocabShard for the weight of a Shard(0) head, from a
+    tensor-parallel DTensor head; or a ValueError."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    if not _is_dtensor(weight):
+    if not is_dtensor(weight):
         raise ValueError(f"hidden is a DTensor but weight is a {type(weight).__name__}; pass both as DTensors on one "
                          "mesh (a tensor-parallel head) or both as local tensors")
     mesh = weight.device_mesh
-    if not _is_dtensor(hidden):
+    if not is_dtensor(hidden):
         raise ValueError(f"weight is a DTensor {weight.placements} but hidden is a plain tensor, which is how FSDP2 "
                          f"hands out its sharded parameters outside the owning module's forward. {_FSDP2_HINT}")
     if mesh.ndim != 1 or hidden.device_mesh != mesh:
@@ -157,23 +105,21 @@ def _shard_start(weight) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _vocab_parallel(hidden, shard: VocabShard, targets, bias, ignore_index, *, temperature, softcap, logit_scale,
-                    with_stats, backend, grad_tolerance):
+def vocab_parallel_logprobs(hidden, shard: VocabShard, targets, bias, ignore_index, transform: LogitTransform, *,
+                            with_stats: bool, backend: str | None, grad_tolerance: float):
+    """fastdpo.linear_logprobs for a vocab-parallel head (same outputs)."""
     weight = shard.weight
-    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
     if backend not in (None, "auto", "torch"):  # "auto" picks the PyTorch path on every device here
         raise ValueError(f"a vocab-parallel head runs on backend='torch' for now, got backend={backend!r}; pass "
                          "backend='torch' (FastDPOLoss(backend='torch'))")
-    hidden, weight, bias = _autocast_inputs(device, hidden, weight, bias)
-    _check_shard(hidden, shard, weight, targets, bias, ignore_index, temperature, softcap, grad_tolerance)
-    transform = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
-    with torch.autocast(device.type, enabled=False):
-        out = VocabParallelLogProbs.apply(hidden, weight, bias, targets, ignore_index, shard.vocab_start,
-                                          shard.vocab_size, shard.group, transform, with_stats, float(grad_tolerance))
+    hidden, weight, bias = autocast_head(hidden, weight, bias)
+    _check_shard(hidden, shard, weight, targets, bias, ignore_index, transform, grad_tolerance)
+    with torch.autocast(hidden.device.type, enabled=False):
+        out = VocabParallelLogProbs.apply(hidden, weight, bias, targets, shard, ignore_index, transform, with_stats)
     return TokenStats(*out) if with_stats else out
 
 
-def _check_shard(hidden, shard, weight, targets, bias, ignore_index, temperature, softcap, grad_tolerance):
+def _check_shard(hidden, shard, weight, targets, bias, ignore_index, transform, grad_tolerance):
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] == 0:
         raise ValueError(f"VocabShard.weight must be a non-empty [rows, hidden] tensor, got "
                          f"{getattr(weight, 'shape', type(weight).__name__)}")
@@ -184,8 +130,8 @@ def _check_shard(hidden, shard, weight, targets, bias, ignore_index, temperature
         raise ValueError("a vocab-parallel head needs torch.distributed to be initialized (init_process_group)")
     # Everything but the label range against the shard (labels are global), then the labels against the vocabulary.
     local_probe = torch.full_like(targets, ignore_index) if isinstance(targets, torch.Tensor) else targets
-    check_logprob_inputs(hidden, weight, local_probe, bias, ignore_index, "torch", temperature=temperature,
-                         softcap=softcap, grad_tolerance=grad_tolerance)
+    check_logprob_inputs(hidden, weight, local_probe, bias, ignore_index, "torch", transform=transform,
+                         grad_tolerance=grad_tolerance)
     check_targets_in_range(targets, shard.vocab_size, ignore_index)
     _check_shards_agree(shard, weight.shape[0], hidden, targets)
 
@@ -225,64 +171,59 @@ def _all_gather(t: torch.Tensor, group) -> torch.Tensor:
     return torch.stack(parts)
 
 
+_NO_PLAN = torch.empty(0)  # the torch head's backward plan of an exact backward
+
+
 class VocabParallelLogProbs(torch.autograd.Function):
-    """Per-token log-probs of a vocab-parallel head: local partials, one all-gather, local dW, all-reduced dX."""
+    """Per-token log-probs of a vocab-parallel head: the torch head's partials of the local columns, one all-gather,
+    local dW, all-reduced dX."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, vocab_start, vocab_size, group, transform,
-                with_stats, grad_tolerance):
-        hidden_2d = hidden.reshape(-1, hidden.shape[-1])
-        flat_targets = targets.reshape(-1)
-        rows = (flat_targets != ignore_index).nonzero().squeeze(1)
-        local_targets = flat_targets[rows] - vocab_start
+    def forward(ctx, hidden, weight, bias, targets, shard: VocabShard, ignore_index: int, transform: LogitTransform,
+                with_stats: bool):
+        hidden_2d, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        rows = ops.scored_rows(flat_targets, ignore_index)
+        local_targets = flat_targets[rows] - shard.vocab_start
         in_shard = (local_targets >= 0) & (local_targets < weight.shape[0])
-        # The chunked passes index W by target: point out-of-shard rows at a shard row, then undo its contribution.
+        # The torch head indexes W by target: point out-of-shard rows at a shard row, then undo its contribution.
         clamped = local_targets.clamp(0, weight.shape[0] - 1)
-        x = chunked.Rows(hidden_2d, rows, clamped)
-        ctx.buffers = chunked.BlockBuffers(x, weight.shape[0]) if rows.numel() else None
         if rows.numel() == 0:  # every position ignored, on every rank (the targets are the same)
-            merged = _no_partials(hidden, with_stats)
+            merged = ops.no_partials(hidden, with_stats)
         else:
-            local = chunked.forward_partials(x, weight, bias, chunked.Transform(**transform), with_stats, ctx.buffers)
-            merged = _merge_over_ranks(_own_target_only(local, in_shard, local_targets, weight.shape[0]), group)
-        lse = logsumexp(merged)
-        stats = token_stats(merged, lse, vocab_size)
+            # Exact, whatever grad_tolerance: a shard holds no plan for the global budget (yet).
+            local = torch_head.forward(hidden_2d, weight, bias, rows, clamped, transform, with_stats=with_stats,
+                                       grad_tolerance=0.0, backward_plan=_NO_PLAN)
+            merged = _merge_over_ranks(_own_target_only(local, in_shard, local_targets, weight.shape[0]), shard.group)
+        *stats, lse = ops.token_outputs(merged, rows, targets, shard.vocab_size, with_stats)
 
-        ctx.save_for_backward(hidden_2d, weight, bias, rows, clamped, in_shard, lse)
-        ctx.hidden_shape, ctx.hidden_dtype, ctx.group = hidden.shape, hidden.dtype, group
-        ctx.transform, ctx.grad_tolerance = transform, grad_tolerance
-        stats = stats if with_stats else stats[:1]
-        outputs = [_scatter(stat, rows, flat_targets.numel()).view(targets.shape) for stat in stats]
+        ctx.save_for_backward(hidden_2d, weight, bias, rows, clamped, in_shard, lse.reshape(-1).index_select(0, rows))
+        ctx.hidden_shape, ctx.group, ctx.transform = hidden.shape, shard.group, transform
         if not with_stats:
-            return outputs[0]
-        ctx.mark_non_differentiable(*outputs[1:])
-        return tuple(outputs)
+            return stats[0]
+        ctx.mark_non_differentiable(*stats[1:])
+        return tuple(stats)
 
     @staticmethod
     def backward(ctx, grad_logps, *_unused_stat_grads):
         hidden_2d, weight, bias, rows, clamped, in_shard, lse = ctx.saved_tensors
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        acc_dtype = lse.dtype
-
-        def zeros(shape, wanted):
-            return torch.zeros(shape, dtype=acc_dtype, device=weight.device) if wanted else None
-
+        need = ctx.needs_input_grad[:3]
         # dX is summed over ranks: every rank computes it (zeros where it has no rows) to join the all-reduce.
-        dx, dw, db = zeros(hidden_2d.shape, need_dx), zeros(weight.shape, need_dw), zeros(weight.shape[:1], need_db)
-        if rows.numel():
-            grad_rows = grad_logps.reshape(-1).index_select(0, rows).to(acc_dtype).contiguous()
-            x = chunked.Rows(hidden_2d, rows, clamped)
-            transform = chunked.Transform(**ctx.transform)
-            # Exact, whatever grad_tolerance: a shard holds no plan for the global budget (yet).
-            chunked.backward(x, weight, bias, lse, grad_rows, transform, dx=dx, dw=dw, db=db, buffers=ctx.buffers)
-            _remove_borrowed_onehot(x, weight, bias, grad_rows, ~in_shard, transform, dx, dw, db)
+        if rows.numel() == 0:
+            dx, dw, db = torch_head.zero_gradients(hidden_2d, weight, lse.dtype, *need)
+        else:
+            grad_rows = grad_logps.reshape(-1).index_select(0, rows).to(lse.dtype).contiguous()
+            dx, dw, db = torch_head.backward(hidden_2d, weight, bias, rows, clamped, lse, grad_rows, ctx.transform,
+                                             need_dx=need[0], need_dw=need[1], need_db=need[2], grad_tolerance=0.0,
+                                             backward_plan=_NO_PLAN, workspace_bytes=None)
+            _remove_borrowed_onehot(hidden_2d, weight, bias, rows, clamped, grad_rows, ~in_shard, ctx.transform,
+                                    dx, dw, db)
             if dx is not None:
                 dist.all_reduce(dx, group=ctx.group)
         return (
-            None if dx is None else dx.to(ctx.hidden_dtype).view(ctx.hidden_shape),
+            None if dx is None else dx.to(hidden_2d.dtype).view(ctx.hidden_shape),
             None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype),
-            *([None] * 8),
+            None, None, None, None, None,  # targets, shard, ignore_index, transform, with_stats
         )
 
 
@@ -304,25 +245,27 @@ def _merge_over_ranks(local: VocabPartials, group) -> VocabPartials:
     return merge(VocabPartials(*gathered.unbind(1)))
 
 
-def _remove_borrowed_onehot(x: chunked.Rows, weight, bias, grad, borrowed, transform, dx, dw, db) -> None:
+def _remove_borrowed_onehot(hidden_2d, weight, bias, rows, targets, grad, borrowed, transform: LogitTransform,
+                            dx, dw, db) -> None:
     """Subtract g * d z_y'/d(x, W, b) of the rows that borrowed a shard row y' as their target."""
     index = borrowed.nonzero().squeeze(1)
     if index.numel() == 0:
         return
-    hidden_rows = x.rows[index]
-    xs = x.hidden.index_select(0, hidden_rows).to(x.dtype)
-    ws = weight.index_select(0, x.targets[index]).to(x.dtype)
+    hidden_rows, borrowed_targets = rows[index], targets[index]
+    xs = hidden_2d.index_select(0, hidden_rows).to(grad.dtype)
+    ws = weight.index_select(0, borrowed_targets).to(grad.dtype)
     raw = (xs * ws).sum(1)
     if bias is not None:
-        raw = raw + bias.index_select(0, x.targets[index]).to(x.dtype)
-    z = transform(raw)
-    d_raw = transform.scale_gradient_(grad[index].clone(), z)
+        raw = raw + bias.index_select(0, borrowed_targets).to(grad.dtype)
+    torch_transform = chunked.Transform(transform)
+    z = torch_transform(raw)
+    d_raw = torch_transform.scale_gradient_(grad[index].clone(), z)
     if dx is not None:
         dx.index_add_(0, hidden_rows, ws * d_raw[:, None], alpha=-1)
     if dw is not None:
-        dw.index_add_(0, x.targets[index], xs * d_raw[:, None], alpha=-1)
+        dw.index_add_(0, borrowed_targets, xs * d_raw[:, None], alpha=-1)
     if db is not None:
-        db.index_add_(0, x.targets[index], d_raw, alpha=-1)
+        db.index_add_(0, borrowed_targets, d_raw, alpha=-1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -336,7 +279,7 @@ def gathered(*params):
     Parameters already gathered (inside their module's forward, or by TRL around its fused head) are left alone:
     partitioning them on exit would pull them from under their owner.
     """
-    pending = {id(p): p for p in params if p is not None and _is_zero3(p) and not _is_available(p)}
+    pending = {id(p): p for p in params if p is not None and is_zero3(p) and not _is_available(p)}
     if not pending:
         return contextlib.nullcontext()
     import deepspeed
@@ -350,25 +293,7 @@ def _is_available(param) -> bool:
     return param.ds_status == ZeroParamStatus.AVAILABLE
 
 
-def _zero3(hidden, weight, targets, bias, ignore_index, *, temperature, softcap, logit_scale, with_stats, backend,
-           grad_tolerance):
-    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
-    backend = resolve_backend(backend, device)
-    if backend == "reference":
-        raise ValueError("backend='reference' cannot keep a ZeRO-3 partitioned head for its backward; use 'torch' or "
-                         "'triton'")
-    transform = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
-    with gathered(weight, bias):
-        hidden, weight, bias = _autocast_inputs(device, hidden, weight, bias)
-        check_logprob_inputs(hidden, weight, targets, bias, ignore_index, backend, temperature=temperature,
-                             softcap=softcap, grad_tolerance=grad_tolerance)
-        with torch.autocast(device.type, enabled=False):
-            out = _Zero3LogProbs.apply(hidden, weight, bias, targets, ignore_index, logit_scale, softcap, temperature,
-                                       with_stats, backend, None, float(grad_tolerance))
-    return TokenStats(*out) if with_stats else out
-
-
-class _Zero3LogProbs(LinearLogProbs):
+class Zero3LogProbs(ops.LinearLogProbs):
     """LinearLogProbs whose backward gathers the ZeRO-3 head again (the forward's gather is released on return).
 
     The gather outlives the backward function: autograd accumulates the returned gradient into the parameter after
@@ -380,13 +305,13 @@ class _Zero3LogProbs(LinearLogProbs):
     @staticmethod
     def forward(ctx, hidden, weight, bias, *args):
         ctx.zero3_params = (weight, bias)
-        return LinearLogProbs.forward(ctx, hidden, weight, bias, *args)
+        return ops.LinearLogProbs.forward(ctx, hidden, weight, bias, *args)
 
     @staticmethod
     def backward(ctx, *grads):
         gather = gathered(*ctx.zero3_params)
         gather.__enter__()
         try:
-            return LinearLogProbs.backward(ctx, *grads)
+            return ops.LinearLogProbs.backward(ctx, *grads)
         finally:
             torch.autograd.Variable._execution_engine.queue_callback(lambda: gather.__exit__(None, None, None))

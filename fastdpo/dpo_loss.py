@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from .backends import resolve_backend
-from .logprobs import linear_logprobs
+from .logprobs import transformed_logprobs
 from .losses import LossConfig, preference_loss_from_token_logps
 from .sequences import shifted_targets
+from .transform import LogitTransform
 from .types import DPOOutput, TokenStats
-from .validation import check_dpo_inputs, check_logit_options, widen_labels
+from .validation import check_dpo_inputs, check_logit_options
 
 
 class FastDPOLoss(nn.Module):
@@ -58,11 +59,10 @@ class FastDPOLoss(nn.Module):
             reference_free=reference_free, use_weighting=use_weighting, ld_alpha=ld_alpha, discopop_tau=discopop_tau,
             simpo_gamma=simpo_gamma, average_log_prob=average_log_prob, cdpo=True,
         )
-        check_logit_options(temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-                            grad_tolerance=grad_tolerance)
+        self.transform = LogitTransform(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+        check_logit_options(self.transform, grad_tolerance)
         self.ignore_index, self.shift_labels, self.backend = ignore_index, shift_labels, backend
         self.token_metrics = token_metrics
-        self.logit_transform = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
         self.grad_tolerance, self.workspace_bytes = grad_tolerance, workspace_bytes
 
     @property
@@ -73,7 +73,6 @@ class FastDPOLoss(nn.Module):
                 ref_rejected_logps=None, ref_hidden_states=None, ref_lm_head_weight=None,
                 ref_lm_head_bias=None) -> DPOOutput:
         cfg = self.config
-        labels = widen_labels(labels)
         device = hidden_states.device if isinstance(hidden_states, torch.Tensor) else torch.device("cpu")
         backend = resolve_backend(self.backend, device)
         labels = check_dpo_inputs(hidden_states, lm_head_weight, labels, lm_head_bias,
@@ -84,10 +83,9 @@ class FastDPOLoss(nn.Module):
         targets = shifted_targets(labels, self.ignore_index) if self.shift_labels else labels
         completion = targets != self.ignore_index
         with_stats = self.token_metrics or cfg.needs_log_sum_sq_probs
-        policy = linear_logprobs(hidden_states, lm_head_weight, targets, lm_head_bias, self.ignore_index,
-                                 with_stats=with_stats, backend=backend, grad_tolerance=self.grad_tolerance,
-                                 workspace_bytes=self.workspace_bytes,
-                                 **self.logit_transform)
+        policy = transformed_logprobs(hidden_states, lm_head_weight, targets, lm_head_bias, self.ignore_index,
+                                      self.transform, with_stats=with_stats, backend=backend,
+                                      grad_tolerance=self.grad_tolerance, workspace_bytes=self.workspace_bytes)
         token_logps = policy.logps if with_stats else policy
         # A reference given to a loss that needs none (sft, simpo, orpo) still feeds the logged rewards.
         if not cfg.reference_free and ref_chosen_logps is None and ref_hidden_states is not None:
@@ -113,8 +111,8 @@ class FastDPOLoss(nn.Module):
         if ref_lm_head_weight is None:  # the reference shares the policy's head
             ref_lm_head_weight, ref_lm_head_bias = lm_head_weight, lm_head_bias
         with torch.no_grad():  # the head is not detached: a ZeRO-3 parameter's .detach() is its empty partition
-            return linear_logprobs(ref_hidden_states.detach(), ref_lm_head_weight, targets, ref_lm_head_bias,
-                                   self.ignore_index, backend=backend, **self.logit_transform)
+            return transformed_logprobs(ref_hidden_states.detach(), ref_lm_head_weight, targets, ref_lm_head_bias,
+                                        self.ignore_index, self.transform, backend=backend)
 
 
 def _token_metrics(stats: TokenStats, mask: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -2,44 +2,28 @@
 
 The fused forward compacts the positions whose target is not `ignore_index` (prompt and padding
 tokens cost nothing), runs the forward of the chosen backend, keeps only lse per token for the
-backward, and recomputes the logits there. Backends: fastdpo.kernels (Triton) or fastdpo.chunked
-(PyTorch tiles); `reference` runs the naive oracle through plain autograd.
+backward, and recomputes the logits there. Backends: fastdpo.triton_head (the Triton kernels) or
+fastdpo.torch_head (PyTorch tiles); `reference` runs the naive oracle through plain autograd.
 
 Forward and backward are torch.library custom ops (fastdpo.ops) with fake implementations and a
 registered autograd formula, called eagerly and under torch.compile alike: one implementation, the
 same bits compiled or not, and no graph break (the host syncs live inside the ops). Only the checks
 that read metadata run here, where the compiler traces them.
+
+A head split across processes (fastdpo.heads) comes back from fastdpo.distributed as local tensors
+(a replicated DTensor head), is computed there (a vocab-parallel shard), or is gathered around the
+local computation (a ZeRO-3 partitioned parameter).
 """
 
 from __future__ import annotations
 
-import torch
+import contextlib
 
-from . import ops, reference
-from .backends import resolve_backend
-from .ops import DOUBLE_BACKWARD_MESSAGE  # noqa: F401  (re-exported: tests and users import it from here)
-from .ops import no_partials as _no_partials, scatter as _scatter  # noqa: F401  (fastdpo.distributed uses them)
-from .types import TokenStats
-from .validation import check_logprob_metadata, checked_targets, require_tensor, widen_labels
-
-
-class LinearLogProbs(torch.autograd.Function):
-    """The fused ops (fastdpo.ops) as an autograd.Function, for heads whose backward needs more around the
-    ops (distributed._Zero3LogProbs gathers a ZeRO-3 head again); `linear_logprobs` calls the ops directly.
-    Same arguments as fastdpo::logprobs_forward; returns logps, or the five TokenStats fields with_stats."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        outputs = torch.ops.fastdpo.logprobs_forward(*inputs)
-        ops.save_for_backward(ctx, inputs, outputs)
-        if not inputs[8]:  # with_stats
-            return outputs[0]
-        ctx.mark_non_differentiable(*outputs[1:ops.STAT_FIELDS])
-        return tuple(outputs[:ops.STAT_FIELDS])
-
-    @staticmethod
-    def backward(ctx, grad_logps, *_unused_stat_grads):
-        return (*ops.backward(ctx, grad_logps), *([None] * 9))
+from . import distributed, ops, reference
+from .heads import DTENSOR, ZERO3, VocabShard, head_kind
+from .ops import DOUBLE_BACKWARD_MESSAGE  # noqa: F401  (tests and users import it from here)
+from .transform import LogitTransform
+from .validation import checked_local_head
 
 
 def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100, *, temperature: float = 1.0,
@@ -62,34 +46,33 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
     Smaller workspaces mean more, narrower vocabulary chunks: the same result up to the rounding of
     dX's chunk sums (for given inputs and workspace, the bits are reproducible).
     """
-    from . import distributed  # heads split across processes: VocabShard, DTensor and ZeRO-3 heads (issue 10)
-    if distributed.is_distributed_head(hidden, weight):  # before the type checks: a VocabShard is no tensor
-        return distributed.linear_logprobs(hidden, weight, targets, bias, ignore_index, temperature=temperature,
-                                           softcap=softcap, logit_scale=logit_scale, with_stats=with_stats,
-                                           backend=backend, grad_tolerance=grad_tolerance)
-    for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
-        require_tensor(name, value)
-    require_tensor("bias", bias, optional=True)
-    targets = widen_labels(targets)
-    device = hidden.device
-    backend = resolve_backend(backend, device)
-    if torch.is_autocast_enabled(device.type) and hidden.is_floating_point():
-        # Under autocast the head runs in the autocast dtype, as nn.Linear would.
-        dtype = torch.get_autocast_dtype(device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    check_logprob_metadata(hidden, weight, targets, bias, ignore_index, backend, temperature=temperature,
-                           softcap=softcap, logit_scale=logit_scale, grad_tolerance=grad_tolerance)
-    targets = checked_targets(targets, weight.shape[0], ignore_index)
-    if workspace_bytes is not None and (isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int)
-                                        or workspace_bytes <= 0):
-        raise ValueError(f"workspace_bytes must be None or a positive int (bytes), got {workspace_bytes!r}")
-    transform = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
-    if backend == "reference":
-        stats = reference.token_stats(hidden, weight, targets, bias, ignore_index, **transform)
-        return stats if with_stats else stats.logps
-    with torch.autocast(device.type, enabled=False):
-        out = torch.ops.fastdpo.logprobs_forward(hidden, weight, bias, targets, ignore_index, float(logit_scale),
-                                                 None if softcap is None else float(softcap), float(temperature),
-                                                 with_stats, backend, workspace_bytes, float(grad_tolerance))
-    return TokenStats(*out[:ops.STAT_FIELDS]) if with_stats else out[0]
+    transform = LogitTransform(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+    return transformed_logprobs(hidden, weight, targets, bias, ignore_index, transform, with_stats=with_stats,
+                                backend=backend, grad_tolerance=grad_tolerance, workspace_bytes=workspace_bytes)
+
+
+def transformed_logprobs(hidden, weight, targets, bias, ignore_index: int, transform: LogitTransform, *,
+                         with_stats: bool = False, backend: str | None = None, grad_tolerance: float = 0.0,
+                         workspace_bytes: int | None = None):
+    """linear_logprobs with the logit transform as one value (what FastDPOLoss holds)."""
+    kind = head_kind(hidden, weight)
+    if kind == DTENSOR:  # before the type checks: the local tensors, or a VocabShard
+        hidden, weight, targets, bias = distributed.local_head(hidden, weight, targets, bias)
+    if isinstance(weight, VocabShard):
+        return distributed.vocab_parallel_logprobs(hidden, weight, targets, bias, ignore_index, transform,
+                                                   with_stats=with_stats, backend=backend,
+                                                   grad_tolerance=grad_tolerance)
+    function = distributed.Zero3LogProbs if kind == ZERO3 else None  # gathers the head again for the backward
+    with distributed.gathered(weight, bias) if kind == ZERO3 else contextlib.nullcontext():  # for the forward
+        hidden, weight, targets, bias, backend = checked_local_head(
+            hidden, weight, targets, bias, ignore_index, backend, transform, grad_tolerance, workspace_bytes)
+        if backend != "reference":
+            return ops.fused_logprobs(hidden, weight, bias, targets, ignore_index, transform, with_stats=with_stats,
+                                      backend=backend, workspace_bytes=workspace_bytes, grad_tolerance=grad_tolerance,
+                                      function=function)
+    if function is not None:
+        raise ValueError("backend='reference' cannot keep a ZeRO-3 partitioned head for its backward; use 'torch' or "
+                         "'triton'")
+    stats = reference.token_stats(hidden, weight, targets, bias, ignore_index, temperature=transform.temperature,
+                                  softcap=transform.softcap, logit_scale=transform.logit_scale)
+    return stats if with_stats else stats.logps

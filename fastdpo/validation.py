@@ -20,8 +20,10 @@ from typing import NamedTuple
 
 import torch
 
-from .backends import triton_interpreting
+from .backends import resolve_backend, triton_interpreting
+from .heads import autocast_head, is_distributed_head
 from .ops import checked_targets as _checked_targets_op
+from .transform import LogitTransform
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -64,8 +66,9 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     _require(len(set(devices.values())) <= 1, f"all tensors must be on one device, got {devices}")
 
 
-def check_logit_options(*, temperature=1.0, softcap=None, logit_scale=1.0, grad_tolerance=0.0) -> None:
+def check_logit_options(transform: LogitTransform, grad_tolerance=0.0) -> None:
     """The logit transform and the gradient tolerance: finite numbers in their ranges."""
+    temperature, softcap, logit_scale = transform.temperature, transform.softcap, transform.logit_scale
     _require(_is_real(temperature) and math.isfinite(temperature) and temperature > 0,
              f"temperature must be > 0 and finite, got {temperature!r}")
     _require(softcap is None or (_is_real(softcap) and math.isfinite(softcap) and softcap > 0),
@@ -80,16 +83,18 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_logprob_inputs(hidden, weight, targets, bias, ignore_index: int, backend: str, *, temperature=1.0,
-                         softcap=None, logit_scale=1.0, grad_tolerance=0.0, names: Names = Names()) -> None:
+def check_logprob_inputs(hidden, weight, targets, bias, ignore_index: int, backend: str, *,
+                         transform: LogitTransform = LogitTransform(), grad_tolerance=0.0,
+                         names: Names = Names()) -> None:
     """check_logprob_metadata, then the targets' range."""
-    check_logprob_metadata(hidden, weight, targets, bias, ignore_index, backend, temperature=temperature,
-                           softcap=softcap, logit_scale=logit_scale, grad_tolerance=grad_tolerance, names=names)
+    check_logprob_metadata(hidden, weight, targets, bias, ignore_index, backend, transform=transform,
+                           grad_tolerance=grad_tolerance, names=names)
     check_targets_in_range(targets, weight.shape[0], ignore_index, names.targets)
 
 
-def check_logprob_metadata(hidden, weight, targets, bias, ignore_index: int, backend: str, *, temperature=1.0,
-                           softcap=None, logit_scale=1.0, grad_tolerance=0.0, names: Names = Names()) -> None:
+def check_logprob_metadata(hidden, weight, targets, bias, ignore_index: int, backend: str, *,
+                           transform: LogitTransform = LogitTransform(), grad_tolerance=0.0,
+                           names: Names = Names()) -> None:
     """Everything about the inputs that their metadata tells (no host sync): types, shapes, dtypes, devices."""
     for name, t in zip(names, (hidden, weight, targets)):
         require_tensor(name, t)
@@ -108,7 +113,7 @@ def check_logprob_metadata(hidden, weight, targets, bias, ignore_index: int, bac
              f"{y} must be an integer tensor, got {targets.dtype}")
     _require(hidden.is_floating_point(), f"{h} must be floating point, got {hidden.dtype}")
     _require(weight.is_floating_point(), f"{w} must be floating point, got {weight.dtype}")
-    # Under autocast the head runs in the autocast dtype (linear_logprobs casts), as nn.Linear would.
+    # Under autocast the head runs in the autocast dtype (heads.autocast_head casts it), as nn.Linear would.
     autocast = torch.is_autocast_enabled(hidden.device.type)
     dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
     _require(autocast or weight.dtype == hidden.dtype, f"{w} dtype {weight.dtype} must match {h} dtype {hidden.dtype}")
@@ -123,8 +128,26 @@ def check_logprob_metadata(hidden, weight, targets, bias, ignore_index: int, bac
         _require(not (dtype == torch.bfloat16 and hidden.device.type != "cuda" and triton_interpreting()),
                  f"backend='triton' cannot run bfloat16 inputs ({h}) under TRITON_INTERPRET=1: Triton's interpreter "
                  "computes bfloat16 dot products wrongly; use float32/float16, or backend='torch'")
-    check_logit_options(temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-                        grad_tolerance=grad_tolerance)
+    check_logit_options(transform, grad_tolerance)
+
+
+def checked_local_head(hidden, weight, targets, bias, ignore_index: int, backend: str | None,
+                       transform: LogitTransform, grad_tolerance: float, workspace_bytes: int | None):
+    """A local head's inputs as the computation takes them: (hidden, weight, targets, bias, backend), checked, with
+    the labels widened and range-checked (a copy: see `checked_targets`), the backend resolved and, under autocast,
+    the head cast to the autocast dtype (heads.autocast_head)."""
+    for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        require_tensor(name, value)
+    require_tensor("bias", bias, optional=True)
+    _require(workspace_bytes is None or (isinstance(workspace_bytes, int) and not isinstance(workspace_bytes, bool)
+                                         and workspace_bytes > 0),
+             f"workspace_bytes must be None or a positive int (bytes), got {workspace_bytes!r}")
+    targets = widen_labels(targets)
+    backend = resolve_backend(backend, hidden.device)
+    hidden, weight, bias = autocast_head(hidden, weight, bias)
+    check_logprob_metadata(hidden, weight, targets, bias, ignore_index, backend, transform=transform,
+                           grad_tolerance=grad_tolerance)
+    return hidden, weight, checked_targets(targets, weight.shape[0], ignore_index), bias, backend
 
 
 def checked_targets(targets: torch.Tensor, vocab_size: int, ignore_index: int, name: str = "targets") -> torch.Tensor:
@@ -153,8 +176,9 @@ def widen_labels(labels: torch.Tensor) -> torch.Tensor:
 def check_dpo_inputs(hidden_states, lm_head_weight, labels, lm_head_bias, *, ref_chosen_logps, ref_rejected_logps,
                      ref_hidden_states, ref_lm_head_weight, ref_lm_head_bias, reference_required: bool,
                      ignore_index: int, backend: str) -> torch.Tensor:
-    """Checks FastDPOLoss's inputs; returns the labels, checked against every head's vocabulary (a copy: see
-    `checked_targets`)."""
+    """Checks FastDPOLoss's inputs; returns the labels widened to int64 (`widen_labels`) and checked against every
+    head's vocabulary (a copy: see `checked_targets`)."""
+    labels = widen_labels(labels)
     require_tensor("hidden_states", hidden_states)
     _require(hidden_states.dim() == 3,
              f"hidden_states must be a [2B, T, H] tensor (B chosen sequences, then B rejected), got shape "
@@ -212,7 +236,7 @@ def _check_reference(hidden_states, lm_head_weight, labels, lm_head_bias, ref_ch
         else:
             names = Names("ref_hidden_states", "ref_lm_head_weight", "labels", "ref_lm_head_bias")
             weight, bias = ref_lm_head_weight, ref_lm_head_bias
-        if not _is_distributed(ref_hidden_states, weight):  # else fastdpo.distributed checks it (see _check_head)
+        if not is_distributed_head(ref_hidden_states, weight):  # else fastdpo.distributed checks it (see _check_head)
             check_logprob_metadata(ref_hidden_states, weight, labels, bias, ignore_index, backend, names=names)
             if ref_lm_head_weight is not None:
                 labels = checked_targets(labels, ref_lm_head_weight.shape[0], ignore_index, names.targets)
@@ -220,17 +244,11 @@ def _check_reference(hidden_states, lm_head_weight, labels, lm_head_bias, ref_ch
     return labels
 
 
-def _is_distributed(hidden, weight) -> bool:
-    from .distributed import is_distributed_head
-
-    return is_distributed_head(hidden, weight)
-
-
 def _check_head(hidden, weight, labels, bias, ignore_index, backend, names):
     """The head's checks, and the labels checked against its vocabulary. A shard, DTensor or ZeRO-3
     partition is left to fastdpo.distributed, which checks it against the whole head (the local tensor
     is not [vocab, hidden])."""
-    if _is_distributed(hidden, weight):
+    if is_distributed_head(hidden, weight):
         return labels
     check_logprob_metadata(hidden, weight, labels, bias, ignore_index, backend, names=names)
     return checked_targets(labels, weight.shape[0], ignore_index, names.targets)

@@ -6,7 +6,7 @@ backward's d_logits), so that the backward recomputes exactly the forward's tile
 the dtype and the device, never on pointer alignment or on whether statistics or gradients are
 wanted: the policy's and the reference's log-probs come out bitwise identical for the same inputs.
 tests/test_compile.py builds every configuration for sm_80 and sm_90 and checks spills, shared
-memory, wgmma and the absence of atomics; benchmarks/cost_model.py reads the same functions.
+memory, wgmma and the absence of atomics; tools/cost_model.py reads the same functions.
 """
 
 import torch

@@ -14,6 +14,8 @@ and never copied.
 import triton
 import triton.language as tl
 
+from .config import input_precision
+
 
 @triton.jit
 def tanh(x):
@@ -81,3 +83,24 @@ def logits_tile(
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return transform_logits(acc, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+
+
+def tile_arguments(hidden, weight, bias, rows, targets, transform=None) -> dict:
+    """The launch arguments, by name, that every kernel built on `logits_tile` takes: the operands
+    (hidden [N, H] with a unit stride along H, weight [V, H], bias [V] or None, rows and targets [n]),
+    their sizes and strides, the transform's scalars and the compile-time switches.
+
+    `transform` is anything with `logit_scale`, `softcap` and `temperature` attributes
+    (fastdpo.transform.LogitTransform); None is the identity. Without a bias or a softcap the kernel
+    never reads that argument, so the weight and 1.0 stand in for them.
+    """
+    logit_scale, softcap, temperature = (1.0, None, 1.0) if transform is None else (
+        transform.logit_scale, transform.softcap, transform.temperature)
+    return dict(
+        x_ptr=hidden, w_ptr=weight, b_ptr=weight if bias is None else bias, rows_ptr=rows, targets_ptr=targets,
+        n_rows=rows.numel(), vocab_size=weight.shape[0], hidden_size=weight.shape[1],
+        stride_x=hidden.stride(0), stride_w=weight.stride(0),
+        logit_scale=float(logit_scale), softcap=1.0 if softcap is None else float(softcap),
+        inv_temperature=1.0 / float(temperature),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, INPUT_PRECISION=input_precision(hidden.dtype),
+    )

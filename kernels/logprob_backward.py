@@ -6,7 +6,7 @@ With lse saved by the forward and g_i = dL/d logp_i, the gradient of logp_i = z_
     dL/draw_{i,v} = dL/dz_{i,v} * dz/draw                     (scale, softcap and temperature)
 
 and then dX[i] = sum_v dL/draw[i, v] W[v], dW[v] = sum_i dL/draw[i, v] X[i], db[v] = sum_i dL/draw[i, v].
-fastdpo.vocab_chunks walks the vocabulary in chunks: for each chunk this kernel writes dL/draw for
+fastdpo.triton_head walks the vocabulary in chunks: for each chunk this kernel writes dL/draw for
 [scored rows x chunk] into a workspace, in the input dtype (fp32 math, one rounding, as cuBLAS would
 round an operand), and cuBLAS turns the workspace into dX and dW with two GEMMs. The kernel runs
 the forward's GEMM (same tile, same grouped order, same K loop), so it recomputes the forward's
@@ -22,8 +22,8 @@ writes (read twice more by the GEMMs). atomics 0.
 import triton
 import triton.language as tl
 
-from .config import device_capability, gemm_config, input_precision
-from .logits_tile import grouped_tile, logits_tile, transform_derivative
+from .config import device_capability, gemm_config
+from .logits_tile import grouped_tile, logits_tile, tile_arguments, transform_derivative
 
 
 @triton.jit
@@ -77,20 +77,17 @@ def logits_grad_kernel(
     tl.store(out, d_raw.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def logits_grad(hidden, weight, bias, rows, targets, lse, grad, out, col_start, *, logit_scale=1.0, softcap=None,
-                temperature=1.0):
+def logits_grad(hidden, weight, bias, rows, targets, lse, grad, out, col_start, *, transform=None):
     """Write dL/draw for the selected rows and vocabulary columns [col_start, col_start + out.shape[1])
     into `out` ([n, width], unit stride along columns, any row stride). col_start must be a multiple
-    of the tile width (config.gemm_config's BLOCK_V) so that the tiles are the forward's."""
-    n_rows, (vocab_size, hidden_size) = rows.numel(), weight.shape
+    of the tile width (config.gemm_config's BLOCK_V) so that the tiles are the forward's; transform:
+    see logits_tile.tile_arguments."""
+    n_rows, hidden_size = rows.numel(), weight.shape[1]
     cfg = gemm_config(hidden.dtype, device_capability(hidden.device), hidden_size)
     width = out.shape[1]
     assert col_start % cfg["BLOCK_V"] == 0 and out.stride(1) == 1
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]) * triton.cdiv(width, cfg["BLOCK_V"]),)
     logits_grad_kernel[grid](
-        hidden, weight, bias if bias is not None else weight, rows, targets, lse, grad, out,
-        n_rows, vocab_size, col_start, width, hidden_size, hidden.stride(0), weight.stride(0), out.stride(0),
-        float(logit_scale), float(softcap or 1.0), 1.0 / float(temperature),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        INPUT_PRECISION=input_precision(hidden.dtype), **cfg,
+        **tile_arguments(hidden, weight, bias, rows, targets, transform), lse_ptr=lse, grad_ptr=grad, out_ptr=out,
+        col_start=col_start, chunk_width=width, stride_out=out.stride(0), **cfg,
     )

@@ -17,7 +17,7 @@ No locks, no atomics: every element of the outputs has exactly one writer, so re
 reproducible, and the max/sum path is the same code whether or not statistics are compiled in.
 
 Cost at the Llama-3-8B head (n = 16,384 scored tokens, H = 4096, V = 128,256, bf16, 128 x 128 x 64
-tiles, GROUP_M = 8; benchmarks/cost_model.py computes these from config.gemm_config):
+tiles, GROUP_M = 8; tools/cost_model.py computes these from config.gemm_config):
     FLOPs  2 n V H = 17.2 TFLOP                                (21.5 ms at 800 TFLOP/s)
     HBM    W once per group of 8 token blocks: 16 x 1.05 GB = 16.8 GB; X once: 0.13 GB;
            table 2 x 4 x n x V/128 = 131 MB (6 fields with statistics: 394 MB)   (~5.7 ms at 3 TB/s,
@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import device_capability, gemm_config, input_precision
-from .logits_tile import grouped_tile, logits_tile
+from .config import device_capability, gemm_config
+from .logits_tile import grouped_tile, logits_tile, tile_arguments
 
 STAT_FIELDS = 6  # m, s, a, q, u, b
 PLAIN_FIELDS = 2  # m, s
@@ -80,13 +80,12 @@ def logprob_forward_kernel(
         tl.store(out + 2 * field, tl.sum(p * tl.where(col_mask[None, :], z, 0.0), axis=1), mask=row_mask)
         tl.store(out + 3 * field, tl.sum(p * p, axis=1), mask=row_mask)
 
-def logprob_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0, softcap=None, temperature=1.0,
-                    with_stats=False):
+def logprob_forward(hidden, weight, bias, rows, targets, *, transform=None, with_stats=False):
     """Per-(vocabulary tile, row) softmax partials of the selected rows of `hidden` ([N, H]).
 
-    rows: int64 [n] indices into hidden; targets: int64 [n] in [0, V).
-    Returns (table, target_logit): table float32 [2 or 6, tiles, n] (m, s and, with statistics,
-    a, q, u, b as in the module docstring), target_logit float32 [n].
+    rows: int64 [n] indices into hidden; targets: int64 [n] in [0, V); transform: see
+    logits_tile.tile_arguments. Returns (table, target_logit): table float32 [2 or 6, tiles, n]
+    (m, s and, with statistics, a, q, u, b as in the module docstring), target_logit float32 [n].
     """
     n_rows, (vocab_size, hidden_size) = rows.numel(), weight.shape
     cfg = gemm_config(hidden.dtype, device_capability(hidden.device), hidden_size)
@@ -96,10 +95,7 @@ def logprob_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0, sof
     target_logit = torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]) * n_tiles,)
     logprob_forward_kernel[grid](
-        hidden, weight, bias if bias is not None else weight, rows, targets, table, target_logit,
-        n_rows, vocab_size, hidden_size, hidden.stride(0), weight.stride(0),
-        float(logit_scale), float(softcap or 1.0), 1.0 / float(temperature),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_STATS=with_stats,
-        INPUT_PRECISION=input_precision(hidden.dtype), **cfg,
+        **tile_arguments(hidden, weight, bias, rows, targets, transform), table_ptr=table,
+        target_logit_ptr=target_logit, WITH_STATS=with_stats, **cfg,
     )
     return table, target_logit

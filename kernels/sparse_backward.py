@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .config import device_capability, gemm_config, input_precision
-from .logits_tile import grouped_tile
+from .logits_tile import grouped_tile, tile_arguments
 from .logprob_backward import d_logits_tile
 
 
@@ -145,18 +145,15 @@ def _options_for(t):
     return sparse_gemm_options(t.dtype, device_capability(t.device), t.shape[1])
 
 
-def sparse_logits_grad(hidden, weight, bias, rows, targets, lse, grad, pair_block, pair_tile, out, *,
-                       logit_scale=1.0, softcap=None, temperature=1.0):
-    """D for each listed pair into out ([pairs, BLOCK_M * BLOCK_V] in the input dtype)."""
+def sparse_logits_grad(hidden, weight, bias, rows, targets, lse, grad, pair_block, pair_tile, out, *, transform=None):
+    """D for each listed pair into out ([pairs, BLOCK_M * BLOCK_V] in the input dtype); transform: see
+    logits_tile.tile_arguments."""
     cfg, _ = _options_for(hidden)
-    (vocab_size, hidden_size) = weight.shape
     sparse_logits_grad_kernel[(pair_block.numel(),)](
-        hidden, weight, bias if bias is not None else weight, rows, targets, lse, grad, pair_block, pair_tile, out,
-        rows.numel(), vocab_size, hidden_size, hidden.stride(0), weight.stride(0),
-        float(logit_scale), float(softcap or 1.0), 1.0 / float(temperature),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"],
-        INPUT_PRECISION=input_precision(hidden.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **tile_arguments(hidden, weight, bias, rows, targets, transform), lse_ptr=lse, grad_ptr=grad,
+        pair_block_ptr=pair_block, pair_tile_ptr=pair_tile, out_ptr=out,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
 
 

@@ -154,13 +154,13 @@ def test_cli_prints_the_markdown_tables(capsys):
 
 # --- fastdpo with grad_tolerance: the block-sparse backward --------------------------------------------------------
 
-vocab_chunks = importlib.import_module("fastdpo.vocab_chunks")
+triton_head = importlib.import_module("fastdpo.triton_head")
 sparse_backward = importlib.import_module("fastdpo.kernels.sparse_backward")
 
 
 @pytest.fixture
 def sparse_always(monkeypatch):
-    monkeypatch.setattr(vocab_chunks, "SPARSE_BREAK_EVEN", 1.0)
+    monkeypatch.setattr(triton_head, "SPARSE_BREAK_EVEN", 1.0)
 
 
 @pytest.mark.parametrize("shape", [LLAMA_16K, cm.Shape(4096, 2304, 256000), cm.Shape(1000, 96, 50257)])
@@ -175,8 +175,8 @@ def test_sparse_flops_are_2P_plus_f_times_the_backward(shape, f, sparse_always):
         kept_fraction=f, frozen_head=True)).phases)
 
 
-def test_sparse_dispatch_follows_vocab_chunks_threshold(monkeypatch):
-    monkeypatch.setattr(vocab_chunks, "SPARSE_BREAK_EVEN", 0.3)
+def test_sparse_dispatch_follows_triton_head_threshold(monkeypatch):
+    monkeypatch.setattr(triton_head, "SPARSE_BREAK_EVEN", 0.3)
     dense = cm.fastdpo(LLAMA_16K, H100)
     above = cm.fastdpo_sparse(LLAMA_16K, H100, cm.Options(kept_fraction=0.31))
     below = cm.fastdpo_sparse(LLAMA_16K, H100, cm.Options(kept_fraction=0.3))
@@ -409,7 +409,7 @@ def test_gpu_check_kept_statistics_reads_f_and_sharing():
 
 def test_gpu_check_sparse_part_runs_on_cpu(monkeypatch):
     """Walk measure_sparse with the real kernels in the interpreter (fp32, tiny shape): every row timed."""
-    monkeypatch.setattr(vocab_chunks, "SPARSE_BREAK_EVEN", 1.0)
+    monkeypatch.setattr(triton_head, "SPARSE_BREAK_EVEN", 1.0)
 
     def bench(fn):
         fn()

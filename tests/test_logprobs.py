@@ -176,7 +176,7 @@ def test_triton_any_shape(tokens, hidden, vocab):
 def test_triton_gpu_tile_configs_in_the_interpreter(monkeypatch, capability):
     """The GPU tiles (128 x 128 x 64 for 16-bit, 64 x 64 x 32 for fp32, GROUP_M swizzle) on odd sizes,
     in the interpreter: V=300 leaves a partial last tile, 150 rows a partial last token block."""
-    for name in ("fastdpo.kernels.logprob_forward", "fastdpo.kernels.logprob_backward", "fastdpo.vocab_chunks"):
+    for name in ("fastdpo.kernels.logprob_forward", "fastdpo.kernels.logprob_backward", "fastdpo.triton_head"):
         monkeypatch.setattr(importlib.import_module(name), "device_capability", lambda device: capability)
     h, w, b, targets = make_inputs((150,), 64, 300, torch.float16)
     check_against_reference(h, w, b, targets, "triton", 1e-2, softcap=5.0)

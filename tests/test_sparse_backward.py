@@ -16,7 +16,7 @@ import fastdpo
 from fastdpo import reference, sparse_plan
 from fastdpo.kernels.config import device_capability, gemm_config
 
-vocab_chunks = importlib.import_module("fastdpo.vocab_chunks")
+triton_head = importlib.import_module("fastdpo.triton_head")
 # The Triton tile of fp32 inputs on this device (16 x 32 in the interpreter, 64 x 64 on a GPU).
 _TILE = gemm_config(torch.float32, device_capability(DEVICE), 48)
 BLOCK_M, BLOCK_V = _TILE["BLOCK_M"], _TILE["BLOCK_V"]
@@ -55,7 +55,7 @@ def expected_with_dropped_pairs_zeroed(h0, w0, targets, upstream, kept, bias):
 @pytest.fixture(autouse=True)
 def always_sparse(monkeypatch):
     # Small test problems keep many pairs: make the sparse path run whatever the kept fraction.
-    monkeypatch.setattr(vocab_chunks, "SPARSE_BREAK_EVEN", 1.0)
+    monkeypatch.setattr(triton_head, "SPARSE_BREAK_EVEN", 1.0)
 
 
 @pytest.mark.parametrize("workspace_bytes", [None, BLOCK_M * BLOCK_V * 4 * 7], ids=["one-chunk", "chunks-of-7-pairs"])

@@ -380,7 +380,7 @@ def _fastdpo_peak(shape: Shape, fields: int, field_bytes: float, workspace: floa
 # --- fastdpo with grad_tolerance: the plan, then the block-sparse backward ------------------------------
 #
 # Read from the code at every call: the tiles (kernels.sparse_backward.sparse_gemm_options, which reads
-# config.gemm_config), the dispatch threshold (fastdpo.vocab_chunks.SPARSE_BREAK_EVEN) and the chunking
+# config.gemm_config), the dispatch threshold (fastdpo.triton_head.SPARSE_BREAK_EVEN) and the chunking
 # (fastdpo.sparse_plan.tile_chunks, run on a stand-in kept mask with the modelled kept fraction).
 #
 # Which tiles the token blocks keep matters for the W traffic, and no GPU has measured it yet. `kept_shared` (s)
@@ -415,10 +415,10 @@ PLAN_PEAK_FIELDS = 7
 
 def _sparse_code():
     """(sparse_gemm_options, SPARSE_BREAK_EVEN, tile_chunks), looked up at every call."""
-    from fastdpo import sparse_plan, vocab_chunks
+    from fastdpo import sparse_plan, triton_head
     from fastdpo.kernels import sparse_backward
 
-    return sparse_backward.sparse_gemm_options, vocab_chunks.SPARSE_BREAK_EVEN, sparse_plan.tile_chunks
+    return sparse_backward.sparse_gemm_options, triton_head.SPARSE_BREAK_EVEN, sparse_plan.tile_chunks
 
 
 def stand_in_kept(blocks: int, tiles: int, fraction: float) -> torch.Tensor:
@@ -452,7 +452,7 @@ def _reused_reads(uses: float, distinct: float, tile_bytes: float, reuse_distanc
 
 def fastdpo_sparse(shape: Shape, device: Device, options: Options = Options()) -> Prediction:
     """fastdpo with grad_tolerance > 0 at kept fraction options.kept_fraction of the (token block, vocabulary tile)
-    pairs: the forward as without it, the plan (fastdpo.sparse_plan), then fastdpo.vocab_chunks' dispatch: the
+    pairs: the forward as without it, the plan (fastdpo.sparse_plan), then fastdpo.triton_head's dispatch: the
     block-sparse kernels (kernels/sparse_backward.py) when f <= SPARSE_BREAK_EVEN, else the dense chunks."""
     gemm_options, break_even, _ = _sparse_code()
     f = options.kept_fraction
@@ -468,7 +468,7 @@ def fastdpo_sparse(shape: Shape, device: Device, options: Options = Options()) -
     workspace = options.workspace_bytes if options.workspace_bytes is not None else default_workspace(device, shape)
     details = dict(kept_fraction=f, kept_shared=options.kept_shared, break_even=break_even, config=cfg,
                    sparse_tiles=tiles_cfg, workspace_budget=workspace)
-    if f > break_even:  # vocab_chunks.backward computes the plan, then runs the dense chunks
+    if f > break_even:  # triton_head.scored_rows_backward computes the plan, then runs the dense chunks
         dense = fastdpo(shape, device, options)
         phases = dense.phases[:2] + plan + dense.phases[2:]
         peak = max(dense.peak_bytes, _plan_peak(shape, field_bytes, options))
@@ -478,7 +478,7 @@ def fastdpo_sparse(shape: Shape, device: Device, options: Options = Options()) -
 
     need_dx, need_dw = not options.frozen_hidden, not options.frozen_head
     tile_bytes = bm * bv * e
-    max_pairs = max(1, workspace // tile_bytes)  # as vocab_chunks._sparse_backward sizes its chunks
+    max_pairs = max(1, workspace // tile_bytes)  # as triton_head's sparse backward sizes its chunks
     chunks = sparse_chunk_pairs(blocks, vocab_tiles, f, max_pairs)
     resident_lg = triton_tiling(cfg, e, device).resident
     resident_gemm = device.sms * programs_per_sm(bm, bh, tiles_cfg["BLOCK_K"], tiles_cfg["num_stages"],
@@ -553,7 +553,7 @@ def sparse_break_even(shape: Shape, device: Device, options: Options = Options()
 
 def _sparse_at(shape: Shape, device: Device, options: Options, f: float) -> Prediction:
     """The sparse kernels at f, whatever the dispatch threshold says."""
-    with mock.patch("fastdpo.vocab_chunks.SPARSE_BREAK_EVEN", 1.0):
+    with mock.patch("fastdpo.triton_head.SPARSE_BREAK_EVEN", 1.0):
         return fastdpo_sparse(shape, device, replace(options, kept_fraction=f))
 
 
@@ -844,7 +844,7 @@ def sparse_table(device: Device, options: Options = Options(), fractions=SPARSE_
         even = sparse_break_even(shape, device, replace(options, kept_shared=shared))
         evens.append(f"{label}: f = {even:.3f}" if even is not None else f"{label}: never")
     lines += ["", f"Modelled break-even (sparse no faster than dense), f in steps of 0.005: {'; '.join(evens)}. "
-                  f"fastdpo.vocab_chunks.SPARSE_BREAK_EVEN = {break_even}."]
+                  f"fastdpo.triton_head.SPARSE_BREAK_EVEN = {break_even}."]
     return "\n".join(lines)
 
 

@@ -1,5 +1,12 @@
-"""The Triton backend's backward: the vocabulary in chunks, d_logits in a bounded workspace, GEMMs.
+"""The Triton backend's head: the forward and the backward over the scored rows, on fastdpo.kernels.
 
+Same shape as fastdpo.torch_head (fastdpo.ops dispatches to either with the same arguments; see there
+for the signatures). The forward launches kernels/logprob_forward.py and merges its per-tile partials;
+its backward plan (grad_tolerance > 0) is the per-tile logsumexp table, fp32 [vocabulary tiles of the
+forward, tokens] (0 at ignored positions): with a row's lse it gives each tile's exact probability
+mass, which the sparse backward budgets (fastdpo.sparse_plan).
+
+The backward walks the vocabulary in chunks, d_logits in a bounded workspace, GEMMs.
 For each chunk [c0, c1) of the vocabulary (C columns, a multiple of the forward's tile width):
 
     D        = logits_grad(X, W[c0:c1])        Triton: recompute the forward's tiles, write
@@ -27,7 +34,50 @@ from __future__ import annotations
 import torch
 
 from .kernels.config import default_workspace_bytes, device_capability, gemm_config, vocab_chunk_width
+from .softmax_stats import VocabPartials, merge
 from .sparse_plan import kept_pairs, pair_lists, tile_chunks
+from .transform import LogitTransform
+
+
+def backward_plan_like(hidden: torch.Tensor, weight: torch.Tensor, n_tokens: int, fake: bool = False) -> torch.Tensor:
+    return (torch.empty if fake else torch.zeros)((forward_tiles(weight), n_tokens), dtype=torch.float32,
+                                                  device=hidden.device)
+
+
+def forward_tiles(weight: torch.Tensor) -> int:
+    block_v = gemm_config(weight.dtype, device_capability(weight.device), weight.shape[1])["BLOCK_V"]
+    return -(-weight.shape[0] // block_v)
+
+
+def forward(hidden_2d, weight, bias, rows, targets, transform: LogitTransform, *, with_stats: bool,
+            grad_tolerance: float, backward_plan: torch.Tensor) -> VocabPartials:
+    from .kernels.logprob_forward import logprob_forward
+
+    table, target_logit = logprob_forward(row_major(hidden_2d), row_major(weight), bias, rows, targets,
+                                          transform=transform, with_stats=with_stats)
+    if backward_plan.numel():  # each (vocabulary tile, row)'s logsumexp
+        backward_plan.index_copy_(1, rows, table[0] + torch.log(table[1]))
+    return merge(VocabPartials(table[0], table[1], target_logit[None], *table[2:]))
+
+
+def backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform: LogitTransform, *, need_dx: bool,
+             need_dw: bool, need_db: bool, grad_tolerance: float, backward_plan: torch.Tensor,
+             workspace_bytes: int | None):
+    """dX [N, H] in the hidden states' dtype (zero at unscored rows), dW [V, H] in the weight's, db fp32 [V]."""
+    hidden_2d, weight = row_major(hidden_2d), row_major(weight)
+    dx_rows, dw, db = scored_rows_backward(
+        hidden_2d, weight, bias, rows, targets, lse, grad, transform, need_dx=need_dx, need_dw=need_dw,
+        need_db=need_db, workspace_bytes=workspace_bytes, tolerance=grad_tolerance,
+        tile_lse=backward_plan.index_select(1, rows) if backward_plan.numel() else None)
+    if dx_rows is None:
+        return None, dw, db
+    dx = torch.zeros(hidden_2d.shape, dtype=hidden_2d.dtype, device=hidden_2d.device)
+    return dx.index_copy_(0, rows, dx_rows.to(hidden_2d.dtype)), dw, db
+
+
+def row_major(t: torch.Tensor) -> torch.Tensor:
+    # The kernels assume a unit stride along the hidden dimension; rows may be strided.
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def chunk_width(n_rows: int, weight: torch.Tensor, workspace_bytes: int) -> int:
@@ -35,9 +85,9 @@ def chunk_width(n_rows: int, weight: torch.Tensor, workspace_bytes: int) -> int:
     return vocab_chunk_width(n_rows, weight.shape[0], weight.element_size(), block_v, workspace_bytes)
 
 
-def backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform: dict, *, need_dx: bool, need_dw: bool,
-             need_db: bool, workspace_bytes: int | None = None, tolerance: float = 0.0,
-             tile_lse: torch.Tensor | None = None):
+def scored_rows_backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform: LogitTransform, *,
+                         need_dx: bool, need_dw: bool, need_db: bool, workspace_bytes: int | None = None,
+                         tolerance: float = 0.0, tile_lse: torch.Tensor | None = None):
     """(dX of the scored rows fp32 [n, H], dW [V, H] in the weight's dtype, db fp32 [V]); None where not needed.
 
     tolerance > 0 (with the forward's tile_lse) takes the block-sparse path when it skips enough
@@ -80,7 +130,7 @@ def _sparse_backward(hidden_2d, weight, bias, rows, targets, lse, grad, transfor
         d_tiles = workspace[: pairs.count]
         if pairs.count:
             sparse_logits_grad(hidden_2d, weight, bias, rows, targets, lse, grad, pairs.pair_block, pairs.pair_tile,
-                               d_tiles, **transform)
+                               d_tiles, transform=transform)
         if dx is not None:
             sparse_dx(d_tiles, weight, pairs.block_start, pairs.pair_tile, dx, accumulate=index > 0)
         if dw is not None or db is not None:
@@ -98,7 +148,7 @@ def _dense_backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform
     for c0 in range(0, vocab_size, width):
         c1 = min(c0 + width, vocab_size)
         d_logits = workspace[:, : c1 - c0]
-        logits_grad(hidden_2d, weight, bias, rows, targets, lse, grad, d_logits, c0, **transform)
+        logits_grad(hidden_2d, weight, bias, rows, targets, lse, grad, d_logits, c0, transform=transform)
         if dx is not None:
             accumulate_product(dx, d_logits, weight[c0:c1])
         if dw is not None:
