@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops, reference
+from . import fused_pass, ops, reference
 from .backends import resolve_backend
 from .ops import DOUBLE_BACKWARD_MESSAGE  # noqa: F401  (re-exported: tests and users import it from here)
 from .ops import no_partials as _no_partials, scatter as _scatter  # noqa: F401  (fastdpo.distributed uses them)
@@ -44,7 +44,8 @@ class LinearLogProbs(torch.autograd.Function):
 
 def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100, *, temperature: float = 1.0,
                     softcap: float | None = None, logit_scale: float = 1.0, with_stats: bool = False,
-                    backend: str | None = None, grad_tolerance: float = 0.0, workspace_bytes: int | None = None):
+                    backend: str | None = None, grad_tolerance: float = 0.0, workspace_bytes: int | None = None,
+                    fused: bool = True):
     """Per-token log-probabilities of `targets` under logits = transform(hidden @ weight.T + bias).
 
     hidden [..., H], weight [V, H], targets [...] (not shifted; `ignore_index` positions get 0).
@@ -61,6 +62,10 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
     input dtype; at least one 128-column tile): None takes 1/64 of the device's memory, at most 1 GiB.
     Smaller workspaces mean more, narrower vocabulary chunks: the same result up to the rounding of
     dX's chunk sums (for given inputs and workspace, the bits are reproducible).
+    fused=True (the default) takes the frozen-head route where it applies (hidden requires grad, weight
+    and bias do not, backend 'torch', grad_tolerance 0; see fastdpo.fused_pass): the forward also forms
+    dlogp/dh, so the backward is one scaling, 2 GEMM passes in all instead of 3. The log-probs are the
+    same bits on either route.
     """
     from . import distributed  # heads split across processes: VocabShard, DTensor and ZeRO-3 heads (issue 10)
     if distributed.is_distributed_head(hidden, weight):  # before the type checks: a VocabShard is no tensor
@@ -85,6 +90,10 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
                                         or workspace_bytes <= 0):
         raise ValueError(f"workspace_bytes must be None or a positive int (bytes), got {workspace_bytes!r}")
     transform = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+    if fused_pass.frozen_route(hidden, weight, bias, fused=fused, backend=backend, grad_tolerance=grad_tolerance):
+        with torch.autocast(device.type, enabled=False):
+            return fused_pass.frozen_linear_logprobs(hidden, weight, targets, bias, ignore_index, transform,
+                                                     with_stats)
     if backend == "reference":
         stats = reference.token_stats(hidden, weight, targets, bias, ignore_index, **transform)
         return stats if with_stats else stats.logps

@@ -28,6 +28,8 @@ callers go on with, so the check always runs first.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -99,11 +101,18 @@ def logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         if buffers.kept is not None and tile_lse.numel():  # the CPU path's plan, made block by block
             plan = torch.tensor(buffers.kept, dtype=torch.bool, device=tile_lse.device)
             tile_lse[: plan.shape[0], : plan.shape[1]] = plan
+    return (*per_token_outputs(merged, rows, targets.shape, vocab_size, with_stats), tile_lse)
+
+
+def per_token_outputs(merged: VocabPartials, rows: Tensor, shape, vocab_size: int, with_stats: bool) -> list[Tensor]:
+    """The five TokenStats fields (the last four empty without `with_stats`) and lse, each shaped `shape`,
+    from the scored rows' merged partials: every route computes its log-probs here."""
+    n_tokens = math.prod(shape)
     lse = logsumexp(merged)
     stats = token_stats(merged, lse, vocab_size)
-    outputs = [scatter(stat, rows, n_tokens).view(targets.shape) for stat in stats[:STAT_FIELDS if with_stats else 1]]
+    outputs = [scatter(stat, rows, n_tokens).view(shape) for stat in stats[:STAT_FIELDS if with_stats else 1]]
     outputs += [stat.new_empty(0) for stat in stats[len(outputs):]]
-    return (*outputs, scatter(lse, rows, n_tokens).view(targets.shape), tile_lse)
+    return [*outputs, scatter(lse, rows, n_tokens).view(shape)]
 
 
 @logprobs_forward.register_fake
