@@ -57,6 +57,9 @@ from .types import TokenStats
 # 128 rows is 32 MiB, so 16 slots: pairs whose longer sequence has up to about 14 blocks (~1,800 scored
 # tokens) fit; at V = 128,256, 8 slots (~770 tokens). Longer pairs take the two-pass path.
 DEFAULT_WORKSPACE_BYTES = 512 << 20
+SECOND_BACKWARD_MESSAGE = (
+    "FastDPOLoss's fused pass hands its gradients over at the first backward, so its loss cannot be "
+    "backpropagated twice (retain_graph=True); pass fused=False to FastDPOLoss for that.")
 # What a pair that is not computed yet holds while the loss is differentiated for the others: a finite
 # log-prob per token, so that every loss term stays finite.
 PLACEHOLDER_LOGP = -1.0
@@ -218,12 +221,14 @@ class _AttachGradients(torch.autograd.Function):
     def backward(ctx, grad):
         if torch.is_grad_enabled():
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
-        unit = bool(grad == 1)  # the usual case: hand the gradients over without a copy
-
-        def scaled(t):
-            return None if t is None else (t if unit else t * grad.to(t.dtype))
-
-        return (None, *map(scaled, ctx.grads), None, None, None)
+        if ctx.grads is None:
+            raise RuntimeError(SECOND_BACKWARD_MESSAGE)
+        # Handed over, not kept: with no other reference left, autograd makes dW the weight's .grad
+        # without a copy (a kept reference would cost a second [V, H]).
+        grads, ctx.grads = ctx.grads, None
+        if bool(grad == 1):  # the usual case
+            return (None, *grads, None, None, None)
+        return (None, *(None if t is None else t * grad.to(t.dtype) for t in grads), None, None, None)
 
 
 def fused_preference_loss(config: LossConfig, hidden, weight, bias, targets, mask, ignore_index: int, *,
