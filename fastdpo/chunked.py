@@ -250,19 +250,8 @@ def forward_partials(x: Rows, weight, bias, transform: Transform, with_stats: bo
     if not is_shifted(transform, bias):
         return _online_forward(x, weight, bias, transform, with_stats, buffers)
     weight_sum = shifted_weight_sum(x, weight, with_stats)
-    partials = _cat([forward_block(x, r0, r1, weight, bias, transform, with_stats, buffers, weight_sum)
-                     for r0, r1 in token_blocks(len(x))])
-    # A logit far above its row's target logit (or NaN/inf in the input): that row, and only that
-    # row, goes through the online path, which rescales by the running maximum and propagates NaN.
-    unsafe = ~(partials.sum_exp <= SHIFTED_SUM_LIMIT)
-    if not bool(unsafe.any()):
-        return partials
-    buffers.kept = None  # the planned masses are not all exact: the backward stays dense
-    online = _online_forward(x.subset(unsafe), weight, bias, transform, with_stats, buffers)
-    if with_stats:
-        online = online._replace(is_top1=_top1(online))
-    return VocabPartials(*(None if mine is None else mine.index_put((unsafe,), theirs)
-                           for mine, theirs in zip(partials, online)))
+    return _cat([forward_block(x, r0, r1, weight, bias, transform, with_stats, buffers, weight_sum)
+                 for r0, r1 in token_blocks(len(x))])
 
 
 def is_shifted(transform: Transform, bias) -> bool:
@@ -278,10 +267,23 @@ def shifted_weight_sum(x: Rows, weight, with_stats: bool):
 def forward_block(x: Rows, r0: int, r1: int, weight, bias, transform: Transform, with_stats: bool,
                   buffers: BlockBuffers, weight_sum=None) -> VocabPartials:
     """One token block's merged partials, as forward_partials computes them (weight_sum: see
-    shifted_weight_sum). The shifted variant's rows above SHIFTED_SUM_LIMIT still need the online path."""
-    if is_shifted(transform, bias):
-        return _shifted_block(x, r0, r1, weight, transform.linear_factor, weight_sum, buffers)
-    return _online_block(x, r0, r1, weight, bias, transform, with_stats, buffers)
+    shifted_weight_sum). Everything stays within the block, so the fused passes can take blocks in
+    any order and get the same bits."""
+    if not is_shifted(transform, bias):
+        return _online_block(x, r0, r1, weight, bias, transform, with_stats, buffers)
+    partials = _shifted_block(x, r0, r1, weight, transform.linear_factor, weight_sum, buffers)
+    # A logit far above its row's target logit (or NaN/inf in the input): that row, and only that
+    # row, goes through the online path, which rescales by the running maximum and propagates NaN.
+    unsafe = ~(partials.sum_exp <= SHIFTED_SUM_LIMIT)
+    if not bool(unsafe.any()):
+        return partials
+    buffers.kept = None  # the planned masses are not all exact: the backward stays dense
+    rows = Rows(x.hidden, x.rows[r0:r1][unsafe], x.targets[r0:r1][unsafe])
+    online = _online_forward(rows, weight, bias, transform, with_stats, buffers)
+    if with_stats:
+        online = online._replace(is_top1=_top1(online))
+    return VocabPartials(*(None if mine is None else mine.index_put((unsafe,), theirs)
+                           for mine, theirs in zip(partials, online)))
 
 
 def _top1(p: VocabPartials) -> torch.Tensor:

@@ -8,9 +8,10 @@ With n scored tokens and P = n·H·V, one pass over the head is a GEMM of 2P FLO
   `fused=True` (the default), gradients are being recorded, the backend is 'torch', grad_tolerance is 0,
   the head is a plain tensor (not a VocabShard, DTensor or ZeRO-3 partition), not under torch.compile,
   every loss type is pair-local (fastdpo.losses.PAIR_COUPLED_LOSS_TYPES: 'aot' and 'aot_unpaired' sort the
-  batch), and the pair schedule below fits `workspace_bytes` (default DEFAULT_WORKSPACE_BYTES). A row whose
-  target logit lies more than ~41 nats below its row's maximum (or inf/NaN logits) is found only while
-  the pass runs; the call then starts over on the two-pass path (its first pass is spent twice).
+  batch), and the pair schedule below fits `workspace_bytes` (default DEFAULT_WORKSPACE_BYTES). Rows whose
+  target logit lies more than ~41 nats below their row's maximum (or with inf/NaN logits) leave the shifted
+  forward for the online one (chunked.forward_block); the fused pass recomputes their gradients the
+  two-pass way, so they cost one more pass each (a trained LM's rare targets do this).
 - **frozen** (FastDPOLoss and linear_logprobs, frozen head: hidden requires grad, weight and bias do not;
   2 passes, any upstream loss): `fused=True`, gradients recorded, backend 'torch', grad_tolerance 0,
   plain tensors, not compiling. The forward accumulates U_i = dlogp_i/dh_i beside its tiles
@@ -69,9 +70,12 @@ def _plain_tensors(*tensors) -> bool:
     return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
 
-def _common_rule(fused: bool, backend: str, grad_tolerance: float, *tensors) -> bool:
+def _common_rule(fused: bool, backend: str, grad_tolerance: float, hidden, weight, bias) -> bool:
+    from . import distributed  # (imported here as fastdpo.logprobs does: it imports this module's importers)
+
     return (fused and backend == "torch" and grad_tolerance == 0 and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and _plain_tensors(*tensors))
+            and not torch.compiler.is_compiling() and _plain_tensors(hidden, weight, bias)
+            and not distributed.is_distributed_head(hidden, weight))
 
 
 def frozen_route(hidden, weight, bias, *, fused: bool, backend: str, grad_tolerance: float) -> bool:
@@ -236,9 +240,8 @@ def fused_preference_loss(config: LossConfig, hidden, weight, bias, targets, mas
                           ref_token_logps=None, ref_chosen_logps=None,
                           ref_rejected_logps=None) -> tuple[LossTerms, TokenStats | torch.Tensor] | None:
     """The fused route of FastDPOLoss on the PyTorch path: (loss terms, the policy's per-token TokenStats,
-    or log-probs without with_stats), with the loss carrying the gradients; None when the pair schedule
-    does not fit workspace_bytes or a row needs the shifted forward's online fallback (see the module
-    docstring): the caller then takes the two-pass path."""
+    or log-probs without with_stats), with the loss carrying the gradients; None when nothing is scored
+    or the pair schedule does not fit workspace_bytes: the caller then takes the two-pass path."""
     with torch.no_grad():  # the gradients are formed here, by hand; only the loss's own are recorded (LossGradients)
         result = _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, transform, with_stats,
                              workspace_bytes, dict(ref_token_logps=ref_token_logps, ref_chosen_logps=ref_chosen_logps,
@@ -268,8 +271,6 @@ def _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, trans
     for step in schedule.steps:
         if step.block is not None:
             partials = head.forward(step.block)
-            if partials is None:
-                return None
             r0, r1 = head.blocks[step.block]
             stats = token_stats(partials, logsumexp(partials), weight.shape[0])
             grads.record(rows[r0:r1], stats.logps, stats.log_sum_sq_probs if with_stats else None)

@@ -97,14 +97,32 @@ class _SlotPart(_TargetFreePart):
 
     def __init__(self, part: chunked.Part, shifted: bool, block_rows: int):
         super().__init__(part, shifted)
-        self.block_rows, self.slot = block_rows, None
+        self.block_rows, self.slot, self.scratch = block_rows, None, False
 
     def tile_for(self, n_rows: int, v0: int, v1: int) -> torch.Tensor:
+        return super().tile_for(n_rows, v0, v1) if self.scratch else self.stored(n_rows, v0, v1)
+
+    def stored(self, n_rows: int, v0: int, v1: int) -> torch.Tensor:
         start = v0 * self.block_rows
         return self.slot[start: start + n_rows * (v1 - v0)].view(n_rows, v1 - v0)
 
     def done(self, v0: int, v1: int, tile: torch.Tensor) -> None:
-        self.fold(v0, tile)  # zeroes the stored e_y on the shifted path: d_logits sets that entry anew
+        if not self.scratch:
+            self.fold(v0, tile)  # zeroes the stored e_y on the shifted path: d_logits sets that entry anew
+
+
+class _SlotBuffers(chunked.BlockBuffers):
+    """The forward's buffers, with the parts' tiles in workspace slots for the blocks of `x`; the online
+    rerun of a block's rows far below their maximum (chunked.forward_block) uses the scratch tiles."""
+
+    def __init__(self, x: Rows, vocab_size: int, shifted: bool):
+        super().__init__(x, vocab_size)
+        self.x = x
+        self.parts = [_SlotPart(part, shifted, self.rows.shape[0]) for part in self.parts]
+
+    def start_block(self, x: Rows, r0: int, r1: int) -> None:
+        for part in self.parts:
+            part.scratch = x is not self.x
 
 
 class StoredLogits:
@@ -118,14 +136,14 @@ class StoredLogits:
                  need_dx: bool, need_dw: bool, need_db: bool):
         self.x, self.weight, self.bias, self.transform, self.with_stats = x, weight, bias, transform, with_stats
         vocab_size, device = weight.shape[0], weight.device
-        self.buffers = chunked.BlockBuffers(x, vocab_size)
-        block_rows = self.buffers.rows.shape[0]
         self.shifted = chunked.is_shifted(transform, bias)
-        self.buffers.parts = [_SlotPart(part, self.shifted, block_rows) for part in self.buffers.parts]
+        self.buffers = _SlotBuffers(x, vocab_size, self.shifted)
+        block_rows = self.buffers.rows.shape[0]
         self.weight_sum = chunked.shifted_weight_sum(x, weight, with_stats) if self.shifted else None
         self.blocks = chunked.token_blocks(len(x))
         self.slots = torch.empty(n_slots, block_rows * vocab_size, dtype=x.dtype, device=device)
-        self.free, self.slot_of, self.partials, self.target_gap = list(range(n_slots - 1, -1, -1)), {}, {}, {}
+        self.free, self.slot_of = list(range(n_slots - 1, -1, -1)), {}
+        self.partials, self.target_gap, self.rerun = {}, {}, {}
 
         def zeros(shape, wanted):
             return torch.zeros(shape, dtype=x.dtype, device=device) if wanted else None
@@ -141,9 +159,8 @@ class StoredLogits:
         for part in self.buffers.parts:
             part.slot = self.slots[self.slot_of[k]]
 
-    def forward(self, k: int) -> VocabPartials | None:
-        """Block k's merged partials (the two-pass path's bits), its tiles kept; None if a row needs the
-        online fallback of the shifted forward (a target far below its row's maximum, or inf/NaN)."""
+    def forward(self, k: int) -> VocabPartials:
+        """Block k's merged partials (the two-pass path's bits), its tiles kept."""
         self.slot_of[k] = self.free.pop()
         self._use_slot(k)
         r0, r1 = self.blocks[k]
@@ -151,8 +168,9 @@ class StoredLogits:
             part.reset(self.x.targets[r0:r1])
         partials = chunked.forward_block(self.x, r0, r1, self.weight, self.bias, self.transform, self.with_stats,
                                          self.buffers, self.weight_sum)
-        if self.shifted and not bool((partials.sum_exp <= chunked.SHIFTED_SUM_LIMIT).all()):
-            return None
+        # Rows the shifted forward handed to the online path (a target far below its row's maximum, or
+        # inf/NaN): their stored tiles overflowed, so their gradients are recomputed (backward_rows).
+        self.rerun[k] = ~(partials.max == partials.target_logit) if self.shifted else None
         self.partials[k] = partials
         excl, row_max, _ = combine_parts(self.buffers.parts)
         self.target_gap[k] = one_minus_target_prob(excl, row_max, partials)
@@ -167,8 +185,11 @@ class StoredLogits:
         n_block, partials = r1 - r0, self.partials[k]
         xr = self.x.block(r0 + a, r0 + b, self.buffers.rows)
         targets = self.x.targets[r0 + a: r0 + b]
-        grad = grad.to(self.x.dtype)
-        target_entry = grad * self.target_gap[k][a:b]  # g (1 - p_y)
+        grad = grad_all = grad.to(self.x.dtype)
+        rerun = None if self.rerun[k] is None else self.rerun[k][a:b].nonzero().squeeze(1)
+        if rerun is not None and rerun.numel():
+            grad = grad.index_fill(0, rerun, 0)  # the stored tiles of these rows take no part (see below)
+        target_entry = grad * self.target_gap[k][a:b].nan_to_num(0, 0, 0)  # g (1 - p_y)
         if self.shifted:  # p = e / S; the stored e_y is 0 (see _SlotPart.done)
             factor = self.transform.linear_factor
             row_scale, target_entry = -(factor * grad / partials.sum_exp[a:b])[:, None], factor * target_entry
@@ -179,7 +200,9 @@ class StoredLogits:
         def part_grads(part: _SlotPart):
             share = part.acc[: b - a].zero_() if self.dx is not None else None
             for v0, v1 in part.slices:
-                tile = part.tile_for(n_block, v0, v1)[a:b]
+                tile = part.stored(n_block, v0, v1)[a:b]
+                if rerun is not None and rerun.numel():
+                    tile.index_fill_(0, rerun, 0)
                 if self.shifted:
                     d_raw = _set_at_targets(tile.mul_(row_scale), targets - v0, target_entry)
                 else:
@@ -198,6 +221,17 @@ class StoredLogits:
         shares = chunked.Workers.map(part_grads, self.buffers.parts)
         if self.dx is not None:
             self.dx.index_copy_(0, self.x.rows[r0 + a: r0 + b], chunked._sum_in_order(shares))
+        if rerun is not None and rerun.numel():
+            self._recompute_rows(k, a, b, rerun, grad_all)
+
+    def _recompute_rows(self, k: int, a: int, b: int, which: torch.Tensor, grad: torch.Tensor) -> None:
+        """The two-pass backward (a recompute) for rows `which` of rows [a, b) of block k."""
+        r0 = self.blocks[k][0]
+        index = which + r0 + a
+        rows = Rows(self.x.hidden, self.x.rows[index], self.x.targets[index])
+        lse = logsumexp(self.partials[k])[which + a]
+        chunked.backward(rows, self.weight, self.bias, lse, grad[which], self.transform, dx=self.dx, dw=self.dw,
+                         db=self.db)
 
 
 def _set_at_targets(tile: torch.Tensor, local_targets: torch.Tensor, values: torch.Tensor | None = None):

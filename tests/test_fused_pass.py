@@ -138,9 +138,13 @@ def test_every_pair_local_loss_against_float64(loss_type, head, spy):
         assert_close(getattr(out, name), getattr(expected, name), TOL, name)
     for name, got, two_pass, want in zip(("hidden", "weight", "bias"), grads, two_pass_grads, expected_grads):
         if want is not None:
-            # The loss's own float32 rounding (sums of hundreds of log-probs; exp(-rho) in discopop) reaches
-            # both paths alike: the fused pass may not add to it.
-            assert_close(got, want, max(TOL, 1.05 * relative_error(two_pass, want)), f"grad {name}")
+            assert_as_close_as_two_pass(got, two_pass, want, f"grad {name}")
+
+
+def assert_as_close_as_two_pass(got, two_pass, want, what):
+    """Within TOL of float64, or no further than the two-pass path: the float32 rounding of the loss itself
+    (sums of hundreds of log-probs; exp(-rho) in discopop) or of huge logits reaches both paths alike."""
+    assert_close(got, want, max(TOL, 1.05 * relative_error(two_pass, want)), what)
 
 
 @pytest.mark.parametrize("options", [
@@ -222,20 +226,33 @@ def test_losses_that_couple_pairs_take_the_two_pass_path(loss_type, spy):
 
 def test_a_pair_too_long_for_the_workspace_takes_the_two_pass_path(spy):
     hs, w, labels = make_batch(pairs=2, seq_len=300)
-    assert_same_as_two_pass(hs, w, labels, workspace_bytes=2 * 128 * w.shape[0] * 4,
+    schedule = fused_pass.PairSchedule(shifted_targets(labels).reshape(-1).ne(-100).nonzero().squeeze(1),
+                                       labels.shape[1], 2, 128)
+    # One slot fewer than the schedule needs (each holds 128 rows of V float32 logits).
+    assert_same_as_two_pass(hs, w, labels, workspace_bytes=(schedule.slots - 1) * 128 * w.shape[0] * 4,
                             **precomputed_reference(hs, w, labels))
     assert spy.calls == 1 and spy.completed == 0
 
 
-def test_a_row_far_below_its_maximum_starts_over_on_the_two_pass_path(spy):
-    hs, w, labels = make_batch(pairs=2, seq_len=40)
+@pytest.mark.parametrize("rows_far_below", [1, 140])
+def test_rows_far_below_their_maximum_are_recomputed(rows_far_below, spy):
+    """Rows that leave the shifted forward for the online one: the same log-probs as the two-pass path,
+    gradients against float64 (140 rows: a whole token block of them, and more)."""
+    hs, w, labels = make_batch(pairs=2)
     targets = shifted_targets(labels)
-    hs[1, 10] *= 200  # huge logits on this row: its target lies far below the row's maximum
-    targets_row = (hs[1, 10] @ w.T).argmin()
-    labels[1, 11] = targets_row
-    assert targets[1, 10] != -100 or labels[1, 11] == targets_row
-    assert_same_as_two_pass(hs, w, labels, **precomputed_reference(hs, w, labels))
-    assert spy.calls == 1 and spy.completed == 0
+    scored = (targets != -100).nonzero()[:rows_far_below]
+    for row, t in scored.tolist():
+        hs[row, t] *= 200  # huge logits: the target (the smallest logit) lies far below the row's maximum
+        labels[row, t + 1] = (hs[row, t] @ w.T).argmin()
+    ref = precomputed_reference(hs, w, labels)
+    fused, grads = run(hs, w, labels, **ref)
+    two_pass, two_pass_grads = run(hs, w, labels, fused=False, **ref)
+    assert spy.completed == 1
+    for name, value in outputs(two_pass).items():
+        assert torch.equal(outputs(fused)[name], value), name
+    _, expected_grads = oracle(hs, w, labels, **ref)
+    for name, got, two_pass_grad, want in zip(("hidden", "weight"), grads, two_pass_grads, expected_grads):
+        assert_as_close_as_two_pass(got, two_pass_grad, want, f"grad {name}")
 
 
 def test_tolerance_and_no_grad_take_the_two_pass_path(spy):
@@ -333,7 +350,7 @@ def test_frozen_head_is_exact_on_peaked_rows():
     w = torch.randn(vocab, hidden) * 0.3
     h = torch.randn(256, hidden)
     targets = (h @ w.T).argmax(1)
-    h = (4 * h).requires_grad_()
+    h = (6 * h).requires_grad_()
     logps = fastdpo.linear_logprobs(h, w, targets, backend="torch")
     logps.sum().backward()
     h64 = h.detach().double().requires_grad_()
