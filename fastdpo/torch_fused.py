@@ -46,9 +46,10 @@ class _TargetFreePart(chunked.Part):
         super().__init__(part.slices, part.first, part.acc, part._tile)
         self.shifted, self.targets, self.excl, self.row_max = shifted, None, None, None
 
-    def reset(self, targets: torch.Tensor | None) -> None:
+    def reset(self, targets: torch.Tensor | None, slice_width: int = 0) -> None:
         self.targets = targets
         if targets is not None:
+            self.hits = target_hits(targets, slice_width)
             self.excl = torch.zeros(targets.numel(), dtype=self.acc.dtype, device=self.acc.device)
             self.row_max = torch.full_like(self.excl, float("-inf"))
 
@@ -56,12 +57,12 @@ class _TargetFreePart(chunked.Part):
         """The tile's exp(z - shift) with its target entries zeroed (on the shifted path the tile itself,
         which holds exp(z - t)), and the factor that rescaled the running sums (None on the shifted path)."""
         if self.shifted:
-            q, rescale = _set_at_targets(tile, self.targets - v0), None
+            q, rescale = _set_at_targets(tile, self.hits.get(v0)), None
             self.excl += q.sum(1)
             return q, rescale
         new_max = torch.maximum(self.row_max, tile.amax(1))  # the tile holds z
         rescale = torch.exp(self.row_max - new_max)
-        q = _set_at_targets(torch.sub(tile, new_max[:, None]).exp_(), self.targets - v0)
+        q = _set_at_targets(torch.sub(tile, new_max[:, None]).exp_(), self.hits.get(v0))
         self.excl = self.excl * rescale + q.sum(1)
         self.row_max = new_max
         return q, rescale
@@ -165,7 +166,7 @@ class StoredLogits:
         self._use_slot(k)
         r0, r1 = self.blocks[k]
         for part in self.buffers.parts:
-            part.reset(self.x.targets[r0:r1])
+            part.reset(self.x.targets[r0:r1], self.buffers.slice_width)
         partials = chunked.forward_block(self.x, r0, r1, self.weight, self.bias, self.transform, self.with_stats,
                                          self.buffers, self.weight_sum)
         # Rows the shifted forward handed to the online path (a target far below its row's maximum, or
@@ -196,6 +197,7 @@ class StoredLogits:
         else:
             lse = logsumexp(partials)[a:b]
         self._use_slot(k)
+        hits = target_hits(targets, self.buffers.slice_width)
 
         def part_grads(part: _SlotPart):
             share = part.acc[: b - a].zero_() if self.dx is not None else None
@@ -204,9 +206,9 @@ class StoredLogits:
                 if rerun is not None and rerun.numel():
                     tile.index_fill_(0, rerun, 0)
                 if self.shifted:
-                    d_raw = _set_at_targets(tile.mul_(row_scale), targets - v0, target_entry)
+                    d_raw = _set_at_targets(tile.mul_(row_scale), hits.get(v0), target_entry)
                 else:
-                    d_z = _set_at_targets(chunked._logits_gradient(tile, targets - v0, lse, grad), targets - v0,
+                    d_z = _set_at_targets(chunked._logits_gradient(tile, targets - v0, lse, grad), hits.get(v0),
                                           target_entry)
                     d_raw = self.transform.scale_gradient_(d_z, tile)
                 w = self.weight[v0:v1].to(xr.dtype)
@@ -234,10 +236,25 @@ class StoredLogits:
                          db=self.db)
 
 
-def _set_at_targets(tile: torch.Tensor, local_targets: torch.Tensor, values: torch.Tensor | None = None):
-    """tile[i, local_targets[i]] = values[i] (0 without values) for the rows whose target lies in the tile."""
-    rows = ((local_targets >= 0) & (local_targets < tile.shape[1])).nonzero().squeeze(1)
-    tile[rows, local_targets[rows]] = 0 if values is None else values[rows]
+def target_hits(targets: torch.Tensor, slice_width: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """For each vocabulary slice [v0, v0 + slice_width) holding some row's target: v0 -> (rows, columns in
+    the slice). Found once per block, so that a tile without targets (most of them) costs no ops here."""
+    found: dict[int, tuple[list[int], list[int]]] = {}
+    for row, target in enumerate(targets.tolist()):
+        rows, cols = found.setdefault(target - target % slice_width, ([], []))
+        rows.append(row)
+        cols.append(target % slice_width)
+    device = targets.device
+    return {v0: (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+            for v0, (rows, cols) in found.items()}
+
+
+def _set_at_targets(tile: torch.Tensor, hit: tuple[torch.Tensor, torch.Tensor] | None,
+                    values: torch.Tensor | None = None) -> torch.Tensor:
+    """tile[rows, columns] = values[rows] (0 without values) for target_hits' entry of the tile (or none)."""
+    if hit is not None:
+        rows, cols = hit
+        tile[rows, cols] = 0 if values is None else values[rows]
     return tile
 
 
@@ -249,8 +266,8 @@ class _FrozenPart(_TargetFreePart):
         super().__init__(part, owner.shifted)
         self.owner, self.a = owner, torch.empty_like(part.acc)
 
-    def reset(self, targets: torch.Tensor | None) -> None:
-        super().reset(targets)
+    def reset(self, targets: torch.Tensor | None, slice_width: int = 0) -> None:
+        super().reset(targets, slice_width)
         if targets is not None:
             self.a[: targets.numel()].zero_()
 
@@ -287,7 +304,7 @@ class FrozenAccumulator(chunked.BlockBuffers):
         self._flush()
         self.block = (r0, r1) if x is self.x else None
         for part in self.parts:
-            part.reset(None if self.block is None else x.targets[r0:r1])
+            part.reset(None if self.block is None else x.targets[r0:r1], self.slice_width)
 
     def _flush(self) -> None:
         """The current block's parts, combined in part order into its rows of A, excl and row_max."""

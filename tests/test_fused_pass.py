@@ -226,9 +226,11 @@ def test_losses_that_couple_pairs_take_the_two_pass_path(loss_type, spy):
 
 def test_a_pair_too_long_for_the_workspace_takes_the_two_pass_path(spy):
     hs, w, labels = make_batch(pairs=2, seq_len=300)
+    labels[:, 4:] = torch.randint(0, w.shape[0], labels[:, 4:].shape)  # every sequence ~300 tokens long
     schedule = fused_pass.PairSchedule(shifted_targets(labels).reshape(-1).ne(-100).nonzero().squeeze(1),
                                        labels.shape[1], 2, 128)
     # One slot fewer than the schedule needs (each holds 128 rows of V float32 logits).
+    assert schedule.slots >= 2
     assert_same_as_two_pass(hs, w, labels, workspace_bytes=(schedule.slots - 1) * 128 * w.shape[0] * 4,
                             **precomputed_reference(hs, w, labels))
     assert spy.calls == 1 and spy.completed == 0
