@@ -268,6 +268,7 @@ def _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, trans
                         need_dx=hidden.requires_grad, need_dw=weight.requires_grad,
                         need_db=bias is not None and bias.requires_grad)
     grads = LossGradients(config, mask, x.dtype, with_stats, **reference)
+    row_grads = torch.zeros(len(x), dtype=x.dtype, device=rows.device)
     for step in schedule.steps:
         if step.block is not None:
             partials = head.forward(step.block)
@@ -278,8 +279,12 @@ def _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, trans
             token_grads = grads.token_grads()
             for k, a, b in schedule.runs(step.done, step.ready):
                 r0 = head.blocks[k][0]
-                head.backward_rows(k, a, b, token_grads.index_select(0, rows[r0 + a: r0 + b]))
+                row_grads[r0 + a: r0 + b] = token_grads.index_select(0, rows[r0 + a: r0 + b])
+        # A block's d_logits and GEMMs wait until all its rows have their g: one K = block-rows GEMM per
+        # slice, as in the two-pass backward, rather than one per group of pairs (each would stream dW).
         for k in step.release:
+            r0, r1 = head.blocks[k]
+            head.backward_rows(k, 0, r1 - r0, row_grads[r0:r1])
             head.release(k)
     merged = chunked._cat([head.partials[k] for k in range(len(head.blocks))])
     outputs = ops.per_token_outputs(merged, rows, targets.shape, weight.shape[0], with_stats)
