@@ -434,7 +434,7 @@ def measure_shape(n: int, hidden: int, vocab: int, bench, device_name: str, devi
     row("forward kernel", lambda: logprob_forward.logprob_forward(h, w, None, rows, targets), cublas=CUBLAS_LOGITS)
     with torch.no_grad():
         row("forward (end to end)", lambda: fastdpo.linear_logprobs(h, w, targets, backend="triton"))
-    lse = _lse_from_table(kernels, h, w, rows, targets, vocab)
+    lse = _lse_from_table(logprob_forward, h, w, rows, targets, vocab)
     grad = torch.randn(n, device=dev)
 
     def logits_grad_chunks():
@@ -475,8 +475,9 @@ def _mm_fp32(a, b):
         return torch.mm(a, b).float()
 
 
-def _lse_from_table(kernels, h, w, rows, targets, vocab):
-    """lse per row from the forward's [F, vocab tiles, n] table (F0 = max, F1 = sum of exp)."""
+def _lse_from_table(logprob_forward, h, w, rows, targets, vocab):
+    """lse per row from the forward's [F, vocab tiles, n] table (F0 = max, F1 = sum of exp); logprob_forward:
+    the fastdpo.kernels.logprob_forward module."""
     import math
 
     import torch

@@ -8,11 +8,15 @@ Trainable head (StoredLogits), 3 passes (6P FLOPs; the two-pass path spends 8P):
     pass 1  each token block's tiles land in a workspace slot of block_rows x V values:
                 shifted (linear head, no bias):  e = exp(z - t)   (t: the row's target logit)
                 online (softcap or bias):        z
-    once the loss has given g for a group of rows (fastdpo.fused_pass), their tiles become d_logits:
+    once the loss has given g for all of a block's rows (fastdpo.fused_pass), its tiles become d_logits:
                 shifted:  D = c g (onehot - e / S)           (S = sum_v e_v, c = logit_scale / temperature)
                 online:   D = g (onehot - exp(z - lse)) * transform'(z)
+            with the target entry set to g (1 - p_y) t'_y, 1 - p_y = sum_{v != y} p_v summed beside the
+            forward's tiles (_TargetFreePart): onehot - p_y would cancel when p_y -> 1
     pass 2  dX rows = D W          (each worker part's share, summed in a fixed order)
     pass 3  dW += D^T X, db += sum_rows D   (parts own disjoint vocabulary rows: no races).
+Rows the shifted forward hands to the online one (a target ~41 nats below the row's maximum: their stored
+e overflowed) take no part in the stored tiles' GEMMs; the two-pass backward recomputes theirs.
 
 Frozen head (FrozenAccumulator), 2 passes (4P): dX_i = g_i U_i with
     U_i = sum_v (onehot_iv - p_iv) t'_iv W_v = t'_iy (1 - p_iy) W_y - sum_{v != y} p_iv t'_iv W_v,
