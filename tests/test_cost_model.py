@@ -359,7 +359,9 @@ def test_gpu_check_phase_measurement_code_runs_on_cpu(monkeypatch):
         out.zero_()
 
     fake = types.ModuleType("fastdpo.kernels")
-    fake.logprob_forward, fake.logits_grad, fake.config = logprob_forward, logits_grad, cm.kernel_config
+    fake.logprob_forward = types.SimpleNamespace(logprob_forward=logprob_forward)
+    fake.logprob_backward = types.SimpleNamespace(logits_grad=logits_grad)
+    fake.config = cm.kernel_config
     monkeypatch.setitem(sys.modules, "fastdpo.kernels", fake)
     monkeypatch.setitem(sys.modules, "fastdpo.kernels.config", cm.kernel_config)
     monkeypatch.setattr(cm.kernel_config, "INTERPRETER_WORKSPACE", 24 * 32 * 4 * 2)  # two 32-column chunks
