@@ -185,6 +185,10 @@ class Part:
         """A contiguous [n_rows, v1 - v0] logits tile."""
         return self._tile[: n_rows * (v1 - v0)].view(n_rows, v1 - v0)
 
+    def done(self, v0: int, v1: int, tile: torch.Tensor) -> None:
+        """Called by the forward once a tile is final: exp(z - shift) on the shifted path, z on the online
+        path. Nothing here; the fused passes (fastdpo.torch_fused) keep or consume the tile."""
+
 
 class BlockBuffers:
     """The [block, H] and [block, slice] buffers that every token block reuses.
@@ -216,6 +220,9 @@ class BlockBuffers:
         # masses are known (fastdpo.sparse_plan's per-row budget): one list of kept slices per block.
         self.kept: list[list[bool]] | None = None
 
+    def start_block(self, x: "Rows", r0: int, r1: int) -> None:
+        """Called by the forward before each token block of `x` (the fused passes place the block's tiles)."""
+
 
 def _weight_slice(weight, bias, v0, v1, dtype):
     return weight[v0:v1].to(dtype), None if bias is None else bias[v0:v1].to(dtype)
@@ -242,19 +249,39 @@ def forward_partials(x: Rows, weight, bias, transform: Transform, with_stats: bo
     """
     buffers = buffers or BlockBuffers(x, weight.shape[0])
     buffers.kept, buffers.tolerance = ([] if tolerance > 0 else None), tolerance
-    if not (transform.is_linear and bias is None):
+    if not is_shifted(transform, bias):
         return _online_forward(x, weight, bias, transform, with_stats, buffers)
+    weight_sum = shifted_weight_sum(x, weight, with_stats)
+    return _cat([forward_block(x, r0, r1, weight, bias, transform, with_stats, buffers, weight_sum)
+                 for r0, r1 in token_blocks(len(x))])
+
+
+def is_shifted(transform: Transform, bias) -> bool:
+    """Whether the forward shifts by the target logit (linear heads) rather than folding online partials."""
+    return transform.is_linear and bias is None
+
+
+def shifted_weight_sum(x: Rows, weight, with_stats: bool):
     # sum_v z_iv = c x_i . sum_v W_v: the mean logit without the cancellation of sum_v (z_iv - t_i) + V t_i
-    weight_sum = torch.sum(weight, 0, dtype=x.dtype) if with_stats else None
-    partials = _cat([_shifted_block(x, r0, r1, weight, transform.linear_factor, weight_sum, buffers)
-                     for r0, r1 in token_blocks(len(x))])
+    return torch.sum(weight, 0, dtype=x.dtype) if with_stats else None
+
+
+def forward_block(x: Rows, r0: int, r1: int, weight, bias, transform: Transform, with_stats: bool,
+                  buffers: BlockBuffers, weight_sum=None) -> VocabPartials:
+    """One token block's merged partials, as forward_partials computes them (weight_sum: see
+    shifted_weight_sum). Everything stays within the block, so the fused passes can take blocks in
+    any order and get the same bits."""
+    if not is_shifted(transform, bias):
+        return _online_block(x, r0, r1, weight, bias, transform, with_stats, buffers)
+    partials = _shifted_block(x, r0, r1, weight, transform.linear_factor, weight_sum, buffers)
     # A logit far above its row's target logit (or NaN/inf in the input): that row, and only that
     # row, goes through the online path, which rescales by the running maximum and propagates NaN.
     unsafe = ~(partials.sum_exp <= SHIFTED_SUM_LIMIT)
     if not bool(unsafe.any()):
         return partials
     buffers.kept = None  # the planned masses are not all exact: the backward stays dense
-    online = _online_forward(x.subset(unsafe), weight, bias, transform, with_stats, buffers)
+    rows = Rows(x.hidden, x.rows[r0:r1][unsafe], x.targets[r0:r1][unsafe])
+    online = _online_forward(rows, weight, bias, transform, with_stats, buffers)
     if with_stats:
         online = online._replace(is_top1=_top1(online))
     return VocabPartials(*(None if mine is None else mine.index_put((unsafe,), theirs)
@@ -275,6 +302,7 @@ def _shifted_block(x: Rows, r0, r1, weight, factor: float, weight_sum, buffers: 
     With `weight_sum` (sum_v W_v) the statistics are computed too.
     """
     with_stats = weight_sum is not None
+    buffers.start_block(x, r0, r1)
     xb, targets = x.block(r0, r1, buffers.rows), x.targets[r0:r1]
     # x_i . W[y_i], multiplied in place in a free accumulator (vecdot would allocate the product)
     target_logit = gather_rows(weight, targets, buffers.parts[0].acc).mul_(xb).sum(1).mul_(factor)
@@ -298,6 +326,7 @@ def _shifted_block(x: Rows, r0, r1, weight, factor: float, weight_sum, buffers: 
                 slice_sums.append(tile_sum)
             if stats is not None:
                 stats.add_probs(probs)
+            part.done(v0, v1, probs)
         return sum_exp, stats, slice_sums
 
     results = Workers.map(part_sums, buffers.parts)
@@ -376,6 +405,7 @@ def _online_forward(x: Rows, weight, bias, transform: Transform, with_stats: boo
 
 def _online_block(x: Rows, r0, r1, weight, bias, transform: Transform, with_stats: bool,
                   buffers: BlockBuffers) -> VocabPartials:
+    buffers.start_block(x, r0, r1)
     xb, targets = x.block(r0, r1, buffers.rows), x.targets[r0:r1]
 
     record = buffers.kept is not None
@@ -386,6 +416,7 @@ def _online_block(x: Rows, r0, r1, weight, bias, transform: Transform, with_stat
             w, b = _weight_slice(weight, bias, v0, v1, x.dtype)
             z = _logits(xb, w, b, transform, out=part.tile_for(r1 - r0, v0, v1))
             tile = _tile_partials(z, targets, v0, with_stats)
+            part.done(v0, v1, z)
             if record:
                 tile_lse.append(logsumexp(tile))
             running = tile if running is None else merge(_stack([running, tile]))

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from . import fused_pass
 from .backends import resolve_backend
 from .logprobs import transformed_logprobs
 from .losses import LossConfig, preference_loss_from_token_logps
@@ -41,7 +42,11 @@ class FastDPOLoss(nn.Module):
     `temperature`, `softcap` (Gemma's final_logit_softcapping) and `logit_scale` transform the logits
     as in linear_logprobs, for the policy and the reference alike. `grad_tolerance` (default 0, exact)
     lets the backward skip vocabulary tiles within a stated per-row budget of dropped probability mass,
-    and `workspace_bytes` bounds the Triton backward's d_logits workspace (see linear_logprobs).
+    and `workspace_bytes` bounds the Triton backward's d_logits workspace (see linear_logprobs) and, on
+    the PyTorch path, the fused pass's logits workspace (None: fused_pass.DEFAULT_WORKSPACE_BYTES).
+    `fused=True` (the default) takes the fused routes where they apply: 3 GEMM passes over the head for
+    a trainable head, 2 for a frozen one; `fused=False` keeps the two-pass path (fastdpo.fused_pass says
+    which route a call takes, and why).
     """
 
     def __init__(self, beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid", label_smoothing: float = 0.0,
@@ -51,7 +56,7 @@ class FastDPOLoss(nn.Module):
                  use_weighting: bool = False, ld_alpha: float | None = None, discopop_tau: float = 0.05,
                  simpo_gamma: float = 0.5, token_metrics: bool = False, temperature: float = 1.0,
                  softcap: float | None = None, logit_scale: float = 1.0, grad_tolerance: float = 0.0,
-                 workspace_bytes: int | None = None):
+                 workspace_bytes: int | None = None, fused: bool = True):
         super().__init__()
         self.config = LossConfig(
             loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
@@ -64,6 +69,9 @@ class FastDPOLoss(nn.Module):
         self.ignore_index, self.shift_labels, self.backend = ignore_index, shift_labels, backend
         self.token_metrics = token_metrics
         self.grad_tolerance, self.workspace_bytes = grad_tolerance, workspace_bytes
+        if not isinstance(fused, bool):
+            raise ValueError(f"fused must be True or False, got {fused!r}")
+        self.fused = fused
 
     @property
     def beta(self) -> float:
@@ -83,22 +91,32 @@ class FastDPOLoss(nn.Module):
         targets = shifted_targets(labels, self.ignore_index) if self.shift_labels else labels
         completion = targets != self.ignore_index
         with_stats = self.token_metrics or cfg.needs_log_sum_sq_probs
-        policy = transformed_logprobs(hidden_states, lm_head_weight, targets, lm_head_bias, self.ignore_index,
-                                      self.transform, with_stats=with_stats, backend=backend,
-                                      grad_tolerance=self.grad_tolerance, workspace_bytes=self.workspace_bytes)
-        token_logps = policy.logps if with_stats else policy
         # A reference given to a loss that needs none (sft, simpo, orpo) still feeds the logged rewards.
         if not cfg.reference_free and ref_chosen_logps is None and ref_hidden_states is not None:
             ref_token_logps = self._reference_token_logps(targets, ref_hidden_states, ref_lm_head_weight,
                                                           ref_lm_head_bias, lm_head_weight, lm_head_bias, backend)
         else:
             ref_token_logps = None
-
-        terms = preference_loss_from_token_logps(
-            cfg, token_logps, completion, ref_token_logps=ref_token_logps,
-            ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-            log_sum_sq_probs=policy.log_sum_sq_probs if with_stats else None,
-        )
+        reference = dict(ref_token_logps=ref_token_logps, ref_chosen_logps=ref_chosen_logps,
+                         ref_rejected_logps=ref_rejected_logps)
+        fused = None
+        if fused_pass.trainable_route(cfg, hidden_states, lm_head_weight, lm_head_bias, fused=self.fused,
+                                      backend=backend, grad_tolerance=self.grad_tolerance):
+            fused = fused_pass.fused_preference_loss(
+                cfg, hidden_states, lm_head_weight, lm_head_bias, targets, completion, self.ignore_index,
+                transform=self.transform, with_stats=with_stats, workspace_bytes=self.workspace_bytes,
+                **reference)
+        if fused is not None:
+            terms, policy = fused
+        else:
+            policy = transformed_logprobs(hidden_states, lm_head_weight, targets, lm_head_bias, self.ignore_index,
+                                          self.transform, with_stats=with_stats, backend=backend,
+                                          grad_tolerance=self.grad_tolerance, workspace_bytes=self.workspace_bytes,
+                                          fused=self.fused)
+            terms = preference_loss_from_token_logps(
+                cfg, policy.logps if with_stats else policy, completion, **reference,
+                log_sum_sq_probs=policy.log_sum_sq_probs if with_stats else None,
+            )
         out = DPOOutput.from_sequences(terms.loss, terms.chosen_logps, terms.rejected_logps, terms.chosen_rewards,
                                        terms.rejected_rewards)
         if self.token_metrics:

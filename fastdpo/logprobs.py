@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 
-from . import distributed, ops, reference
+from . import distributed, fused_pass, ops, reference
 from .heads import DTENSOR, ZERO3, VocabShard, head_kind
 from .ops import DOUBLE_BACKWARD_MESSAGE  # noqa: F401  (tests and users import it from here)
 from .transform import LogitTransform
@@ -28,7 +28,8 @@ from .validation import checked_local_head
 
 def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100, *, temperature: float = 1.0,
                     softcap: float | None = None, logit_scale: float = 1.0, with_stats: bool = False,
-                    backend: str | None = None, grad_tolerance: float = 0.0, workspace_bytes: int | None = None):
+                    backend: str | None = None, grad_tolerance: float = 0.0, workspace_bytes: int | None = None,
+                    fused: bool = True):
     """Per-token log-probabilities of `targets` under logits = transform(hidden @ weight.T + bias).
 
     hidden [..., H], weight [V, H], targets [...] (not shifted; `ignore_index` positions get 0).
@@ -45,15 +46,20 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
     input dtype; at least one 128-column tile): None takes 1/64 of the device's memory, at most 1 GiB.
     Smaller workspaces mean more, narrower vocabulary chunks: the same result up to the rounding of
     dX's chunk sums (for given inputs and workspace, the bits are reproducible).
+    fused=True (the default) takes the frozen-head route where it applies (hidden requires grad, weight
+    and bias do not, backend 'torch', grad_tolerance 0; see fastdpo.fused_pass): the forward also forms
+    dlogp/dh, so the backward is one scaling, 2 GEMM passes in all instead of 3. The log-probs are the
+    same bits on either route.
     """
     transform = LogitTransform(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
     return transformed_logprobs(hidden, weight, targets, bias, ignore_index, transform, with_stats=with_stats,
-                                backend=backend, grad_tolerance=grad_tolerance, workspace_bytes=workspace_bytes)
+                                backend=backend, grad_tolerance=grad_tolerance, workspace_bytes=workspace_bytes,
+                                fused=fused)
 
 
 def transformed_logprobs(hidden, weight, targets, bias, ignore_index: int, transform: LogitTransform, *,
                          with_stats: bool = False, backend: str | None = None, grad_tolerance: float = 0.0,
-                         workspace_bytes: int | None = None):
+                         workspace_bytes: int | None = None, fused: bool = True):
     """linear_logprobs with the logit transform as one value (what FastDPOLoss holds)."""
     kind = head_kind(hidden, weight)
     if kind == DTENSOR:  # before the type checks: the local tensors, or a VocabShard
@@ -66,6 +72,10 @@ def transformed_logprobs(hidden, weight, targets, bias, ignore_index: int, trans
     with distributed.gathered(weight, bias) if kind == ZERO3 else contextlib.nullcontext():  # for the forward
         hidden, weight, targets, bias, backend = checked_local_head(
             hidden, weight, targets, bias, ignore_index, backend, transform, grad_tolerance, workspace_bytes)
+        if function is None and fused_pass.frozen_route(hidden, weight, bias, fused=fused, backend=backend,
+                                                        grad_tolerance=grad_tolerance):
+            return fused_pass.frozen_linear_logprobs(hidden, weight, targets, bias, ignore_index, transform,
+                                                     with_stats)
         if backend != "reference":
             return ops.fused_logprobs(hidden, weight, bias, targets, ignore_index, transform, with_stats=with_stats,
                                       backend=backend, workspace_bytes=workspace_bytes, grad_tolerance=grad_tolerance,

@@ -68,6 +68,14 @@ REFERENCE_FREE_LOSS_TYPES = frozenset({"sft", "simpo", "orpo"})
 LABEL_SMOOTHING_LOSS_TYPES = frozenset({"robust", "exo_pair", "aot", "aot_unpaired", "simpo"})
 # Losses that sort the batch (per-pair weights would be misaligned).
 SORTING_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
+# Losses whose gradient w.r.t. one pair's log-probs depends on other pairs' log-probs (batch-wide lengths,
+# reference log-probs and detached weights do not count). Every other loss is pair-local: the fused pass
+# (fastdpo.fused_pass) forms a group's gradient before the rest of the batch is computed. A new loss that
+# couples pairs belongs here; tests/test_fused_pass.py checks the others against the full-batch gradient.
+PAIR_COUPLED_LOSS_TYPES = SORTING_LOSS_TYPES
+# Losses with a batch-wide term (the token-mean NLL of all chosen completions): pair-local as they stand,
+# coupled once WPO's per-pair weights multiply that term (the mean of the weights enters every pair's gradient).
+BATCH_TERM_LOSS_TYPES = frozenset({"sft", "orpo"})
 # Losses that read the completion lengths.
 LENGTH_USING_LOSS_TYPES = frozenset({"ipo", "sigmoid_norm", "sft", "simpo", "orpo"})
 # Losses that already normalise by length (``average_log_prob`` would normalise twice).
@@ -198,6 +206,12 @@ class LossConfig:
     def needs_reference(self) -> bool:
         """Whether reference log-probs must be supplied."""
         return not self.reference_free and not set(self.loss_type) <= REFERENCE_FREE_LOSS_TYPES
+
+    @property
+    def pair_local(self) -> bool:
+        """Whether each pair's gradient depends on its own log-probs alone (see PAIR_COUPLED_LOSS_TYPES)."""
+        names = set(self.loss_type)
+        return not (names & PAIR_COUPLED_LOSS_TYPES or (self.use_weighting and names & BATCH_TERM_LOSS_TYPES))
 
     @property
     def needs_log_sum_sq_probs(self) -> bool:

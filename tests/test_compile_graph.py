@@ -11,6 +11,8 @@ and on the GPU's tensors where there is one.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -103,8 +105,11 @@ def test_frozen_head_and_fully_ignored_batch():
     hidden, weight, _, targets = head_inputs(bias=False)
     weight.requires_grad_(False)
     compiled = torch.compile(fastdpo.linear_logprobs, backend="aot_eager", fullgraph=True)
+    # A compiled graph takes the two-pass path (the frozen-head route is eager-only): the same code as
+    # fused=False in eager mode.
+    two_pass = functools.partial(fastdpo.linear_logprobs, fused=False)
     for labels in (targets, torch.full_like(targets, -100)):
-        expected, (expected_grad,) = run_with_grads(fastdpo.linear_logprobs, (hidden,), hidden, weight, labels)
+        expected, (expected_grad,) = run_with_grads(two_pass, (hidden,), hidden, weight, labels)
         actual, (grad,) = run_with_grads(compiled, (hidden,), hidden, weight, labels)
         assert_bitwise(actual, expected, "logps")
         assert_bitwise(grad, expected_grad, "d hidden")
@@ -147,7 +152,11 @@ def test_fastdpoloss_compiles_to_one_graph_with_eager_bits(backend, case):
     args = (hidden_states, weight, labels, bias, ref_hidden_states)
     assert graph_breaks(step, *args) == 0
     leaves = (hidden_states, weight, bias)
-    expected, expected_grads = _loss_and_grads(step, leaves, args)
+    # A compiled graph takes the two-pass path (the fused pass is eager-only): the same code as
+    # fused=False in eager mode.
+    two_pass = fastdpo.FastDPOLoss(backend=backend, fused=False, **LOSS_CASES[case])
+    expected, expected_grads = _loss_and_grads(
+        lambda *a: two_pass(*a[:4], ref_hidden_states=a[4]), leaves, args)
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     actual, grads = _loss_and_grads(compiled, leaves, args)
     expected_values, actual_values = dpo_outputs(expected), dpo_outputs(actual)

@@ -1,0 +1,340 @@
+"""The fused routes: the loss gradient formed in the forward, so the head costs 3 GEMM passes, or 2 when frozen.
+
+With n scored tokens and P = n·H·V, one pass over the head is a GEMM of 2P FLOPs. The two-pass path
+(fastdpo.ops) spends 4 passes on a trainable head (logits; their recompute in the backward; dX; dW) and
+3 on a frozen one. Which route a call takes:
+
+- **fused** (FastDPOLoss, trainable head: the weight or bias requires grad; 3 passes): taken when
+  `fused=True` (the default), gradients are being recorded, the backend is 'torch', grad_tolerance is 0,
+  the head is a plain tensor (not a VocabShard, DTensor or ZeRO-3 partition), not under torch.compile,
+  every loss type is pair-local (fastdpo.losses.PAIR_COUPLED_LOSS_TYPES: 'aot' and 'aot_unpaired' sort the
+  batch), and the pair schedule below fits `workspace_bytes` (default DEFAULT_WORKSPACE_BYTES). Rows whose
+  target logit lies more than ~41 nats below their row's maximum (or with inf/NaN logits) leave the shifted
+  forward for the online one (chunked.forward_block); the fused pass recomputes their gradients the
+  two-pass way, so they cost one more pass each (a trained LM's rare targets do this).
+- **frozen** (FastDPOLoss and linear_logprobs, frozen head: hidden requires grad, weight and bias do not;
+  2 passes, any upstream loss): `fused=True`, gradients recorded, backend 'torch', grad_tolerance 0,
+  plain tensors, not compiling. The forward accumulates U_i = dlogp_i/dh_i beside its tiles
+  (fastdpo.torch_fused.FrozenAccumulator); the backward returns g ⊙ U.
+- **two-pass** everywhere else, including every forward without gradients (evaluation, the reference):
+  there it is one pass, the forward alone.
+
+Every route computes its log-probs with the same tiles and merges, so they are the same bits on every
+route, and the loss and metrics come from one evaluation of fastdpo.losses on the full batch.
+
+The fused pass, step by step. The scored rows are compacted (chosen sequences first) and cut into the
+forward's token blocks of TOKEN_BLOCK rows; pair i is sequences i and i + B. Blocks are computed in the
+order `PairSchedule` chooses (alternating between the chosen and the rejected half, whichever has
+completed fewer pairs), each into a slot of the workspace. As soon as both halves of some pairs are
+computed, the loss is evaluated on the whole batch, with the pairs not yet computed holding placeholder
+log-probs, and differentiated with respect to the token log-probs: for a pair-local loss the gradient of
+the completed pairs is exact (the lengths, the reference log-probs and 'sft''s token count are known for
+the whole batch up front; WPO's weights are detached per pair). Their rows' tiles become d_logits in place
+and give dX, dW and db; a slot is freed once all its rows are done. Memory: the slots the schedule needs
+at once (block_rows x V accumulation-dtype values each; a pair whose sequences span many blocks needs
+more), dX and dW in fp32 (for fp32 inputs they are the gradients themselves).
+
+16-bit weights: dW is accumulated in an fp32 [V, H] and cast at the end (the CPU path's rule). The
+alternatives on a GPU, where that buffer costs 2 bytes per weight more than a bf16 gradient, are a
+16-bit accumulator (relative error about sqrt(k) 2^-9 after k groups), fewer and larger groups, or
+stochastic rounding in a dW epilogue; benchmarks/fused_accumulation.py is where they are to be measured.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+
+from . import chunked, ops
+from .heads import is_distributed_head
+from .losses import LossConfig, LossTerms, preference_loss_from_token_logps
+from .ops import DOUBLE_BACKWARD_MESSAGE
+from .softmax_stats import logsumexp, token_stats
+from .torch_fused import FrozenAccumulator, StoredLogits
+from .transform import LogitTransform
+from .types import TokenStats
+
+# The fused pass's workspace bound when the caller gives none: 512 MiB. At V = 65,536 in fp32 a slot of
+# 128 rows is 32 MiB, so 16 slots: pairs whose longer sequence has up to about 14 blocks (~1,800 scored
+# tokens) fit; at V = 128,256, 8 slots (~770 tokens). Longer pairs take the two-pass path.
+DEFAULT_WORKSPACE_BYTES = 512 << 20
+SECOND_BACKWARD_MESSAGE = (
+    "FastDPOLoss's fused pass hands its gradients over at the first backward, so its loss cannot be "
+    "backpropagated twice (retain_graph=True); pass fused=False to FastDPOLoss for that.")
+# What a pair that is not computed yet holds while the loss is differentiated for the others: a finite
+# log-prob per token, so that every loss term stays finite.
+PLACEHOLDER_LOGP = -1.0
+
+
+def _plain_tensors(*tensors) -> bool:
+    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+
+
+def _common_rule(fused: bool, backend: str, grad_tolerance: float, hidden, weight, bias) -> bool:
+    return (fused and backend == "torch" and grad_tolerance == 0 and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and _plain_tensors(hidden, weight, bias)
+            and not is_distributed_head(hidden, weight))
+
+
+def frozen_route(hidden, weight, bias, *, fused: bool, backend: str, grad_tolerance: float) -> bool:
+    """Whether linear_logprobs (and so FastDPOLoss) takes the frozen-head route (see the module docstring)."""
+    return (_common_rule(fused, backend, grad_tolerance, hidden, weight, bias) and hidden.requires_grad
+            and not weight.requires_grad and (bias is None or not bias.requires_grad))
+
+
+def trainable_route(config: LossConfig, hidden, weight, bias, *, fused: bool, backend: str,
+                    grad_tolerance: float) -> bool:
+    """Whether FastDPOLoss takes the fused route; `pair_schedule_fits` is checked by fused_preference_loss."""
+    return (_common_rule(fused, backend, grad_tolerance, hidden, weight, bias) and config.pair_local
+            and (weight.requires_grad or (bias is not None and bias.requires_grad)))
+
+
+# --- the pair schedule -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    block: int | None  # the token block computed at this step (None: already computed by the other half)
+    done: int  # pairs [done, ready) are complete after this step
+    ready: int
+    release: list[int]  # blocks whose rows are all done after this step
+
+
+class PairSchedule:
+    """In which order the token blocks are computed, and when each pair's gradient can be formed.
+
+    rows: the compacted scored positions (flat indices into [2B, T], ascending); block: rows per block.
+    """
+
+    def __init__(self, rows: torch.Tensor, seq_len: int, pairs: int, block: int):
+        seq = (rows // seq_len).tolist()
+        self.n_rows, self.block, self.pairs = len(seq), block, pairs
+        self.n_chosen = bisect.bisect_left(seq, pairs)
+        counts_c, counts_r = [0] * pairs, [0] * pairs
+        for s in seq:
+            (counts_c if s < pairs else counts_r)[s % pairs] += 1
+        self.chosen_end, self.rejected_end = _running(counts_c, 0), _running(counts_r, self.n_chosen)
+        n_blocks = -(-self.n_rows // block)
+        # The last pair (+1) each block holds a row of: its slot is free once that many pairs are done.
+        self.needed = [0] * n_blocks
+        for r, s in enumerate(seq):
+            self.needed[r // block] = max(self.needed[r // block], s % pairs + 1)
+        self.steps = self._plan(n_blocks)
+        self.slots = self._peak_slots()
+
+    def _plan(self, n_blocks: int) -> list[Step]:
+        block, nc = self.block, self.n_chosen
+        chosen_blocks = list(range(-(-nc // block)))
+        rejected_blocks = list(range(nc // block, n_blocks)) if self.n_rows > nc else []
+        covered_c, covered_r, ic, ir = 0, nc, 0, 0
+        computed, steps, done, held = set(), [], 0, []
+        while ic < len(chosen_blocks) or ir < len(rejected_blocks):
+            done_c = bisect.bisect_right(self.chosen_end, covered_c)
+            done_r = bisect.bisect_right(self.rejected_end, covered_r)
+            take_chosen = ir >= len(rejected_blocks) or (ic < len(chosen_blocks) and done_c <= done_r)
+            if take_chosen:
+                k, ic = chosen_blocks[ic], ic + 1
+                covered_c = min(nc, (k + 1) * block)
+            else:
+                k, ir = rejected_blocks[ir], ir + 1
+                covered_r = min(self.n_rows, (k + 1) * block)
+            new = k not in computed
+            computed.add(k)
+            if new:
+                held.append(k)
+            ready = min(bisect.bisect_right(self.chosen_end, covered_c),
+                        bisect.bisect_right(self.rejected_end, covered_r))
+            release = [j for j in held if self.needed[j] <= ready]
+            held = [j for j in held if self.needed[j] > ready]
+            steps.append(Step(k if new else None, done, ready, release))
+            done = ready
+        assert done == self.pairs or self.n_rows == 0, "every pair is completed by the last block"
+        return steps
+
+    def _peak_slots(self) -> int:
+        held, peak = 0, 0
+        for step in self.steps:
+            held += step.block is not None
+            peak = max(peak, held)
+            held -= len(step.release)
+        return peak
+
+    def runs(self, done: int, ready: int) -> list[tuple[int, int, int]]:
+        """(block, first, end) row ranges within blocks of pairs [done, ready): chosen rows, then rejected."""
+        starts = (self.chosen_end[done - 1] if done else 0, self.rejected_end[done - 1] if done else self.n_chosen)
+        ends = (self.chosen_end[ready - 1], self.rejected_end[ready - 1])
+        out = []
+        for start, end in zip(starts, ends):
+            while start < end:
+                k = start // self.block
+                stop = min(end, (k + 1) * self.block)
+                out.append((k, start - k * self.block, stop - k * self.block))
+                start = stop
+        return out
+
+
+def _running(counts: list[int], start: int) -> list[int]:
+    out, total = [], start
+    for c in counts:
+        total += c
+        out.append(total)
+    return out
+
+
+# --- the loss gradient of completed pairs ------------------------------------------------------------------------
+
+
+class LossGradients:
+    """dloss/dlogp per token for the pairs completed so far, from fastdpo.losses on the whole batch.
+
+    The token log-probs (and log sum p^2, for WPO) not yet computed hold placeholders; for a pair-local
+    loss (LossConfig.pair_local) they do not reach the completed pairs' gradients.
+    """
+
+    def __init__(self, config: LossConfig, mask: torch.Tensor, dtype: torch.dtype, with_stats: bool, **reference):
+        self.config, self.mask, self.reference = config, mask, reference
+        self.logps = torch.full(mask.shape, PLACEHOLDER_LOGP, dtype=dtype, device=mask.device)
+        self.log_sum_sq = torch.zeros_like(self.logps) if with_stats else None
+
+    def record(self, positions: torch.Tensor, logps: torch.Tensor, log_sum_sq: torch.Tensor | None) -> None:
+        self.logps.view(-1).index_copy_(0, positions, logps)
+        if self.log_sum_sq is not None:
+            self.log_sum_sq.view(-1).index_copy_(0, positions, log_sum_sq)
+
+    def token_grads(self) -> torch.Tensor:
+        """[2B * T] gradient of the batch's loss w.r.t. each token's log-prob (at the current values)."""
+        with torch.enable_grad():
+            logps = self.logps.detach().requires_grad_()
+            terms = preference_loss_from_token_logps(self.config, logps, self.mask,
+                                                     log_sum_sq_probs=self.log_sum_sq, **self.reference)
+            (grad,) = torch.autograd.grad(terms.loss, logps, allow_unused=True)
+        return (torch.zeros_like(logps) if grad is None else grad).reshape(-1)
+
+
+class _AttachGradients(torch.autograd.Function):
+    """The loss, with the gradients the forward already formed: the backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, bias, dx, dw, db):
+        ctx.grads = (dx, dw, db)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+        if ctx.grads is None:
+            raise RuntimeError(SECOND_BACKWARD_MESSAGE)
+        # Handed over, not kept: with no other reference left, autograd makes dW the weight's .grad
+        # without a copy (a kept reference would cost a second [V, H]).
+        grads, ctx.grads = ctx.grads, None
+        if bool(grad == 1):  # the usual case
+            return (None, *grads, None, None, None)
+        return (None, *(None if t is None else t * grad.to(t.dtype) for t in grads), None, None, None)
+
+
+def fused_preference_loss(config: LossConfig, hidden, weight, bias, targets, mask, ignore_index: int, *,
+                          transform: LogitTransform, with_stats: bool, workspace_bytes: int | None,
+                          ref_token_logps=None, ref_chosen_logps=None,
+                          ref_rejected_logps=None) -> tuple[LossTerms, TokenStats | torch.Tensor] | None:
+    """The fused route of FastDPOLoss on the PyTorch path: (loss terms, the policy's per-token TokenStats,
+    or log-probs without with_stats), with the loss carrying the gradients; None when nothing is scored
+    or the pair schedule does not fit workspace_bytes: the caller then takes the two-pass path."""
+    with torch.no_grad():  # the gradients are formed here, by hand; only the loss's own are recorded (LossGradients)
+        result = _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, transform, with_stats,
+                             workspace_bytes, dict(ref_token_logps=ref_token_logps, ref_chosen_logps=ref_chosen_logps,
+                                                   ref_rejected_logps=ref_rejected_logps))
+    if result is None:
+        return None
+    terms, policy, (dx, dw, db) = result
+    terms.loss = _AttachGradients.apply(terms.loss, hidden, weight, bias, dx, dw, db)
+    return terms, policy
+
+
+def _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, transform, with_stats, workspace_bytes,
+                reference):
+    hidden_2d, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    rows = ops.scored_rows(flat_targets, ignore_index)
+    if rows.numel() == 0:
+        return None  # nothing scored: the two-pass path's forward alone
+    x = chunked.Rows(hidden_2d, rows, flat_targets[rows])
+    schedule = PairSchedule(rows, targets.shape[1], targets.shape[0] // 2, chunked.TOKEN_BLOCK)
+    budget = DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
+    if schedule.slots * StoredLogits.slot_bytes(x, weight.shape[0]) > budget:
+        return None
+    head = StoredLogits(x, weight, bias, chunked.Transform(transform), with_stats, schedule.slots,
+                        need_dx=hidden.requires_grad, need_dw=weight.requires_grad,
+                        need_db=bias is not None and bias.requires_grad)
+    grads = LossGradients(config, mask, x.dtype, with_stats, **reference)
+    row_grads = torch.zeros(len(x), dtype=x.dtype, device=rows.device)
+    for step in schedule.steps:
+        if step.block is not None:
+            partials = head.forward(step.block)
+            r0, r1 = head.blocks[step.block]
+            stats = token_stats(partials, logsumexp(partials), weight.shape[0])
+            grads.record(rows[r0:r1], stats.logps, stats.log_sum_sq_probs if with_stats else None)
+        if step.ready > step.done:
+            token_grads = grads.token_grads()
+            for k, a, b in schedule.runs(step.done, step.ready):
+                r0 = head.blocks[k][0]
+                row_grads[r0 + a: r0 + b] = token_grads.index_select(0, rows[r0 + a: r0 + b])
+        # A block's d_logits and GEMMs wait until all its rows have their g: one K = block-rows GEMM per
+        # slice, as in the two-pass backward, rather than one per group of pairs (each would stream dW).
+        for k in step.release:
+            r0, r1 = head.blocks[k]
+            head.backward_rows(k, 0, r1 - r0, row_grads[r0:r1])
+            head.release(k)
+    merged = chunked._cat([head.partials[k] for k in range(len(head.blocks))])
+    outputs = ops.token_outputs(merged, rows, targets, weight.shape[0], with_stats)
+    policy = TokenStats(*outputs[:ops.STAT_FIELDS]) if with_stats else outputs[0]
+    terms = preference_loss_from_token_logps(config, policy.logps if with_stats else policy, mask, **reference,
+                                             log_sum_sq_probs=policy.log_sum_sq_probs if with_stats else None)
+    dx = None if head.dx is None else head.dx.to(hidden.dtype).view(hidden.shape)
+    dw = None if head.dw is None else head.dw.to(weight.dtype)
+    db = None if head.db is None else head.db.to(bias.dtype)
+    return terms, policy, (dx, dw, db)
+
+
+# --- the frozen-head route ---------------------------------------------------------------------------------------
+
+
+class FrozenHeadLogProbs(torch.autograd.Function):
+    """Per-token log-probs whose backward is g ⊙ U, U from the forward (fastdpo.torch_fused)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, transform, with_stats):
+        hidden_2d, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        rows = ops.scored_rows(flat_targets, ignore_index)
+        if rows.numel() == 0:
+            merged, u = ops.no_partials(hidden, with_stats), None
+        else:
+            x = chunked.Rows(hidden_2d, rows, flat_targets[rows])
+            head_transform = chunked.Transform(transform)
+            accumulator = FrozenAccumulator(x, weight, bias, head_transform)
+            merged = chunked.forward_partials(x, weight, bias, head_transform, with_stats, accumulator)
+            u = accumulator.finish(merged)
+        outputs = ops.token_outputs(merged, rows, targets, weight.shape[0], with_stats)
+        ctx.rows, ctx.u, ctx.hidden_shape, ctx.hidden_dtype = rows, u, hidden.shape, hidden.dtype
+        if not with_stats:
+            return outputs[0]
+        ctx.mark_non_differentiable(*outputs[1:ops.STAT_FIELDS])
+        return tuple(outputs[:ops.STAT_FIELDS])
+
+    @staticmethod
+    def backward(ctx, grad_logps, *_unused_stat_grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+        rows, u = ctx.rows, ctx.u
+        dx = torch.zeros(ctx.hidden_shape[:-1].numel(), ctx.hidden_shape[-1], dtype=ctx.hidden_dtype,
+                         device=grad_logps.device)
+        if u is not None:
+            grad = grad_logps.reshape(-1).index_select(0, rows).to(u.dtype)
+            dx.index_copy_(0, rows, (u * grad[:, None]).to(dx.dtype))
+        return dx.view(ctx.hidden_shape), None, None, None, None, None, None
+
+
+def frozen_linear_logprobs(hidden, weight, targets, bias, ignore_index: int, transform: LogitTransform, with_stats: bool):
+    out = FrozenHeadLogProbs.apply(hidden, weight, bias, targets, ignore_index, transform, with_stats)
+    return TokenStats(*out) if with_stats else out

@@ -1,0 +1,353 @@
+"""The fused routes' compute on the PyTorch path (CPU): the forward's tiles kept, or consumed, in place.
+
+The forward is the two-pass path's own (chunked.forward_block / forward_partials over the same token
+blocks, slices and worker parts), so the log-probs are the same bits; only where each finished tile
+goes differs (chunked.Part.done, BlockBuffers.start_block). With n scored tokens, P = n·H·V:
+
+Trainable head (StoredLogits), 3 passes (6P FLOPs; the two-pass path spends 8P):
+    pass 1  each token block's tiles land in a workspace slot of block_rows x V values:
+                shifted (linear head, no bias):  e = exp(z - t)   (t: the row's target logit)
+                online (softcap or bias):        z
+    once the loss has given g for all of a block's rows (fastdpo.fused_pass), its tiles become d_logits:
+                shifted:  D = c g (onehot - e / S)           (S = sum_v e_v, c = logit_scale / temperature)
+                online:   D = g (onehot - exp(z - lse)) * transform'(z)
+            with the target entry set to g (1 - p_y) t'_y, 1 - p_y = sum_{v != y} p_v summed beside the
+            forward's tiles (_TargetFreePart): onehot - p_y would cancel when p_y -> 1
+    pass 2  dX rows = D W          (each worker part's share, summed in a fixed order)
+    pass 3  dW += D^T X, db += sum_rows D   (parts own disjoint vocabulary rows: no races).
+Rows the shifted forward hands to the online one (a target ~41 nats below the row's maximum: their stored
+e overflowed) take no part in the stored tiles' GEMMs; the two-pass backward recomputes theirs.
+
+Frozen head (FrozenAccumulator), 2 passes (4P): dX_i = g_i U_i with
+    U_i = sum_v (onehot_iv - p_iv) t'_iv W_v = t'_iy (1 - p_iy) W_y - sum_{v != y} p_iv t'_iv W_v,
+accumulated in the forward beside each tile (pass 2 is the sum's GEMM). The target column is left out of
+the sum and 1 - p_y = sum_{v != y} p_v is accumulated on its own: W_y - sum_v p_v W_v would cancel
+catastrophically for peaked rows (p_y -> 1). Shifted tiles are relative to the fixed t, so nothing is
+rescaled; online tiles are relative to a running maximum m, and A and the excluded sum are rescaled by
+exp(m_old - m_new) when it rises (flash attention's rule). The backward is then g ⊙ U: no GEMM.
+
+Memory: the workspace (slots x block_rows x V accumulation-dtype values), dX and dW accumulators in the
+accumulation dtype (fp32; for fp32 inputs they are the gradients), and U [n, H] on the frozen route.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import chunked
+from .chunked import Rows, Transform
+from .softmax_stats import VocabPartials, logsumexp
+
+
+class _TargetFreePart(chunked.Part):
+    """A worker's part that sums, for each row of the current block, exp(z - shift) over its tiles' columns
+    other than the row's target: on the shifted path the shift is t (nothing to rescale); on the online
+    path it is the running maximum, and the sum is rescaled by exp(m_old - m_new) when the maximum rises.
+    With the other parts' sums (combine_parts) and the row's lse this gives 1 - p_y = sum_{v != y} p_v
+    without the cancellation of 1 - p_y when p_y -> 1."""
+
+    def __init__(self, part: chunked.Part, shifted: bool):
+        super().__init__(part.slices, part.first, part.acc, part._tile)
+        self.shifted, self.targets, self.excl, self.row_max = shifted, None, None, None
+
+    def reset(self, targets: torch.Tensor | None, slice_width: int = 0) -> None:
+        self.targets = targets
+        if targets is not None:
+            self.hits = target_hits(targets, slice_width)
+            self.excl = torch.zeros(targets.numel(), dtype=self.acc.dtype, device=self.acc.device)
+            self.row_max = torch.full_like(self.excl, float("-inf"))
+
+    def fold(self, v0: int, tile: torch.Tensor):
+        """The tile's exp(z - shift) with its target entries zeroed (on the shifted path the tile itself,
+        which holds exp(z - t)), and the factor that rescaled the running sums (None on the shifted path)."""
+        if self.shifted:
+            q, rescale = _set_at_targets(tile, self.hits.get(v0)), None
+            self.excl += q.sum(1)
+            return q, rescale
+        new_max = torch.maximum(self.row_max, tile.amax(1))  # the tile holds z
+        rescale = torch.exp(self.row_max - new_max)
+        q = _set_at_targets(torch.sub(tile, new_max[:, None]).exp_(), self.hits.get(v0))
+        self.excl = self.excl * rescale + q.sum(1)
+        self.row_max = new_max
+        return q, rescale
+
+
+def combine_parts(parts: list[_TargetFreePart], sums: list[torch.Tensor | None] = ()):
+    """The block's target-free sum and running maximum (None on the shifted path) from every part, in part
+    order, and each of `sums` (one per part, relative to that part's maximum) on the same footing."""
+    if parts[0].shifted:
+        scales = [None] * len(parts)
+        row_max = None
+    else:
+        row_max = torch.stack([p.row_max for p in parts]).amax(0)
+        scales = [torch.exp(p.row_max - row_max) for p in parts]
+
+    def total(values):
+        return chunked._sum_in_order([v if s is None else v * (s if v.dim() == 1 else s[:, None])
+                                      for v, s in zip(values, scales)])
+
+    return total([p.excl for p in parts]), row_max, [total(values) for values in sums]
+
+
+def one_minus_target_prob(excl: torch.Tensor, row_max: torch.Tensor | None, partials: VocabPartials) -> torch.Tensor:
+    """sum_{v != y} p_v from combine_parts' sums: excl / S relative to the same shift."""
+    if row_max is None:  # shifted: relative to t, as sum_exp is
+        return excl / partials.sum_exp
+    return excl * torch.exp(row_max - logsumexp(partials))
+
+
+class _SlotPart(_TargetFreePart):
+    """A worker's part whose tiles land in the current workspace slot: slice (v0, v1) of a block of n rows
+    at [v0 * block_rows, v0 * block_rows + n (v1 - v0)) of the slot, a contiguous [n, v1 - v0] tile."""
+
+    def __init__(self, part: chunked.Part, shifted: bool, block_rows: int):
+        super().__init__(part, shifted)
+        self.block_rows, self.slot, self.scratch = block_rows, None, False
+
+    def tile_for(self, n_rows: int, v0: int, v1: int) -> torch.Tensor:
+        return super().tile_for(n_rows, v0, v1) if self.scratch else self.stored(n_rows, v0, v1)
+
+    def stored(self, n_rows: int, v0: int, v1: int) -> torch.Tensor:
+        start = v0 * self.block_rows
+        return self.slot[start: start + n_rows * (v1 - v0)].view(n_rows, v1 - v0)
+
+    def done(self, v0: int, v1: int, tile: torch.Tensor) -> None:
+        if not self.scratch:
+            self.fold(v0, tile)  # zeroes the stored e_y on the shifted path: d_logits sets that entry anew
+
+
+class _SlotBuffers(chunked.BlockBuffers):
+    """The forward's buffers, with the parts' tiles in workspace slots for the blocks of `x`; the online
+    rerun of a block's rows far below their maximum (chunked.forward_block) uses the scratch tiles."""
+
+    def __init__(self, x: Rows, vocab_size: int, shifted: bool):
+        super().__init__(x, vocab_size)
+        self.x = x
+        self.parts = [_SlotPart(part, shifted, self.rows.shape[0]) for part in self.parts]
+
+    def start_block(self, x: Rows, r0: int, r1: int) -> None:
+        for part in self.parts:
+            part.scratch = x is not self.x
+
+
+class StoredLogits:
+    """The trainable route's workspace and gradient accumulators for the scored rows `x`.
+
+    forward(k) computes token block k into a free slot; backward_rows(k, a, b, grad) turns rows [a, b) of
+    block k into d_logits and adds their dX, dW and db; release(k) frees the block's slot.
+    """
+
+    def __init__(self, x: Rows, weight, bias, transform: Transform, with_stats: bool, n_slots: int, *,
+                 need_dx: bool, need_dw: bool, need_db: bool):
+        self.x, self.weight, self.bias, self.transform, self.with_stats = x, weight, bias, transform, with_stats
+        vocab_size, device = weight.shape[0], weight.device
+        self.shifted = chunked.is_shifted(transform, bias)
+        self.buffers = _SlotBuffers(x, vocab_size, self.shifted)
+        block_rows = self.buffers.rows.shape[0]
+        self.weight_sum = chunked.shifted_weight_sum(x, weight, with_stats) if self.shifted else None
+        self.blocks = chunked.token_blocks(len(x))
+        self.slots = torch.empty(n_slots, block_rows * vocab_size, dtype=x.dtype, device=device)
+        self.free, self.slot_of = list(range(n_slots - 1, -1, -1)), {}
+        self.partials, self.target_gap, self.rerun = {}, {}, {}
+
+        def zeros(shape, wanted):
+            return torch.zeros(shape, dtype=x.dtype, device=device) if wanted else None
+
+        self.dx = zeros(x.hidden.shape, need_dx)
+        self.dw, self.db = zeros(weight.shape, need_dw), zeros(weight.shape[:1], need_db and bias is not None)
+
+    @staticmethod
+    def slot_bytes(x: Rows, vocab_size: int) -> int:
+        return max(1, min(chunked.TOKEN_BLOCK, len(x))) * vocab_size * torch.finfo(x.dtype).bits // 8
+
+    def _use_slot(self, k: int) -> None:
+        for part in self.buffers.parts:
+            part.slot = self.slots[self.slot_of[k]]
+
+    def forward(self, k: int) -> VocabPartials:
+        """Block k's merged partials (the two-pass path's bits), its tiles kept."""
+        self.slot_of[k] = self.free.pop()
+        self._use_slot(k)
+        r0, r1 = self.blocks[k]
+        for part in self.buffers.parts:
+            part.reset(self.x.targets[r0:r1], self.buffers.slice_width)
+        partials = chunked.forward_block(self.x, r0, r1, self.weight, self.bias, self.transform, self.with_stats,
+                                         self.buffers, self.weight_sum)
+        # Rows the shifted forward handed to the online path (a target far below its row's maximum, or
+        # inf/NaN): their stored tiles overflowed, so their gradients are recomputed (backward_rows).
+        self.rerun[k] = ~(partials.max == partials.target_logit) if self.shifted else None
+        self.partials[k] = partials
+        excl, row_max, _ = combine_parts(self.buffers.parts)
+        self.target_gap[k] = one_minus_target_prob(excl, row_max, partials)
+        return partials
+
+    def release(self, k: int) -> None:
+        self.free.append(self.slot_of.pop(k))
+
+    def backward_rows(self, k: int, a: int, b: int, grad: torch.Tensor) -> None:
+        """d_logits of rows [a, b) of block k (grad: their dloss/dlogp), then their dX, dW and db."""
+        r0, r1 = self.blocks[k]
+        n_block, partials = r1 - r0, self.partials[k]
+        xr = self.x.block(r0 + a, r0 + b, self.buffers.rows)
+        targets = self.x.targets[r0 + a: r0 + b]
+        grad = grad_all = grad.to(self.x.dtype)
+        rerun = None if self.rerun[k] is None else self.rerun[k][a:b].nonzero().squeeze(1)
+        if rerun is not None and rerun.numel():
+            grad = grad.index_fill(0, rerun, 0)  # the stored tiles of these rows take no part (see below)
+        target_entry = grad * self.target_gap[k][a:b].nan_to_num(0, 0, 0)  # g (1 - p_y)
+        if self.shifted:  # p = e / S; the stored e_y is 0 (see _SlotPart.done)
+            factor = self.transform.linear_factor
+            row_scale, target_entry = -(factor * grad / partials.sum_exp[a:b])[:, None], factor * target_entry
+        else:
+            lse = logsumexp(partials)[a:b]
+        self._use_slot(k)
+        hits = target_hits(targets, self.buffers.slice_width)
+
+        def part_grads(part: _SlotPart):
+            share = part.acc[: b - a].zero_() if self.dx is not None else None
+            for v0, v1 in part.slices:
+                tile = part.stored(n_block, v0, v1)[a:b]
+                if rerun is not None and rerun.numel():
+                    tile.index_fill_(0, rerun, 0)
+                if self.shifted:
+                    d_raw = _set_at_targets(tile.mul_(row_scale), hits.get(v0), target_entry)
+                else:
+                    d_z = _set_at_targets(chunked._logits_gradient(tile, targets - v0, lse, grad), hits.get(v0),
+                                          target_entry)
+                    d_raw = self.transform.scale_gradient_(d_z, tile)
+                w = self.weight[v0:v1].to(xr.dtype)
+                if share is not None:
+                    share.addmm_(d_raw, w)
+                if self.dw is not None:
+                    self.dw[v0:v1].addmm_(d_raw.T, xr)
+                if self.db is not None:
+                    self.db[v0:v1] += d_raw.sum(0)
+            return share
+
+        shares = chunked.Workers.map(part_grads, self.buffers.parts)
+        if self.dx is not None:
+            self.dx.index_copy_(0, self.x.rows[r0 + a: r0 + b], chunked._sum_in_order(shares))
+        if rerun is not None and rerun.numel():
+            self._recompute_rows(k, a, b, rerun, grad_all)
+
+    def _recompute_rows(self, k: int, a: int, b: int, which: torch.Tensor, grad: torch.Tensor) -> None:
+        """The two-pass backward (a recompute) for rows `which` of rows [a, b) of block k."""
+        r0 = self.blocks[k][0]
+        index = which + r0 + a
+        rows = Rows(self.x.hidden, self.x.rows[index], self.x.targets[index])
+        lse = logsumexp(self.partials[k])[which + a]
+        chunked.backward(rows, self.weight, self.bias, lse, grad[which], self.transform, dx=self.dx, dw=self.dw,
+                         db=self.db)
+
+
+def target_hits(targets: torch.Tensor, slice_width: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """For each vocabulary slice [v0, v0 + slice_width) holding some row's target: v0 -> (rows, columns in
+    the slice). Found once per block, so that a tile without targets (most of them) costs no ops here."""
+    found: dict[int, tuple[list[int], list[int]]] = {}
+    for row, target in enumerate(targets.tolist()):
+        rows, cols = found.setdefault(target - target % slice_width, ([], []))
+        rows.append(row)
+        cols.append(target % slice_width)
+    device = targets.device
+    return {v0: (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+            for v0, (rows, cols) in found.items()}
+
+
+def _set_at_targets(tile: torch.Tensor, hit: tuple[torch.Tensor, torch.Tensor] | None,
+                    values: torch.Tensor | None = None) -> torch.Tensor:
+    """tile[rows, columns] = values[rows] (0 without values) for target_hits' entry of the tile (or none)."""
+    if hit is not None:
+        rows, cols = hit
+        tile[rows, cols] = 0 if values is None else values[rows]
+    return tile
+
+
+class _FrozenPart(_TargetFreePart):
+    """A worker's part that also folds each finished tile into its share A of sum_{v != y} p_v t'_v W_v
+    (unnormalised, relative to the same shift as the target-free sum)."""
+
+    def __init__(self, part: chunked.Part, owner: "FrozenAccumulator"):
+        super().__init__(part, owner.shifted)
+        self.owner, self.a = owner, torch.empty_like(part.acc)
+
+    def reset(self, targets: torch.Tensor | None, slice_width: int = 0) -> None:
+        super().reset(targets, slice_width)
+        if targets is not None:
+            self.a[: targets.numel()].zero_()
+
+    def done(self, v0: int, v1: int, tile: torch.Tensor) -> None:
+        if self.targets is None:  # a block of other rows (see FrozenAccumulator)
+            return
+        a, transform = self.a[: self.targets.numel()], self.owner.transform
+        q, rescale = self.fold(v0, tile)
+        weighted = q if self.shifted else transform.scale_gradient_(q, tile)  # the shifted path's t' = c comes last
+        if rescale is not None:
+            a.mul_(rescale[:, None])
+        a.addmm_(weighted, self.owner.weight[v0:v1].to(tile.dtype))
+
+
+class FrozenAccumulator(chunked.BlockBuffers):
+    """Forward buffers that also accumulate U (see the module docstring) for every scored row of `x`.
+
+    Pass it to chunked.forward_partials, then call finish(merged) for U [rows, H]. Blocks of other rows
+    (the shifted forward's online rerun of rows above SHIFTED_SUM_LIMIT) are skipped here and finished by
+    the two-pass backward with g = 1, for those rows only.
+    """
+
+    def __init__(self, x: Rows, weight, bias, transform: Transform):
+        super().__init__(x, weight.shape[0])
+        self.x, self.weight, self.bias, self.transform = x, weight, bias, transform
+        self.shifted = chunked.is_shifted(transform, bias)
+        self.parts = [_FrozenPart(part, self) for part in self.parts]
+        self.a = torch.zeros(len(x), x.hidden.shape[1], dtype=x.dtype, device=x.hidden.device)
+        self.excl = torch.zeros(len(x), dtype=x.dtype, device=x.hidden.device)
+        self.row_max = torch.zeros_like(self.excl)
+        self.block = None
+
+    def start_block(self, x: Rows, r0: int, r1: int) -> None:
+        self._flush()
+        self.block = (r0, r1) if x is self.x else None
+        for part in self.parts:
+            part.reset(None if self.block is None else x.targets[r0:r1], self.slice_width)
+
+    def _flush(self) -> None:
+        """The current block's parts, combined in part order into its rows of A, excl and row_max."""
+        if self.block is None:
+            return
+        r0, r1 = self.block
+        excl, row_max, (a,) = combine_parts(self.parts, [[p.a[: r1 - r0] for p in self.parts]])
+        self.a[r0:r1], self.excl[r0:r1] = a, excl
+        if row_max is not None:
+            self.row_max[r0:r1] = row_max
+        self.block = None
+
+    def finish(self, merged: VocabPartials) -> torch.Tensor:
+        """U [rows, H] in the accumulation dtype (A's storage), from the whole vocabulary's partials:
+        U = t'_y (1 - p_y) W_y - A / S, with S the softmax's denominator relative to A's shift."""
+        self._flush()
+        x, lse = self.x, logsumexp(merged)
+        w_target = chunked.gather_rows(self.weight, x.targets, torch.empty_like(self.a))
+        z_target = merged.target_logit
+        if self.shifted:
+            total, row_max = merged.sum_exp, None
+            target_slope = torch.ones_like(z_target)  # c comes in below
+        else:
+            total, row_max = torch.exp(lse - self.row_max), self.row_max
+            target_slope = self.transform.scale_gradient_(torch.ones_like(z_target), z_target)
+        gap = one_minus_target_prob(self.excl, row_max, merged)
+        u = self.a.div_(-total[:, None]).add_(w_target.mul_((target_slope * gap)[:, None]))
+        if self.shifted:
+            u.mul_(self.transform.linear_factor)
+            rerun = ~(merged.max == merged.target_logit)  # rows the online path finished (see forward_partials)
+            if bool(rerun.any()):
+                u[rerun] = self._two_pass_rows(rerun, lse)
+        return u
+
+    def _two_pass_rows(self, which: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """U of a few rows from the two-pass backward with g = 1 (its d_logits are formed in fp32)."""
+        x = self.x.subset(which)
+        local = Rows(x.hidden.index_select(0, x.rows), torch.arange(len(x), device=x.rows.device), x.targets)
+        u = torch.zeros(len(x), x.hidden.shape[1], dtype=self.a.dtype, device=self.a.device)
+        chunked.backward(local, self.weight, self.bias, lse[which], torch.ones_like(lse[which]), self.transform,
+                         dx=u, dw=None, db=None)
+        return u
