@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
+# The checkout under test, not whichever fastdpo is installed (torchrun puts the worker's folder first, not the root).
+sys.path.insert(1, str(Path(__file__).parent.parent))
 
 from helpers import relative_error  # noqa: E402
 
@@ -91,7 +93,7 @@ def oracle(h, w, b, targets, grad_out, **transform):
     return stats, [t.grad for t in leaves]
 
 
-def compare_vocab_parallel(dtype, with_bias, with_stats, transform, use_dtensor=False):
+def compare_vocab_parallel(dtype, with_bias, with_stats, transform, use_dtensor=False, backend="torch"):
     import fastdpo
 
     h, w, b, targets, grad_out = head_inputs(dtype, with_bias=with_bias)
@@ -110,7 +112,8 @@ def compare_vocab_parallel(dtype, with_bias, with_stats, transform, use_dtensor=
         hidden_in = DTensor.from_local(hidden, mesh, [Replicate()])
     else:
         head, head_bias, hidden_in = fastdpo.distributed.VocabShard(shard, start, w.shape[0]), bias, hidden
-    out = fastdpo.linear_logprobs(hidden_in, head, targets, head_bias, with_stats=with_stats, **transform)
+    out = fastdpo.linear_logprobs(hidden_in, head, targets, head_bias, with_stats=with_stats, backend=backend,
+                                  **transform)
     logps = out.logps if with_stats else out
     (logps * grad_out.to(logps.dtype)).sum().backward()
     errors = {"logps": relative_error(logps, expected.logps), "d_hidden": relative_error(hidden.grad,
@@ -124,6 +127,29 @@ def compare_vocab_parallel(dtype, with_bias, with_stats, transform, use_dtensor=
         errors["is_top1_mismatches"] = int((out.is_top1 != expected.is_top1).sum())
         errors["is_top1_hits"] = int(expected.is_top1.sum())
     return errors
+
+
+def compare_dpo_loss_vocab_parallel(dtype, backend):
+    """FastDPOLoss on a VocabShard (the reference through the same head) against the float64 oracle."""
+    import fastdpo
+    from fastdpo.distributed import VocabShard
+
+    h, w, _, _, _ = head_inputs(dtype, shape=(4, 9))
+    gen = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, w.shape[0], (4, 9), generator=gen)
+    labels[:, :3] = -100
+    ref_h = h + 0.1 * torch.randn(h.shape, generator=gen, dtype=h.dtype)
+    leaf_h, leaf_w = h.double().clone().requires_grad_(), w.double().clone().requires_grad_()
+    expected = fastdpo.reference.dpo_loss(leaf_h, leaf_w, labels, ref_hidden_states=ref_h.double(), beta=0.2)
+    expected.loss.backward()
+    start, end = shard_rows(w.shape[0])
+    hidden, shard = h.clone().requires_grad_(), w[start:end].clone().requires_grad_()
+    out = fastdpo.FastDPOLoss(beta=0.2, backend=backend)(hidden, VocabShard(shard, start, w.shape[0]), labels,
+                                                           ref_hidden_states=ref_h)
+    out.loss.backward()
+    return {"loss": relative_error(out.loss, expected.loss), "d_hidden": relative_error(hidden.grad, leaf_h.grad),
+            "d_weight_shard": relative_error(shard.grad, leaf_w.grad[start:end]),
+            "rewards": relative_error(out.chosen_rewards, expected.chosen_rewards)}
 
 
 def heads_suite():
@@ -159,22 +185,7 @@ def heads_suite():
 
     @check
     def dpo_loss_vocab_parallel():
-        h, w, _, _, _ = head_inputs(torch.float64, shape=(4, 9))
-        gen = torch.Generator().manual_seed(5)
-        labels = torch.randint(0, w.shape[0], (4, 9), generator=gen)
-        labels[:, :3] = -100
-        ref_h = h + 0.1 * torch.randn(h.shape, generator=gen, dtype=h.dtype)
-        leaf_h, leaf_w = h.clone().requires_grad_(), w.clone().requires_grad_()
-        expected = fastdpo.reference.dpo_loss(leaf_h, leaf_w, labels, ref_hidden_states=ref_h, beta=0.2)
-        expected.loss.backward()
-        start, end = shard_rows(w.shape[0])
-        hidden, shard = h.clone().requires_grad_(), w[start:end].clone().requires_grad_()
-        out = fastdpo.FastDPOLoss(beta=0.2, backend="torch")(hidden, VocabShard(shard, start, w.shape[0]), labels,
-                                                               ref_hidden_states=ref_h)
-        out.loss.backward()
-        return {"loss": relative_error(out.loss, expected.loss), "d_hidden": relative_error(hidden.grad, leaf_h.grad),
-                "d_weight_shard": relative_error(shard.grad, leaf_w.grad[start:end]),
-                "rewards": relative_error(out.chosen_rewards, expected.chosen_rewards)}
+        return compare_dpo_loss_vocab_parallel(torch.float64, "torch")
 
     @check
     def labels_checked_against_global_vocab():
@@ -204,12 +215,14 @@ def heads_suite():
         return expect_value_error(lambda: fastdpo.linear_logprobs(h, head, mine), "same hidden states and targets")
 
     @check
-    def triton_backend_refused():
+    def reference_backend_refused():
         h, w, _, targets, _ = head_inputs(torch.float32)
         start, end = shard_rows(w.shape[0])
         head = VocabShard(w[start:end], start, w.shape[0])
-        return expect_value_error(lambda: fastdpo.linear_logprobs(h, head, targets, backend="triton"),
-                                  "backend='torch'")
+        return expect_value_error(lambda: fastdpo.linear_logprobs(h, head, targets, backend="reference"),
+                                  "backend='torch' or 'triton'")
+
+    triton_checks()
 
     @check
     def fsdp2_style_dtensor_with_plain_hidden_refused():
@@ -248,6 +261,52 @@ def heads_suite():
     @check
     def fsdp2_loss_inside_registered_method():
         return fsdp2_pattern()
+
+
+def triton_checks():
+    """The vocab-parallel head on the Triton kernels (Triton's interpreter on CPU: float32 and float16 only)."""
+    import fastdpo
+    from fastdpo.distributed import VocabShard
+
+    curved = dict(softcap=4.0, temperature=0.7, logit_scale=1.3)
+
+    @check
+    def vocab_parallel_triton_fp32_stats():
+        return compare_vocab_parallel(torch.float32, False, True, {}, backend="triton")
+
+    @check
+    def vocab_parallel_triton_fp32_bias_softcap():  # fp32 softcap saturates: ties for top-1 differ from fp64
+        return compare_vocab_parallel(torch.float32, True, False, curved, backend="triton")
+
+    @check
+    def dtensor_shard0_triton_fp32_bias():
+        return compare_vocab_parallel(torch.float32, True, False, curved, use_dtensor=True, backend="triton")
+
+    @check
+    def dpo_loss_vocab_parallel_triton():
+        return compare_dpo_loss_vocab_parallel(torch.float32, "triton")
+
+    @check
+    def triton_bits():
+        """Bits of the Triton vocab-parallel head: run to run, across ranks, and its distance to the PyTorch path."""
+        h, w, b, targets, grad_out = head_inputs(torch.float32, with_bias=True)
+        start, end = shard_rows(w.shape[0])
+
+        def run(backend):
+            hidden, shard = h.clone().requires_grad_(), w[start:end].clone().requires_grad_()
+            logps = fastdpo.linear_logprobs(hidden, VocabShard(shard, start, w.shape[0]), targets, b[start:end],
+                                            backend=backend, softcap=4.0)
+            (logps * grad_out.float()).sum().backward()
+            return logps.detach(), hidden.grad, shard.grad
+
+        first, again, torch_path = run("triton"), run("triton"), run("torch")
+        everyone = [torch.empty_like(first[0]) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, first[0])
+        return {"run_to_run_equal": all(torch.equal(x, y) for x, y in zip(first, again)),
+                "ranks_equal": all(torch.equal(everyone[0], other) for other in everyone),
+                "logps_vs_torch_path": relative_error(first[0], torch_path[0]),
+                "d_hidden_vs_torch_path": relative_error(first[1], torch_path[1]),
+                "d_weight_vs_torch_path": relative_error(first[2], torch_path[2])}
 
 
 class TinyLM(torch.nn.Module):
