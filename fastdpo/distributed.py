@@ -66,8 +66,9 @@ def local_head(hidden, weight, targets, bias):
     tensor-parallel DTensor head on a mesh of any number of dimensions; or a ValueError.
 
     On each mesh dimension the weight is Replicate() or Shard(0) (on one dimension at most: the tensor-parallel one).
-    The hidden states are replicated where the weight is sharded; elsewhere (the data-parallel dimensions of a
-    (dp, tp) mesh) they may be split along a batch dimension, each rank computing its own batch.
+    The hidden states are a DTensor on the head's mesh, replicated where the weight is sharded and, elsewhere (the
+    data-parallel dimensions of a (dp, tp) mesh), replicated or split along a batch dimension; or, each rank with its
+    own batch, a replicated DTensor on the head's tensor-parallel dimension alone (`mesh["tp"]`).
     """
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -78,13 +79,14 @@ def local_head(hidden, weight, targets, bias):
     if not is_dtensor(hidden):
         raise ValueError(f"weight is a DTensor {weight.placements} but hidden is a plain tensor, which is how FSDP2 "
                          f"hands out its sharded parameters outside the owning module's forward. {_FSDP2_HINT}")
-    if hidden.device_mesh != mesh:
-        raise ValueError(f"a DTensor head needs the weight and hidden on the same mesh, got weight on {mesh} and "
-                         f"hidden on {hidden.device_mesh}")
     vocab_dims = _vocab_dims(weight)
+    on_submesh = hidden.device_mesh != mesh
+    if on_submesh and not _is_vocab_submesh(hidden.device_mesh, mesh, vocab_dims):
+        raise ValueError(f"a DTensor head needs hidden on the head's mesh or on its tensor-parallel (vocabulary) "
+                         f"dimension, got weight on {mesh} {weight.placements} and hidden on {hidden.device_mesh}")
     for dim, placement in enumerate(hidden.placements):
         batch_split = isinstance(placement, Shard) and placement.dim < hidden.ndim - 1
-        if not (placement == Replicate() or (batch_split and dim not in vocab_dims)):
+        if not (placement == Replicate() or (batch_split and not on_submesh and dim not in vocab_dims)):
             raise ValueError(f"hidden must be replicated over the head's vocabulary dimension and replicated or split "
                              f"along a batch dimension over the others, got {hidden.placements} with weight "
                              f"{weight.placements}")
@@ -101,6 +103,13 @@ def local_head(hidden, weight, targets, bias):
         return hidden.to_local(), weight.to_local(), local_targets, local_bias
     shard = VocabShard(weight.to_local(), _shard_start(weight), weight.shape[0], mesh.get_group(vocab_dims[0]))
     return hidden.to_local(), shard, local_targets, local_bias
+
+
+def _is_vocab_submesh(submesh, mesh, vocab_dims) -> bool:
+    """Whether `submesh` is this rank's 1-D slice of `mesh` along the head's vocabulary dimension."""
+    if submesh.ndim != 1 or len(vocab_dims) != 1:
+        return False
+    return dist.get_process_group_ranks(mesh.get_group(vocab_dims[0])) == submesh.mesh.tolist()
 
 
 def _vocab_dims(weight) -> list[int]:

@@ -93,6 +93,24 @@ def oracle(h, w, b, targets, grad_out, **transform):
     return stats, [t.grad for t in leaves]
 
 
+def shard_errors(out, grad_out, expected, expected_grads, leaves, start, end) -> dict:
+    """Backpropagate `out` (log-probs or TokenStats) against grad_out; its errors and those of the gradients of the
+    leaves (hidden, the shard's rows, their bias or None) against the oracle's."""
+    with_stats = not isinstance(out, torch.Tensor)
+    logps = out.logps if with_stats else out
+    (logps * grad_out.to(logps.dtype)).sum().backward()
+    hidden, shard, bias = leaves
+    errors = {"logps": relative_error(logps, expected.logps), "d_hidden": relative_error(hidden.grad,
+                                                                                        expected_grads[0]),
+              "d_weight_shard": relative_error(shard.grad, expected_grads[1][start:end])}
+    if bias is not None:
+        errors["d_bias_shard"] = relative_error(bias.grad, expected_grads[2][start:end])
+    if with_stats:
+        for name in ("entropy", "log_sum_sq_probs", "mean_logits"):
+            errors[name] = relative_error(getattr(out, name), getattr(expected, name))
+    return errors
+
+
 def compare_vocab_parallel(dtype, with_bias, with_stats, transform, use_dtensor=False, backend="torch"):
     import fastdpo
 
@@ -114,16 +132,8 @@ def compare_vocab_parallel(dtype, with_bias, with_stats, transform, use_dtensor=
         head, head_bias, hidden_in = fastdpo.distributed.VocabShard(shard, start, w.shape[0]), bias, hidden
     out = fastdpo.linear_logprobs(hidden_in, head, targets, head_bias, with_stats=with_stats, backend=backend,
                                   **transform)
-    logps = out.logps if with_stats else out
-    (logps * grad_out.to(logps.dtype)).sum().backward()
-    errors = {"logps": relative_error(logps, expected.logps), "d_hidden": relative_error(hidden.grad,
-                                                                                        expected_grads[0]),
-              "d_weight_shard": relative_error(shard.grad, expected_grads[1][start:end])}
-    if with_bias:
-        errors["d_bias_shard"] = relative_error(bias.grad, expected_grads[2][start:end])
+    errors = shard_errors(out, grad_out, expected, expected_grads, (hidden, shard, bias), start, end)
     if with_stats:
-        for name in ("entropy", "log_sum_sq_probs", "mean_logits"):
-            errors[name] = relative_error(getattr(out, name), getattr(expected, name))
         errors["is_top1_mismatches"] = int((out.is_top1 != expected.is_top1).sum())
         errors["is_top1_hits"] = int(expected.is_top1.sum())
     return errors
@@ -345,9 +355,10 @@ def pattern_batches(world):
     return ids, labels, ref
 
 
-def single_process_grads(dtype):
-    """The oracle for a data-parallel step: the mean over ranks of each rank's loss, one process, float64."""
-    world = dist.get_world_size()
+def single_process_grads(dtype, world=None):
+    """The oracle for a data-parallel step: the mean over `world` ranks (default: all) of each rank's loss, one
+    process, float64."""
+    world = world or dist.get_world_size()
     ids, labels, ref = pattern_batches(world)
     model = TinyLM().double()
     from fastdpo import reference
@@ -384,6 +395,153 @@ def fsdp2_pattern():
     model.dpo_loss(ids[r], labels[r], ref[r, 0], ref[r, 1]).backward()
     expected = single_process_grads(torch.float64)
     return {name: relative_error(p.grad.full_tensor(), expected[name]) for name, p in model.named_parameters()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2-D meshes (4 ranks): a (dp, tp) mesh, the head Shard(0) on tp, data parallel (FSDP2) on dp
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def mesh_2d():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("dp", "tp"))
+
+
+def tp_rows(vocab: int, mesh):
+    """This rank's [start, end) of the vocabulary on the tp dimension (torch.chunk's split, as Shard(0))."""
+    parts, index = mesh.size(1), mesh.get_local_rank("tp")
+    chunk = -(-vocab // parts)
+    start = min(index * chunk, vocab)
+    return start, min(start + chunk, vocab)
+
+
+def compare_mesh_2d(dtype, with_bias, with_stats, transform, backend):
+    """A Shard(0)-on-tp head on the (dp, tp) mesh; each dp rank its own batch (hidden Shard(0) on dp, Replicate() on
+    tp): log-probs and local gradients against the oracle of that batch."""
+    import fastdpo
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = mesh_2d()
+    _, w, b, _, _ = head_inputs(dtype, with_bias=with_bias)  # one head for the whole mesh
+    h, _, _, targets, grad_out = head_inputs(dtype, seed=1 + mesh.get_local_rank("dp"))  # a batch per dp rank
+    expected, expected_grads = oracle(h, w, b, targets, grad_out, **transform)
+    start, end = tp_rows(w.shape[0], mesh)
+    hidden, shard = h.clone().requires_grad_(), w[start:end].clone().requires_grad_()
+    bias = b[start:end].clone().requires_grad_() if with_bias else None
+    head_placements = [Replicate(), Shard(0)]
+    head = DTensor.from_local(shard, mesh, head_placements, shape=w.shape, stride=w.stride())
+    head_bias = None if bias is None else DTensor.from_local(bias, mesh, head_placements, shape=b.shape,
+                                                             stride=b.stride())
+    hidden_in = DTensor.from_local(hidden, mesh, [Shard(0), Replicate()])
+    out = fastdpo.linear_logprobs(hidden_in, head, targets, head_bias, with_stats=with_stats, backend=backend,
+                                  **transform)
+    return shard_errors(out, grad_out, expected, expected_grads, (hidden, shard, bias), start, end)
+
+
+class LocalEmbedding(torch.nn.Embedding):
+    """An embedding whose weight may be a DTensor replicated over the whole mesh: looked up as the local tensor."""
+
+    def forward(self, input_ids):
+        from torch.distributed.tensor import DTensor
+
+        weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight
+        return torch.nn.functional.embedding(input_ids, weight)
+
+
+class TensorParallelTinyLM(TinyLM):
+    """TinyLM whose head is tensor parallel: the hidden states go to the loss as a replicated DTensor on the head's
+    tensor-parallel mesh (its tp dimension where the head lives on the (dp, tp) mesh), each dp rank its own batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed.__class__ = LocalEmbedding
+
+    def forward(self, input_ids, labels=None, ref_chosen_logps=None, ref_rejected_logps=None):
+        from torch.distributed.tensor import DTensor, Replicate
+
+        hidden = torch.tanh(self.embed(input_ids))
+        head = self.lm_head.weight
+        self.head_mesh_dims = head.device_mesh.ndim  # the head as FSDP2 hands it out inside the root's forward
+        tp_mesh = head.device_mesh if head.device_mesh.ndim == 1 else head.device_mesh["tp"]
+        hidden = DTensor.from_local(hidden, tp_mesh, [Replicate()])  # this dp rank's batch, replicated over tp
+        return self.loss(hidden, head, labels, ref_chosen_logps=ref_chosen_logps,
+                         ref_rejected_logps=ref_rejected_logps).loss
+
+
+def fsdp_tp_errors(model, mesh):
+    """One step of `model` on its dp rank's batch, the loss in the root's forward: the reduced gradients (full
+    tensors) against the single-process mean over the dp ranks' losses."""
+    ids, labels, ref = pattern_batches(mesh.size(0))
+    r = mesh.get_local_rank("dp")
+    model(ids[r], labels[r], ref[r, 0], ref[r, 1]).backward()
+    expected = single_process_grads(torch.float64, mesh.size(0))
+    head_grad = model.lm_head.weight.grad
+    return {"head_grad_placements": str(head_grad.placements), "head_mesh_dims": model.head_mesh_dims,
+            **{name: relative_error(p.grad.full_tensor(), expected[name]) for name, p in model.named_parameters()}}
+
+
+def mesh_2d_suite():
+    import fastdpo
+    from torch.distributed.fsdp import DataParallelMeshDims, fully_shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    curved = dict(softcap=4.0, temperature=0.7, logit_scale=1.3)
+
+    @check
+    def mesh_2d_torch_fp64_stats():
+        return compare_mesh_2d(torch.float64, False, True, {}, "torch")
+
+    @check
+    def mesh_2d_torch_fp64_bias_softcap():
+        return compare_mesh_2d(torch.float64, True, False, curved, "torch")
+
+    @check
+    def mesh_2d_triton_fp32_bias_softcap():
+        return compare_mesh_2d(torch.float32, True, False, curved, "triton")
+
+    @check
+    def mesh_2d_fsdp_dp_tp_submesh():
+        """fully_shard over dp of a model whose lm_head is ColwiseParallel over tp: FSDP2 hands out the head as a
+        Shard(0) DTensor on the tp submesh inside the root's forward."""
+        mesh = mesh_2d()
+        model = TensorParallelTinyLM().double()
+        parallelize_module(model, mesh["tp"], {"lm_head": ColwiseParallel()})
+        fully_shard(model.embed, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        return fsdp_tp_errors(model, mesh)
+
+    @check
+    def mesh_2d_fsdp_spmd_mesh():
+        """fully_shard with dp_mesh_dims on parameters that are DTensors of the whole (dp, tp) mesh: inside the root's
+        forward the head is a DTensor on the 2-D mesh, Replicate() on dp and Shard(0) on tp."""
+        mesh = mesh_2d()
+        model = TensorParallelTinyLM().double()
+        for module, placements in ((model.embed, [Replicate(), Replicate()]), (model.lm_head, [Replicate(), Shard(0)])):
+            module.weight = torch.nn.Parameter(distribute_tensor(module.weight.detach(), mesh, placements))
+        dims = DataParallelMeshDims(shard="dp")
+        fully_shard(model.embed, mesh=mesh, dp_mesh_dims=dims)
+        fully_shard(model, mesh=mesh, dp_mesh_dims=dims)
+        return fsdp_tp_errors(model, mesh)
+
+    @check
+    def mesh_2d_head_sharded_on_both_dims_refused():
+        mesh = mesh_2d()
+        h, w, _, targets, _ = head_inputs(torch.float32)
+        weight = distribute_tensor(w, mesh, [Shard(0), Shard(0)])
+        hidden = DTensor.from_local(h, mesh, [Replicate(), Replicate()])
+        return expect_value_error(lambda: fastdpo.linear_logprobs(hidden, weight, targets), "one mesh dimension",
+                                  "FSDP2")
+
+    @check
+    def mesh_2d_hidden_split_over_tp_refused():
+        mesh = mesh_2d()
+        h, w, _, targets, _ = head_inputs(torch.float32)
+        weight = distribute_tensor(w, mesh, [Replicate(), Shard(0)])
+        hidden = DTensor.from_local(h, mesh, [Replicate(), Shard(0)])
+        return expect_value_error(lambda: fastdpo.linear_logprobs(hidden, weight, targets),
+                                  "replicated over the head's vocabulary dimension")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -550,7 +708,7 @@ def trl_zero3_suite():
     check(zero3)
 
 
-SUITES = {"heads": heads_suite, "zero3": zero3_suite, "trl_ddp": trl_ddp_suite, "trl_zero3": trl_zero3_suite}
+SUITES = {"heads": heads_suite, "mesh_2d": mesh_2d_suite, "zero3": zero3_suite, "trl_ddp": trl_ddp_suite, "trl_zero3": trl_zero3_suite}
 
 
 def main():

@@ -32,11 +32,11 @@ def gloo_available() -> bool:
 PORT_TAKEN = ("EADDRINUSE", "address already in use", "Address already in use")
 
 
-def torchrun(args, timeout=240, env=None, cwd=None) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=WORLD *args` in a subprocess; one retry if its port was taken."""
+def torchrun(args, timeout=240, env=None, cwd=None, world=WORLD) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=world *args` in a subprocess; one retry if its port was taken."""
     if not gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", *map(str, args)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *map(str, args)]
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     for attempt in range(2):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env, cwd=cwd)
@@ -45,11 +45,11 @@ def torchrun(args, timeout=240, env=None, cwd=None) -> subprocess.CompletedProce
     return proc
 
 
-def run_suite(suite: str, tmp_path_factory, timeout=240, env=None) -> list[dict]:
-    """Run one worker suite on WORLD gloo ranks; the per-rank results."""
+def run_suite(suite: str, tmp_path_factory, timeout=240, env=None, world=WORLD) -> list[dict]:
+    """Run one worker suite on `world` gloo ranks; the per-rank results."""
     out = tmp_path_factory.mktemp(suite)
-    proc = torchrun([WORKER, suite, out], timeout=timeout, env=env)
-    results = [out / f"rank{r}.json" for r in range(WORLD)]
+    proc = torchrun([WORKER, suite, out], timeout=timeout, env=env, world=world)
+    results = [out / f"rank{r}.json" for r in range(world)]
     if not all(path.exists() for path in results):
         pytest.fail(f"{suite} ranks did not finish (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return [json.loads(path.read_text()) for path in results]
@@ -149,6 +149,44 @@ def test_fsdp2_sharded_weight_outside_its_unit_is_refused_with_the_way_to_call_i
     for r, entry in enumerate(result(heads, name)):
         assert_refused(entry["logprobs"], r, name)
         assert_refused(entry["loss"], r, name)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2-D meshes: 4 gloo ranks as a (dp=2, tp=2) mesh
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mesh_2d(tmp_path_factory):
+    return run_suite("mesh_2d", tmp_path_factory, world=4)
+
+
+@pytest.mark.parametrize("name,tol", [
+    ("mesh_2d_torch_fp64_stats", FP64),
+    ("mesh_2d_torch_fp64_bias_softcap", FP64),
+    ("mesh_2d_triton_fp32_bias_softcap", FP32),
+])
+def test_head_sharded_on_the_tp_dimension_of_a_2d_mesh(mesh_2d, name, tol):
+    """A Replicate() x Shard(0) head on the (dp, tp) mesh, each dp rank its own batch: log-probs, statistics, dX and
+    the rank's rows of dW (and db) against the float64 oracle of that rank's batch."""
+    assert_errors_below(mesh_2d, name, tol)
+
+
+@pytest.mark.parametrize("name,head_mesh_dims", [("mesh_2d_fsdp_dp_tp_submesh", 1), ("mesh_2d_fsdp_spmd_mesh", 2)])
+def test_fsdp2_over_dp_with_a_tensor_parallel_head(mesh_2d, name, head_mesh_dims):
+    """FSDP2 on dp, the head Shard(0) on tp, the loss in the root's forward (where FSDP2 hands out the head as a
+    DTensor on the tp submesh, or with dp_mesh_dims on the whole 2-D mesh): the head's gradient comes back sharded,
+    and every reduced gradient equals the single-process oracle's mean over the dp batches."""
+    for r, entry in enumerate(result(mesh_2d, name)):
+        assert entry.pop("head_mesh_dims") == head_mesh_dims, (r, entry)
+        assert "Shard(dim=0)" in entry.pop("head_grad_placements"), (r, entry)
+    assert_errors_below(mesh_2d, name, FP64)
+
+
+@pytest.mark.parametrize("name", ["mesh_2d_head_sharded_on_both_dims_refused", "mesh_2d_hidden_split_over_tp_refused"])
+def test_bad_2d_layouts_are_refused(mesh_2d, name):
+    for r, entry in enumerate(result(mesh_2d, name)):
+        assert_refused(entry, r, name)
 
 
 # --------------------------------------------------------------------------------------------------------------------
