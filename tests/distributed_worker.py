@@ -629,8 +629,11 @@ def zero3_suite():
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def train_trl(patched: bool, **overrides):
-    """Train the tiny DPO setup of test_trl_patch.py; per-step logs, a checksum of the weights, and head calls."""
+def train_trl(patched: bool, head_grads: bool = False, **overrides):
+    """Train the tiny DPO setup of test_trl_patch.py; per-step logs, a checksum of the weights, and head calls.
+
+    head_grads: also the head's gradient before each optimizer step (HeadGradients), and how the policy's head
+    reached the log-prob function (`head_weights`)."""
     from tiny_models import cpu_dpo_config, perturbed_copy, tiny_llama, tiny_preference_dataset, tiny_tokenizer
     from trl import DPOTrainer
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
@@ -640,12 +643,16 @@ def train_trl(patched: bool, **overrides):
     calls = {"stock": 0, "fastdpo": 0}
     stock_forward, real_logprobs = ChunkedLogProbFunction.forward, fastdpo.linear_logprobs
 
+    head_weights = set()
+
     def spy_stock(ctx, *args, **kwargs):
         calls["stock"] += 1
+        head_weights.add(head_weight_kind(args[1]))
         return stock_forward(ctx, *args, **kwargs)
 
     def spy_fastdpo(*args, **kwargs):
         calls["fastdpo"] += 1
+        head_weights.add(head_weight_kind(args[1]))
         return real_logprobs(*args, **kwargs)
 
     ChunkedLogProbFunction.forward, fastdpo.linear_logprobs = staticmethod(spy_stock), spy_fastdpo
@@ -656,19 +663,55 @@ def train_trl(patched: bool, **overrides):
     config.update(overrides)
     try:
         with fastdpo.patch_trl() if patched else contextlib.nullcontext():
+            recorder = head_grad_callback()() if head_grads else None
             trainer = DPOTrainer(model=policy, ref_model=ref_model, args=cpu_dpo_config("fastdpo_ddp_", **config),
                                  train_dataset=tiny_preference_dataset(8, seed=0),
-                                 processing_class=tiny_tokenizer())
+                                 processing_class=tiny_tokenizer(), callbacks=[recorder] if recorder else None)
             trainer.train()
     finally:
         ChunkedLogProbFunction.forward, fastdpo.linear_logprobs = stock_forward, real_logprobs
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     model = trainer.model_wrapped if hasattr(trainer, "model_wrapped") else trainer.model
     weights = [full_weight(p).double().sum().item() for p in trainer.model.parameters()]
-    return {"logs": logs, "weights": weights, "calls": calls, "wrapper": type(model).__name__}
+    run = {"logs": logs, "weights": weights, "calls": calls, "wrapper": type(model).__name__}
+    if head_grads:
+        run.update(head_grads=recorder.steps, head_weights=sorted(head_weights))
+    return run
+
+
+def head_weight_kind(weight) -> str:
+    """How a head's weight reached the log-prob function: the parameter itself (FSDP2's unsharded parameter inside
+    its unit's forward), a DTensor, or a tensor computed from one (e.g. TRL's `weight.full_tensor()`)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(weight, DTensor):
+        return "dtensor"
+    return "parameter" if isinstance(weight, torch.nn.Parameter) else "computed"
+
+
+def head_grad_callback():
+    from transformers import TrainerCallback
+
+    class HeadGradients(TrainerCallback):
+        """The policy head's gradient as the optimizer gets it: its placements, and its full tensor's sum of absolute
+        values and norm, per step (every rank joins the gather of a DTensor gradient)."""
+
+        def __init__(self):
+            self.steps = []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grad = model.get_output_embeddings().weight.grad
+            placements = str(getattr(grad, "placements", "local"))
+            full = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+            self.steps.append({"placements": placements, "abs_sum": full.double().abs().sum().item(),
+                               "norm": full.double().norm().item()})
+
+    return HeadGradients
 
 
 def full_weight(param):
+    if hasattr(param, "full_tensor"):  # an FSDP2 shard
+        return param.full_tensor()
     if hasattr(param, "ds_id"):  # ZeRO-3 partitioned
         from deepspeed.utils import safe_get_full_fp32_param
 
@@ -708,7 +751,49 @@ def trl_zero3_suite():
     check(zero3)
 
 
-SUITES = {"heads": heads_suite, "mesh_2d": mesh_2d_suite, "zero3": zero3_suite, "trl_ddp": trl_ddp_suite, "trl_zero3": trl_zero3_suite}
+def fsdp2_on_cpu_ranks():
+    """Accelerate's FSDP2 on CPU ranks, through the one switch Accelerate skips there.
+
+    Accelerate 1.16 turns a process into an FSDP one (`distributed_type = FSDP`, `state.fsdp_plugin = plugin`) only
+    in the branch of AcceleratorState.__init__ (accelerate/state.py) taken for accelerator devices (`MULTI_GPU`,
+    `MULTI_NPU`, `MULTI_XPU`, ...). CPU ranks are `MULTI_CPU`, so the FSDP plugin that transformers hands it is
+    dropped without a word and the model is wrapped in DDP instead. This applies that branch's two assignments on
+    CPU ranks; everything after it is Accelerate's and TRL's own code: `fsdp2_prepare_model` (fully_shard per decoder
+    layer, on the embedding, on the final norm with lm_head, on the root), the optimizer's switch to the sharded
+    parameters, FSDP2's gradient clipping, and TRL's `prepare_fsdp` for the reference model.
+    """
+    import accelerate.state
+    from accelerate.utils import DistributedType
+
+    original = accelerate.state.AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+
+    accelerate.state.AcceleratorState.__init__ = init
+
+
+TRL_FSDP2_SCENARIOS = {
+    "fsdp2": dict(),
+    "fsdp2_gc_on": dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}),
+}
+
+
+def trl_fsdp2_suite():
+    fsdp2_on_cpu_ranks()
+    fsdp = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+    for name, overrides in TRL_FSDP2_SCENARIOS.items():
+        def scenario(overrides=overrides):
+            return {"stock": train_trl(False, head_grads=True, **fsdp, **overrides),
+                    "patched": train_trl(True, head_grads=True, **fsdp, **overrides)}
+
+        scenario.__name__ = name
+        check(scenario)
+
+
+SUITES = {"heads": heads_suite, "mesh_2d": mesh_2d_suite, "zero3": zero3_suite, "trl_ddp": trl_ddp_suite, "trl_fsdp2": trl_fsdp2_suite, "trl_zero3": trl_zero3_suite}
 
 
 def main():

@@ -268,6 +268,32 @@ def assert_trains_like_stock(ranks, name, wrapper):
     assert runs[0]["patched"]["weights"] == runs[1]["patched"]["weights"]
 
 
+@pytest.fixture(scope="module")
+def trl_fsdp2(tmp_path_factory):
+    if not trl_available():
+        pytest.skip("trl is not installed")
+    return run_suite("trl_fsdp2", tmp_path_factory)
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "fsdp2_gc_on"])
+def test_patched_trl_under_accelerate_fsdp2(trl_fsdp2, name):
+    """Accelerate's FSDP plugin, fsdp_version=2, on 2 CPU ranks (with the one switch Accelerate skips on CPU ranks:
+    see distributed_worker.fsdp2_on_cpu_ranks): like stock TRL in every logged metric and the trained weights; the
+    policy's head reaches the log-prob function as FSDP2's unsharded parameter (never a gathered copy), and its
+    gradient comes to the optimizer as a Shard(0) DTensor equal to stock FSDP2's reduce-scattered one."""
+    import math
+
+    assert_trains_like_stock(trl_fsdp2, name, "FSDPLlamaForCausalLM")
+    for r, run in enumerate(result(trl_fsdp2, name)):
+        stock, patched = run["stock"], run["patched"]
+        assert stock["head_weights"] == patched["head_weights"] == ["parameter"], (r, stock, patched)
+        assert len(stock["head_grads"]) == len(patched["head_grads"]) == 3
+        for step, (a, b) in enumerate(zip(stock["head_grads"], patched["head_grads"]), start=1):
+            assert a["placements"] == b["placements"] == "(Shard(dim=0),)", (r, step, a, b)
+            for key in ("abs_sum", "norm"):
+                assert math.isclose(a[key], b[key], rel_tol=TRL_RTOL), f"rank {r} step {step} head grad {key}: {a} {b}"
+
+
 @pytest.mark.parametrize("name", ["gc_off", "gc_on", "gc_on_find_unused", "gc_off_no_find_unused"])
 def test_patched_trl_under_ddp(trl_ddp, name):
     """2-rank DDP, with and without gradient checkpointing and find_unused_parameters: like stock, all metrics."""
