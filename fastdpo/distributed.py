@@ -19,7 +19,8 @@ ZeRO-3 head is gathered here around the local computation.
 * A DTensor weight with the hidden states a DTensor on the same mesh (tensor parallel, e.g. `ColwiseParallel` on
   lm_head): `Shard(0)` on one mesh dimension runs as a `VocabShard` of that dimension's group, a replicated head
   locally. On a (dp, tp) mesh the head is Replicate() on dp and Shard(0) on tp (what FSDP2 over dp hands out inside
-  its unit's forward); the hidden states are replicated on tp and may be split by batch on dp.
+  its unit's forward); the hidden states are replicated on tp and may be split by batch on dp, or are each rank's
+  own batch as a replicated DTensor on the tp submesh.
   A DTensor weight with plain-tensor hidden states is what FSDP2 hands out outside the owning module's forward;
   computing there would leave the head's gradient unreduced, so it is refused with the ways to call it.
 * A DeepSpeed ZeRO-3 partitioned parameter (`ds_id`): gathered for the forward and gathered again for the backward
