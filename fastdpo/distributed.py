@@ -16,14 +16,18 @@ ZeRO-3 head is gathered here around the local computation.
   The backward recomputes the shard's logits with the global lse: dz_v = g (onehot_v - e^{z_v - lse}) on the rank's
   columns only, so dW_r (and db_r) stay local, and dX = sum_r dX_r is all-reduced (the input is replicated).
   Labels are checked against the global vocabulary, and the shards against each other (they must tile [0, V)).
-* A DTensor weight on a 1-D mesh, with the hidden states a replicated DTensor on the same mesh (tensor parallel,
-  e.g. `ColwiseParallel` on lm_head): `Shard(0)` runs as a `VocabShard` of the mesh's group, `Replicate()` locally.
+* A DTensor weight with the hidden states a DTensor on the same mesh (tensor parallel, e.g. `ColwiseParallel` on
+  lm_head): `Shard(0)` on one mesh dimension runs as a `VocabShard` of that dimension's group, a replicated head
+  locally. On a (dp, tp) mesh the head is Replicate() on dp and Shard(0) on tp (what FSDP2 over dp hands out inside
+  its unit's forward); the hidden states are replicated on tp and may be split by batch on dp, or are each rank's
+  own batch as a replicated DTensor on the tp submesh.
   A DTensor weight with plain-tensor hidden states is what FSDP2 hands out outside the owning module's forward;
   computing there would leave the head's gradient unreduced, so it is refused with the ways to call it.
 * A DeepSpeed ZeRO-3 partitioned parameter (`ds_id`): gathered for the forward and gathered again for the backward
   (the gradient then goes to the parameter through autograd, where ZeRO-3's hooks reduce and partition it).
 
-The vocab-parallel head runs on the PyTorch path (fastdpo.torch_head); backend='triton' raises for now.
+The vocab-parallel head runs each shard through the backend's own head (fastdpo.torch_head or fastdpo.triton_head:
+the same forward and backward as a local head, on the shard's rows with shard-local targets).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from . import chunked, ops, torch_head
+from .backends import resolve_backend
 from .heads import VocabShard, autocast_head, is_dtensor, is_zero3
 from .softmax_stats import VocabPartials, merge
 from .transform import LogitTransform
@@ -59,7 +64,13 @@ _FSDP2_HINT = (
 
 def local_head(hidden, weight, targets, bias):
     """(hidden, weight, targets, bias) as local tensors, with a VocabShard for the weight of a Shard(0) head, from a
-    tensor-parallel DTensor head; or a ValueError."""
+    tensor-parallel DTensor head on a mesh of any number of dimensions; or a ValueError.
+
+    On each mesh dimension the weight is Replicate() or Shard(0) (on one dimension at most: the tensor-parallel one).
+    The hidden states are a DTensor on the head's mesh, replicated where the weight is sharded and, elsewhere (the
+    data-parallel dimensions of a (dp, tp) mesh), replicated or split along a batch dimension; or, each rank with its
+    own batch, a replicated DTensor on the head's tensor-parallel dimension alone (`mesh["tp"]`).
+    """
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     if not is_dtensor(weight):
@@ -69,28 +80,52 @@ def local_head(hidden, weight, targets, bias):
     if not is_dtensor(hidden):
         raise ValueError(f"weight is a DTensor {weight.placements} but hidden is a plain tensor, which is how FSDP2 "
                          f"hands out its sharded parameters outside the owning module's forward. {_FSDP2_HINT}")
-    if mesh.ndim != 1 or hidden.device_mesh != mesh:
-        raise ValueError(f"a DTensor head needs the weight and hidden on the same 1-D mesh, got weight on "
-                         f"{mesh} and hidden on {hidden.device_mesh}")
-    if not all(p.is_replicate() for p in hidden.placements):
-        raise ValueError(f"hidden must be replicated over the head's mesh (Replicate()), got {hidden.placements}")
+    vocab_dims = _vocab_dims(weight)
+    on_submesh = hidden.device_mesh != mesh
+    if on_submesh and not _is_vocab_submesh(hidden.device_mesh, mesh, vocab_dims):
+        raise ValueError(f"a DTensor head needs hidden on the head's mesh or on its tensor-parallel (vocabulary) "
+                         f"dimension, got weight on {mesh} {weight.placements} and hidden on {hidden.device_mesh}")
+    for dim, placement in enumerate(hidden.placements):
+        batch_split = isinstance(placement, Shard) and placement.dim < hidden.ndim - 1
+        if not (placement == Replicate() or (batch_split and not on_submesh and dim not in vocab_dims)):
+            raise ValueError(f"hidden must be replicated over the head's vocabulary dimension and replicated or split "
+                             f"along a batch dimension over the others, got {hidden.placements} with weight "
+                             f"{weight.placements}")
 
     def local(name, t, placements):
         if t is None or not isinstance(t, DTensor):
             return t
         if tuple(t.placements) != tuple(placements):
-            raise ValueError(f"{name} must have placements {tuple(placements)} like weight, got {t.placements}")
+            raise ValueError(f"{name} must have placements {tuple(placements)}, got {t.placements}")
         return t.to_local()
 
-    placement = weight.placements[0]
-    if placement == Replicate():
-        return (hidden.to_local(), weight.to_local(), local("targets", targets, [Replicate()]),
-                local("bias", bias, [Replicate()]))
-    if placement != Shard(0):
-        raise ValueError(f"a DTensor head must be sharded on the vocabulary dimension (Shard(0)) or replicated, "
-                         f"got {weight.placements}")
-    shard = VocabShard(weight.to_local(), _shard_start(weight), weight.shape[0], mesh.get_group())
-    return hidden.to_local(), shard, local("targets", targets, [Replicate()]), local("bias", bias, [Shard(0)])
+    local_targets, local_bias = local("targets", targets, hidden.placements), local("bias", bias, weight.placements)
+    if not vocab_dims:
+        return hidden.to_local(), weight.to_local(), local_targets, local_bias
+    shard = VocabShard(weight.to_local(), _shard_start(weight), weight.shape[0], mesh.get_group(vocab_dims[0]))
+    return hidden.to_local(), shard, local_targets, local_bias
+
+
+def _is_vocab_submesh(submesh, mesh, vocab_dims) -> bool:
+    """Whether `submesh` is this rank's 1-D slice of `mesh` along the head's vocabulary dimension."""
+    if submesh.ndim != 1 or len(vocab_dims) != 1:
+        return False
+    return dist.get_process_group_ranks(mesh.get_group(vocab_dims[0])) == submesh.mesh.tolist()
+
+
+def _vocab_dims(weight) -> list[int]:
+    """The mesh dimensions that split the head's vocabulary (none or one); a ValueError for any other layout."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if not all(p in (Replicate(), Shard(0)) for p in weight.placements):
+        raise ValueError(f"a DTensor head must be sharded on the vocabulary dimension (Shard(0)) or replicated on "
+                         f"each mesh dimension, got {weight.placements}")
+    dims = [dim for dim, p in enumerate(weight.placements) if p == Shard(0)]
+    if len(dims) > 1:
+        raise ValueError(f"a DTensor head may split its vocabulary over one mesh dimension (the tensor-parallel one), "
+                         f"got {weight.placements}: a head sharded again over a data-parallel dimension is FSDP2's "
+                         f"sharded parameter outside its unit's forward. {_FSDP2_HINT}")
+    return dims
 
 
 def _shard_start(weight) -> int:
@@ -106,20 +141,28 @@ def _shard_start(weight) -> int:
 
 
 def vocab_parallel_logprobs(hidden, shard: VocabShard, targets, bias, ignore_index, transform: LogitTransform, *,
-                            with_stats: bool, backend: str | None, grad_tolerance: float):
-    """fastdpo.linear_logprobs for a vocab-parallel head (same outputs)."""
+                            with_stats: bool, backend: str | None, grad_tolerance: float,
+                            workspace_bytes: int | None = None):
+    """fastdpo.linear_logprobs for a vocab-parallel head (same outputs), on the PyTorch or the Triton head."""
     weight = shard.weight
-    if backend not in (None, "auto", "torch"):  # "auto" picks the PyTorch path on every device here
-        raise ValueError(f"a vocab-parallel head runs on backend='torch' for now, got backend={backend!r}; pass "
-                         "backend='torch' (FastDPOLoss(backend='torch'))")
     hidden, weight, bias = autocast_head(hidden, weight, bias)
-    _check_shard(hidden, shard, weight, targets, bias, ignore_index, transform, grad_tolerance)
+    backend = _shard_backend(backend, hidden)
+    _check_shard(hidden, shard, weight, targets, bias, ignore_index, transform, grad_tolerance, backend)
     with torch.autocast(hidden.device.type, enabled=False):
-        out = VocabParallelLogProbs.apply(hidden, weight, bias, targets, shard, ignore_index, transform, with_stats)
+        out = VocabParallelLogProbs.apply(hidden, weight, bias, targets, shard, ignore_index, transform, with_stats,
+                                          SHARD_HEADS[backend], workspace_bytes)
     return TokenStats(*out) if with_stats else out
 
 
-def _check_shard(hidden, shard, weight, targets, bias, ignore_index, transform, grad_tolerance):
+def _shard_backend(backend: str | None, hidden) -> str:
+    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    name = resolve_backend(backend, device)
+    if name not in SHARD_HEADS:
+        raise ValueError(f"a vocab-parallel head runs on backend='torch' or 'triton', got backend={backend!r}")
+    return name
+
+
+def _check_shard(hidden, shard, weight, targets, bias, ignore_index, transform, grad_tolerance, backend):
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] == 0:
         raise ValueError(f"VocabShard.weight must be a non-empty [rows, hidden] tensor, got "
                          f"{getattr(weight, 'shape', type(weight).__name__)}")
@@ -130,7 +173,7 @@ def _check_shard(hidden, shard, weight, targets, bias, ignore_index, transform, 
         raise ValueError("a vocab-parallel head needs torch.distributed to be initialized (init_process_group)")
     # Everything but the label range against the shard (labels are global), then the labels against the vocabulary.
     local_probe = torch.full_like(targets, ignore_index) if isinstance(targets, torch.Tensor) else targets
-    check_logprob_inputs(hidden, weight, local_probe, bias, ignore_index, "torch", transform=transform,
+    check_logprob_inputs(hidden, weight, local_probe, bias, ignore_index, backend, transform=transform,
                          grad_tolerance=grad_tolerance)
     check_targets_in_range(targets, shard.vocab_size, ignore_index)
     _check_shards_agree(shard, weight.shape[0], hidden, targets)
@@ -171,33 +214,31 @@ def _all_gather(t: torch.Tensor, group) -> torch.Tensor:
     return torch.stack(parts)
 
 
-_NO_PLAN = torch.empty(0)  # the torch head's backward plan of an exact backward
+_NO_PLAN = torch.empty(0)  # the backward plan of an exact backward: a shard holds no plan for the global budget (yet)
 
 
 class VocabParallelLogProbs(torch.autograd.Function):
-    """Per-token log-probs of a vocab-parallel head: the torch head's partials of the local columns, one all-gather,
-    local dW, all-reduced dX."""
+    """Per-token log-probs of a vocab-parallel head: the shard head's partials of the local columns, one all-gather,
+    local dW, all-reduced dX. `head` is TorchShardHead or TritonShardHead."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, shard: VocabShard, ignore_index: int, transform: LogitTransform,
-                with_stats: bool):
+                with_stats: bool, head, workspace_bytes):
         hidden_2d, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
         rows = ops.scored_rows(flat_targets, ignore_index)
-        local_targets = flat_targets[rows] - shard.vocab_start
+        local_targets = flat_targets[rows] - shard.vocab_start  # outside [0, shard rows) for the other shards' labels
         in_shard = (local_targets >= 0) & (local_targets < weight.shape[0])
-        # The torch head indexes W by target: point out-of-shard rows at a shard row, then undo its contribution.
-        clamped = local_targets.clamp(0, weight.shape[0] - 1)
         if rows.numel() == 0:  # every position ignored, on every rank (the targets are the same)
             merged = ops.no_partials(hidden, with_stats)
         else:
-            # Exact, whatever grad_tolerance: a shard holds no plan for the global budget (yet).
-            local = torch_head.forward(hidden_2d, weight, bias, rows, clamped, transform, with_stats=with_stats,
-                                       grad_tolerance=0.0, backward_plan=_NO_PLAN)
-            merged = _merge_over_ranks(_own_target_only(local, in_shard, local_targets, weight.shape[0]), shard.group)
+            local = head.forward(hidden_2d, weight, bias, rows, local_targets, in_shard, transform, with_stats)
+            merged = _merge_over_ranks(local, shard.group)
         *stats, lse = ops.token_outputs(merged, rows, targets, shard.vocab_size, with_stats)
 
-        ctx.save_for_backward(hidden_2d, weight, bias, rows, clamped, in_shard, lse.reshape(-1).index_select(0, rows))
+        ctx.save_for_backward(hidden_2d, weight, bias, rows, local_targets, in_shard,
+                              lse.reshape(-1).index_select(0, rows))
         ctx.hidden_shape, ctx.group, ctx.transform = hidden.shape, shard.group, transform
+        ctx.head, ctx.workspace_bytes = head, workspace_bytes
         if not with_stats:
             return stats[0]
         ctx.mark_non_differentiable(*stats[1:])
@@ -205,26 +246,78 @@ class VocabParallelLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps, *_unused_stat_grads):
-        hidden_2d, weight, bias, rows, clamped, in_shard, lse = ctx.saved_tensors
+        hidden_2d, weight, bias, rows, local_targets, in_shard, lse = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
         # dX is summed over ranks: every rank computes it (zeros where it has no rows) to join the all-reduce.
         if rows.numel() == 0:
             dx, dw, db = torch_head.zero_gradients(hidden_2d, weight, lse.dtype, *need)
         else:
             grad_rows = grad_logps.reshape(-1).index_select(0, rows).to(lse.dtype).contiguous()
-            dx, dw, db = torch_head.backward(hidden_2d, weight, bias, rows, clamped, lse, grad_rows, ctx.transform,
-                                             need_dx=need[0], need_dw=need[1], need_db=need[2], grad_tolerance=0.0,
-                                             backward_plan=_NO_PLAN, workspace_bytes=None)
-            _remove_borrowed_onehot(hidden_2d, weight, bias, rows, clamped, grad_rows, ~in_shard, ctx.transform,
-                                    dx, dw, db)
+            dx, dw, db = ctx.head.backward(hidden_2d, weight, bias, rows, local_targets, in_shard, lse, grad_rows,
+                                           ctx.transform, need, ctx.workspace_bytes)
             if dx is not None:
                 dist.all_reduce(dx, group=ctx.group)
         return (
             None if dx is None else dx.to(hidden_2d.dtype).view(ctx.hidden_shape),
             None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype),
-            None, None, None, None, None,  # targets, shard, ignore_index, transform, with_stats
+            None, None, None, None, None, None, None,  # targets, shard, ignore_index, transform, with_stats, head, ws
         )
+
+
+class TorchShardHead:
+    """fastdpo.torch_head on a shard. It indexes W by target: rows whose target lies in another shard borrow a shard
+    row (clamped), whose target logit and one-hot gradient are taken back out."""
+
+    @staticmethod
+    def forward(hidden_2d, weight, bias, rows, local_targets, in_shard, transform, with_stats) -> VocabPartials:
+        clamped = local_targets.clamp(0, weight.shape[0] - 1)
+        local = torch_head.forward(hidden_2d, weight, bias, rows, clamped, transform, with_stats=with_stats,
+                                   grad_tolerance=0.0, backward_plan=_NO_PLAN)
+        return _own_target_only(local, in_shard, local_targets, weight.shape[0])
+
+    @staticmethod
+    def backward(hidden_2d, weight, bias, rows, local_targets, in_shard, lse, grad_rows, transform, need,
+                 workspace_bytes):
+        """(dX [N, H], dW, db) in the accumulation dtype, None where not needed."""
+        clamped = local_targets.clamp(0, weight.shape[0] - 1)
+        dx, dw, db = torch_head.backward(hidden_2d, weight, bias, rows, clamped, lse, grad_rows, transform,
+                                         need_dx=need[0], need_dw=need[1], need_db=need[2], grad_tolerance=0.0,
+                                         backward_plan=_NO_PLAN, workspace_bytes=None)
+        _remove_borrowed_onehot(hidden_2d, weight, bias, rows, clamped, grad_rows, ~in_shard, transform, dx, dw, db)
+        return dx, dw, db
+
+
+class TritonShardHead:
+    """fastdpo.triton_head on a shard: the kernels take the shard-local targets as they are. A target outside the
+    shard's columns matches none of them, so it adds no target logit (t_r = 0) and no one-hot to the backward, and
+    the statistics' max before the target covers none or all of the shard's columns, as it should."""
+
+    @staticmethod
+    def forward(hidden_2d, weight, bias, rows, local_targets, in_shard, transform, with_stats) -> VocabPartials:
+        from . import triton_head
+
+        local = triton_head.forward(hidden_2d, weight, bias, rows, local_targets, transform, with_stats=with_stats,
+                                    grad_tolerance=0.0, backward_plan=_NO_PLAN)
+        # The kernel writes the target logit only where the target is in the shard; elsewhere it is never written.
+        return local._replace(target_logit=torch.where(in_shard, local.target_logit, 0.0))
+
+    @staticmethod
+    def backward(hidden_2d, weight, bias, rows, local_targets, in_shard, lse, grad_rows, transform, need,
+                 workspace_bytes):
+        """(dX [N, H] fp32, dW, db), None where not needed: dX stays fp32 until it is summed over the ranks."""
+        from . import triton_head
+
+        dx_rows, dw, db = triton_head.scored_rows_backward(
+            triton_head.row_major(hidden_2d), triton_head.row_major(weight), bias, rows, local_targets, lse,
+            grad_rows, transform, need_dx=need[0], need_dw=need[1], need_db=need[2], workspace_bytes=workspace_bytes)
+        if dx_rows is None:
+            return None, dw, db
+        dx = torch.zeros(hidden_2d.shape, dtype=dx_rows.dtype, device=dx_rows.device)
+        return dx.index_copy_(0, rows, dx_rows), dw, db
+
+
+SHARD_HEADS = {"torch": TorchShardHead, "triton": TritonShardHead}
 
 
 def _own_target_only(local: VocabPartials, in_shard, local_targets, shard_rows: int) -> VocabPartials:

@@ -67,7 +67,7 @@ def transformed_logprobs(hidden, weight, targets, bias, ignore_index: int, trans
     if isinstance(weight, VocabShard):
         return distributed.vocab_parallel_logprobs(hidden, weight, targets, bias, ignore_index, transform,
                                                    with_stats=with_stats, backend=backend,
-                                                   grad_tolerance=grad_tolerance)
+                                                   grad_tolerance=grad_tolerance, workspace_bytes=workspace_bytes)
     function = distributed.Zero3LogProbs if kind == ZERO3 else None  # gathers the head again for the backward
     with distributed.gathered(weight, bias) if kind == ZERO3 else contextlib.nullcontext():  # for the forward
         hidden, weight, targets, bias, backend = checked_local_head(

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
+# The checkout under test, not whichever fastdpo is installed (torchrun puts the worker's folder first, not the root).
+sys.path.insert(1, str(Path(__file__).parent.parent))
 
 from helpers import relative_error  # noqa: E402
 
@@ -91,7 +93,25 @@ def oracle(h, w, b, targets, grad_out, **transform):
     return stats, [t.grad for t in leaves]
 
 
-def compare_vocab_parallel(dtype, with_bias, with_stats, transform, use_dtensor=False):
+def shard_errors(out, grad_out, expected, expected_grads, leaves, start, end) -> dict:
+    """Backpropagate `out` (log-probs or TokenStats) against grad_out; its errors and those of the gradients of the
+    leaves (hidden, the shard's rows, their bias or None) against the oracle's."""
+    with_stats = not isinstance(out, torch.Tensor)
+    logps = out.logps if with_stats else out
+    (logps * grad_out.to(logps.dtype)).sum().backward()
+    hidden, shard, bias = leaves
+    errors = {"logps": relative_error(logps, expected.logps), "d_hidden": relative_error(hidden.grad,
+                                                                                        expected_grads[0]),
+              "d_weight_shard": relative_error(shard.grad, expected_grads[1][start:end])}
+    if bias is not None:
+        errors["d_bias_shard"] = relative_error(bias.grad, expected_grads[2][start:end])
+    if with_stats:
+        for name in ("entropy", "log_sum_sq_probs", "mean_logits"):
+            errors[name] = relative_error(getattr(out, name), getattr(expected, name))
+    return errors
+
+
+def compare_vocab_parallel(dtype, with_bias, with_stats, transform, use_dtensor=False, backend="torch"):
     import fastdpo
 
     h, w, b, targets, grad_out = head_inputs(dtype, with_bias=with_bias)
@@ -110,20 +130,36 @@ def compare_vocab_parallel(dtype, with_bias, with_stats, transform, use_dtensor=
         hidden_in = DTensor.from_local(hidden, mesh, [Replicate()])
     else:
         head, head_bias, hidden_in = fastdpo.distributed.VocabShard(shard, start, w.shape[0]), bias, hidden
-    out = fastdpo.linear_logprobs(hidden_in, head, targets, head_bias, with_stats=with_stats, **transform)
-    logps = out.logps if with_stats else out
-    (logps * grad_out.to(logps.dtype)).sum().backward()
-    errors = {"logps": relative_error(logps, expected.logps), "d_hidden": relative_error(hidden.grad,
-                                                                                        expected_grads[0]),
-              "d_weight_shard": relative_error(shard.grad, expected_grads[1][start:end])}
-    if with_bias:
-        errors["d_bias_shard"] = relative_error(bias.grad, expected_grads[2][start:end])
+    out = fastdpo.linear_logprobs(hidden_in, head, targets, head_bias, with_stats=with_stats, backend=backend,
+                                  **transform)
+    errors = shard_errors(out, grad_out, expected, expected_grads, (hidden, shard, bias), start, end)
     if with_stats:
-        for name in ("entropy", "log_sum_sq_probs", "mean_logits"):
-            errors[name] = relative_error(getattr(out, name), getattr(expected, name))
         errors["is_top1_mismatches"] = int((out.is_top1 != expected.is_top1).sum())
         errors["is_top1_hits"] = int(expected.is_top1.sum())
     return errors
+
+
+def compare_dpo_loss_vocab_parallel(dtype, backend):
+    """FastDPOLoss on a VocabShard (the reference through the same head) against the float64 oracle."""
+    import fastdpo
+    from fastdpo.distributed import VocabShard
+
+    h, w, _, _, _ = head_inputs(dtype, shape=(4, 9))
+    gen = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, w.shape[0], (4, 9), generator=gen)
+    labels[:, :3] = -100
+    ref_h = h + 0.1 * torch.randn(h.shape, generator=gen, dtype=h.dtype)
+    leaf_h, leaf_w = h.double().clone().requires_grad_(), w.double().clone().requires_grad_()
+    expected = fastdpo.reference.dpo_loss(leaf_h, leaf_w, labels, ref_hidden_states=ref_h.double(), beta=0.2)
+    expected.loss.backward()
+    start, end = shard_rows(w.shape[0])
+    hidden, shard = h.clone().requires_grad_(), w[start:end].clone().requires_grad_()
+    out = fastdpo.FastDPOLoss(beta=0.2, backend=backend)(hidden, VocabShard(shard, start, w.shape[0]), labels,
+                                                           ref_hidden_states=ref_h)
+    out.loss.backward()
+    return {"loss": relative_error(out.loss, expected.loss), "d_hidden": relative_error(hidden.grad, leaf_h.grad),
+            "d_weight_shard": relative_error(shard.grad, leaf_w.grad[start:end]),
+            "rewards": relative_error(out.chosen_rewards, expected.chosen_rewards)}
 
 
 def heads_suite():
@@ -159,22 +195,7 @@ def heads_suite():
 
     @check
     def dpo_loss_vocab_parallel():
-        h, w, _, _, _ = head_inputs(torch.float64, shape=(4, 9))
-        gen = torch.Generator().manual_seed(5)
-        labels = torch.randint(0, w.shape[0], (4, 9), generator=gen)
-        labels[:, :3] = -100
-        ref_h = h + 0.1 * torch.randn(h.shape, generator=gen, dtype=h.dtype)
-        leaf_h, leaf_w = h.clone().requires_grad_(), w.clone().requires_grad_()
-        expected = fastdpo.reference.dpo_loss(leaf_h, leaf_w, labels, ref_hidden_states=ref_h, beta=0.2)
-        expected.loss.backward()
-        start, end = shard_rows(w.shape[0])
-        hidden, shard = h.clone().requires_grad_(), w[start:end].clone().requires_grad_()
-        out = fastdpo.FastDPOLoss(beta=0.2, backend="torch")(hidden, VocabShard(shard, start, w.shape[0]), labels,
-                                                               ref_hidden_states=ref_h)
-        out.loss.backward()
-        return {"loss": relative_error(out.loss, expected.loss), "d_hidden": relative_error(hidden.grad, leaf_h.grad),
-                "d_weight_shard": relative_error(shard.grad, leaf_w.grad[start:end]),
-                "rewards": relative_error(out.chosen_rewards, expected.chosen_rewards)}
+        return compare_dpo_loss_vocab_parallel(torch.float64, "torch")
 
     @check
     def labels_checked_against_global_vocab():
@@ -204,12 +225,14 @@ def heads_suite():
         return expect_value_error(lambda: fastdpo.linear_logprobs(h, head, mine), "same hidden states and targets")
 
     @check
-    def triton_backend_refused():
+    def reference_backend_refused():
         h, w, _, targets, _ = head_inputs(torch.float32)
         start, end = shard_rows(w.shape[0])
         head = VocabShard(w[start:end], start, w.shape[0])
-        return expect_value_error(lambda: fastdpo.linear_logprobs(h, head, targets, backend="triton"),
-                                  "backend='torch'")
+        return expect_value_error(lambda: fastdpo.linear_logprobs(h, head, targets, backend="reference"),
+                                  "backend='torch' or 'triton'")
+
+    triton_checks()
 
     @check
     def fsdp2_style_dtensor_with_plain_hidden_refused():
@@ -250,6 +273,52 @@ def heads_suite():
         return fsdp2_pattern()
 
 
+def triton_checks():
+    """The vocab-parallel head on the Triton kernels (Triton's interpreter on CPU: float32 and float16 only)."""
+    import fastdpo
+    from fastdpo.distributed import VocabShard
+
+    curved = dict(softcap=4.0, temperature=0.7, logit_scale=1.3)
+
+    @check
+    def vocab_parallel_triton_fp32_stats():
+        return compare_vocab_parallel(torch.float32, False, True, {}, backend="triton")
+
+    @check
+    def vocab_parallel_triton_fp32_bias_softcap():  # fp32 softcap saturates: ties for top-1 differ from fp64
+        return compare_vocab_parallel(torch.float32, True, False, curved, backend="triton")
+
+    @check
+    def dtensor_shard0_triton_fp32_bias():
+        return compare_vocab_parallel(torch.float32, True, False, curved, use_dtensor=True, backend="triton")
+
+    @check
+    def dpo_loss_vocab_parallel_triton():
+        return compare_dpo_loss_vocab_parallel(torch.float32, "triton")
+
+    @check
+    def triton_bits():
+        """Bits of the Triton vocab-parallel head: run to run, across ranks, and its distance to the PyTorch path."""
+        h, w, b, targets, grad_out = head_inputs(torch.float32, with_bias=True)
+        start, end = shard_rows(w.shape[0])
+
+        def run(backend):
+            hidden, shard = h.clone().requires_grad_(), w[start:end].clone().requires_grad_()
+            logps = fastdpo.linear_logprobs(hidden, VocabShard(shard, start, w.shape[0]), targets, b[start:end],
+                                            backend=backend, softcap=4.0)
+            (logps * grad_out.float()).sum().backward()
+            return logps.detach(), hidden.grad, shard.grad
+
+        first, again, torch_path = run("triton"), run("triton"), run("torch")
+        everyone = [torch.empty_like(first[0]) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, first[0])
+        return {"run_to_run_equal": all(torch.equal(x, y) for x, y in zip(first, again)),
+                "ranks_equal": all(torch.equal(everyone[0], other) for other in everyone),
+                "logps_vs_torch_path": relative_error(first[0], torch_path[0]),
+                "d_hidden_vs_torch_path": relative_error(first[1], torch_path[1]),
+                "d_weight_vs_torch_path": relative_error(first[2], torch_path[2])}
+
+
 class TinyLM(torch.nn.Module):
     """A toy causal LM whose forward returns FastDPOLoss's output: the pattern DDP and FSDP2 need."""
 
@@ -286,9 +355,10 @@ def pattern_batches(world):
     return ids, labels, ref
 
 
-def single_process_grads(dtype):
-    """The oracle for a data-parallel step: the mean over ranks of each rank's loss, one process, float64."""
-    world = dist.get_world_size()
+def single_process_grads(dtype, world=None):
+    """The oracle for a data-parallel step: the mean over `world` ranks (default: all) of each rank's loss, one
+    process, float64."""
+    world = world or dist.get_world_size()
     ids, labels, ref = pattern_batches(world)
     model = TinyLM().double()
     from fastdpo import reference
@@ -325,6 +395,153 @@ def fsdp2_pattern():
     model.dpo_loss(ids[r], labels[r], ref[r, 0], ref[r, 1]).backward()
     expected = single_process_grads(torch.float64)
     return {name: relative_error(p.grad.full_tensor(), expected[name]) for name, p in model.named_parameters()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2-D meshes (4 ranks): a (dp, tp) mesh, the head Shard(0) on tp, data parallel (FSDP2) on dp
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def mesh_2d():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("dp", "tp"))
+
+
+def tp_rows(vocab: int, mesh):
+    """This rank's [start, end) of the vocabulary on the tp dimension (torch.chunk's split, as Shard(0))."""
+    parts, index = mesh.size(1), mesh.get_local_rank("tp")
+    chunk = -(-vocab // parts)
+    start = min(index * chunk, vocab)
+    return start, min(start + chunk, vocab)
+
+
+def compare_mesh_2d(dtype, with_bias, with_stats, transform, backend):
+    """A Shard(0)-on-tp head on the (dp, tp) mesh; each dp rank its own batch (hidden Shard(0) on dp, Replicate() on
+    tp): log-probs and local gradients against the oracle of that batch."""
+    import fastdpo
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = mesh_2d()
+    _, w, b, _, _ = head_inputs(dtype, with_bias=with_bias)  # one head for the whole mesh
+    h, _, _, targets, grad_out = head_inputs(dtype, seed=1 + mesh.get_local_rank("dp"))  # a batch per dp rank
+    expected, expected_grads = oracle(h, w, b, targets, grad_out, **transform)
+    start, end = tp_rows(w.shape[0], mesh)
+    hidden, shard = h.clone().requires_grad_(), w[start:end].clone().requires_grad_()
+    bias = b[start:end].clone().requires_grad_() if with_bias else None
+    head_placements = [Replicate(), Shard(0)]
+    head = DTensor.from_local(shard, mesh, head_placements, shape=w.shape, stride=w.stride())
+    head_bias = None if bias is None else DTensor.from_local(bias, mesh, head_placements, shape=b.shape,
+                                                             stride=b.stride())
+    hidden_in = DTensor.from_local(hidden, mesh, [Shard(0), Replicate()])
+    out = fastdpo.linear_logprobs(hidden_in, head, targets, head_bias, with_stats=with_stats, backend=backend,
+                                  **transform)
+    return shard_errors(out, grad_out, expected, expected_grads, (hidden, shard, bias), start, end)
+
+
+class LocalEmbedding(torch.nn.Embedding):
+    """An embedding whose weight may be a DTensor replicated over the whole mesh: looked up as the local tensor."""
+
+    def forward(self, input_ids):
+        from torch.distributed.tensor import DTensor
+
+        weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight
+        return torch.nn.functional.embedding(input_ids, weight)
+
+
+class TensorParallelTinyLM(TinyLM):
+    """TinyLM whose head is tensor parallel: the hidden states go to the loss as a replicated DTensor on the head's
+    tensor-parallel mesh (its tp dimension where the head lives on the (dp, tp) mesh), each dp rank its own batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed.__class__ = LocalEmbedding
+
+    def forward(self, input_ids, labels=None, ref_chosen_logps=None, ref_rejected_logps=None):
+        from torch.distributed.tensor import DTensor, Replicate
+
+        hidden = torch.tanh(self.embed(input_ids))
+        head = self.lm_head.weight
+        self.head_mesh_dims = head.device_mesh.ndim  # the head as FSDP2 hands it out inside the root's forward
+        tp_mesh = head.device_mesh if head.device_mesh.ndim == 1 else head.device_mesh["tp"]
+        hidden = DTensor.from_local(hidden, tp_mesh, [Replicate()])  # this dp rank's batch, replicated over tp
+        return self.loss(hidden, head, labels, ref_chosen_logps=ref_chosen_logps,
+                         ref_rejected_logps=ref_rejected_logps).loss
+
+
+def fsdp_tp_errors(model, mesh):
+    """One step of `model` on its dp rank's batch, the loss in the root's forward: the reduced gradients (full
+    tensors) against the single-process mean over the dp ranks' losses."""
+    ids, labels, ref = pattern_batches(mesh.size(0))
+    r = mesh.get_local_rank("dp")
+    model(ids[r], labels[r], ref[r, 0], ref[r, 1]).backward()
+    expected = single_process_grads(torch.float64, mesh.size(0))
+    head_grad = model.lm_head.weight.grad
+    return {"head_grad_placements": str(head_grad.placements), "head_mesh_dims": model.head_mesh_dims,
+            **{name: relative_error(p.grad.full_tensor(), expected[name]) for name, p in model.named_parameters()}}
+
+
+def mesh_2d_suite():
+    import fastdpo
+    from torch.distributed.fsdp import DataParallelMeshDims, fully_shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    curved = dict(softcap=4.0, temperature=0.7, logit_scale=1.3)
+
+    @check
+    def mesh_2d_torch_fp64_stats():
+        return compare_mesh_2d(torch.float64, False, True, {}, "torch")
+
+    @check
+    def mesh_2d_torch_fp64_bias_softcap():
+        return compare_mesh_2d(torch.float64, True, False, curved, "torch")
+
+    @check
+    def mesh_2d_triton_fp32_bias_softcap():
+        return compare_mesh_2d(torch.float32, True, False, curved, "triton")
+
+    @check
+    def mesh_2d_fsdp_dp_tp_submesh():
+        """fully_shard over dp of a model whose lm_head is ColwiseParallel over tp: FSDP2 hands out the head as a
+        Shard(0) DTensor on the tp submesh inside the root's forward."""
+        mesh = mesh_2d()
+        model = TensorParallelTinyLM().double()
+        parallelize_module(model, mesh["tp"], {"lm_head": ColwiseParallel()})
+        fully_shard(model.embed, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        return fsdp_tp_errors(model, mesh)
+
+    @check
+    def mesh_2d_fsdp_spmd_mesh():
+        """fully_shard with dp_mesh_dims on parameters that are DTensors of the whole (dp, tp) mesh: inside the root's
+        forward the head is a DTensor on the 2-D mesh, Replicate() on dp and Shard(0) on tp."""
+        mesh = mesh_2d()
+        model = TensorParallelTinyLM().double()
+        for module, placements in ((model.embed, [Replicate(), Replicate()]), (model.lm_head, [Replicate(), Shard(0)])):
+            module.weight = torch.nn.Parameter(distribute_tensor(module.weight.detach(), mesh, placements))
+        dims = DataParallelMeshDims(shard="dp")
+        fully_shard(model.embed, mesh=mesh, dp_mesh_dims=dims)
+        fully_shard(model, mesh=mesh, dp_mesh_dims=dims)
+        return fsdp_tp_errors(model, mesh)
+
+    @check
+    def mesh_2d_head_sharded_on_both_dims_refused():
+        mesh = mesh_2d()
+        h, w, _, targets, _ = head_inputs(torch.float32)
+        weight = distribute_tensor(w, mesh, [Shard(0), Shard(0)])
+        hidden = DTensor.from_local(h, mesh, [Replicate(), Replicate()])
+        return expect_value_error(lambda: fastdpo.linear_logprobs(hidden, weight, targets), "one mesh dimension",
+                                  "FSDP2")
+
+    @check
+    def mesh_2d_hidden_split_over_tp_refused():
+        mesh = mesh_2d()
+        h, w, _, targets, _ = head_inputs(torch.float32)
+        weight = distribute_tensor(w, mesh, [Replicate(), Shard(0)])
+        hidden = DTensor.from_local(h, mesh, [Replicate(), Shard(0)])
+        return expect_value_error(lambda: fastdpo.linear_logprobs(hidden, weight, targets),
+                                  "replicated over the head's vocabulary dimension")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -412,8 +629,11 @@ def zero3_suite():
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def train_trl(patched: bool, **overrides):
-    """Train the tiny DPO setup of test_trl_patch.py; per-step logs, a checksum of the weights, and head calls."""
+def train_trl(patched: bool, head_grads: bool = False, **overrides):
+    """Train the tiny DPO setup of test_trl_patch.py; per-step logs, a checksum of the weights, and head calls.
+
+    head_grads: also the head's gradient before each optimizer step (HeadGradients), and how the policy's head
+    reached the log-prob function (`head_weights`)."""
     from tiny_models import cpu_dpo_config, perturbed_copy, tiny_llama, tiny_preference_dataset, tiny_tokenizer
     from trl import DPOTrainer
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
@@ -423,12 +643,16 @@ def train_trl(patched: bool, **overrides):
     calls = {"stock": 0, "fastdpo": 0}
     stock_forward, real_logprobs = ChunkedLogProbFunction.forward, fastdpo.linear_logprobs
 
+    head_weights = set()
+
     def spy_stock(ctx, *args, **kwargs):
         calls["stock"] += 1
+        head_weights.add(head_weight_kind(args[1]))
         return stock_forward(ctx, *args, **kwargs)
 
     def spy_fastdpo(*args, **kwargs):
         calls["fastdpo"] += 1
+        head_weights.add(head_weight_kind(args[1]))
         return real_logprobs(*args, **kwargs)
 
     ChunkedLogProbFunction.forward, fastdpo.linear_logprobs = staticmethod(spy_stock), spy_fastdpo
@@ -439,19 +663,55 @@ def train_trl(patched: bool, **overrides):
     config.update(overrides)
     try:
         with fastdpo.patch_trl() if patched else contextlib.nullcontext():
+            recorder = head_grad_callback()() if head_grads else None
             trainer = DPOTrainer(model=policy, ref_model=ref_model, args=cpu_dpo_config("fastdpo_ddp_", **config),
                                  train_dataset=tiny_preference_dataset(8, seed=0),
-                                 processing_class=tiny_tokenizer())
+                                 processing_class=tiny_tokenizer(), callbacks=[recorder] if recorder else None)
             trainer.train()
     finally:
         ChunkedLogProbFunction.forward, fastdpo.linear_logprobs = stock_forward, real_logprobs
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     model = trainer.model_wrapped if hasattr(trainer, "model_wrapped") else trainer.model
     weights = [full_weight(p).double().sum().item() for p in trainer.model.parameters()]
-    return {"logs": logs, "weights": weights, "calls": calls, "wrapper": type(model).__name__}
+    run = {"logs": logs, "weights": weights, "calls": calls, "wrapper": type(model).__name__}
+    if head_grads:
+        run.update(head_grads=recorder.steps, head_weights=sorted(head_weights))
+    return run
+
+
+def head_weight_kind(weight) -> str:
+    """How a head's weight reached the log-prob function: the parameter itself (FSDP2's unsharded parameter inside
+    its unit's forward), a DTensor, or a tensor computed from one (e.g. TRL's `weight.full_tensor()`)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(weight, DTensor):
+        return "dtensor"
+    return "parameter" if isinstance(weight, torch.nn.Parameter) else "computed"
+
+
+def head_grad_callback():
+    from transformers import TrainerCallback
+
+    class HeadGradients(TrainerCallback):
+        """The policy head's gradient as the optimizer gets it: its placements, and its full tensor's sum of absolute
+        values and norm, per step (every rank joins the gather of a DTensor gradient)."""
+
+        def __init__(self):
+            self.steps = []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grad = model.get_output_embeddings().weight.grad
+            placements = str(getattr(grad, "placements", "local"))
+            full = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+            self.steps.append({"placements": placements, "abs_sum": full.double().abs().sum().item(),
+                               "norm": full.double().norm().item()})
+
+    return HeadGradients
 
 
 def full_weight(param):
+    if hasattr(param, "full_tensor"):  # an FSDP2 shard
+        return param.full_tensor()
     if hasattr(param, "ds_id"):  # ZeRO-3 partitioned
         from deepspeed.utils import safe_get_full_fp32_param
 
@@ -491,7 +751,49 @@ def trl_zero3_suite():
     check(zero3)
 
 
-SUITES = {"heads": heads_suite, "zero3": zero3_suite, "trl_ddp": trl_ddp_suite, "trl_zero3": trl_zero3_suite}
+def fsdp2_on_cpu_ranks():
+    """Accelerate's FSDP2 on CPU ranks, through the one switch Accelerate skips there.
+
+    Accelerate 1.16 turns a process into an FSDP one (`distributed_type = FSDP`, `state.fsdp_plugin = plugin`) only
+    in the branch of AcceleratorState.__init__ (accelerate/state.py) taken for accelerator devices (`MULTI_GPU`,
+    `MULTI_NPU`, `MULTI_XPU`, ...). CPU ranks are `MULTI_CPU`, so the FSDP plugin that transformers hands it is
+    dropped without a word and the model is wrapped in DDP instead. This applies that branch's two assignments on
+    CPU ranks; everything after it is Accelerate's and TRL's own code: `fsdp2_prepare_model` (fully_shard per decoder
+    layer, on the embedding, on the final norm with lm_head, on the root), the optimizer's switch to the sharded
+    parameters, FSDP2's gradient clipping, and TRL's `prepare_fsdp` for the reference model.
+    """
+    import accelerate.state
+    from accelerate.utils import DistributedType
+
+    original = accelerate.state.AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+
+    accelerate.state.AcceleratorState.__init__ = init
+
+
+TRL_FSDP2_SCENARIOS = {
+    "fsdp2": dict(),
+    "fsdp2_gc_on": dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}),
+}
+
+
+def trl_fsdp2_suite():
+    fsdp2_on_cpu_ranks()
+    fsdp = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+    for name, overrides in TRL_FSDP2_SCENARIOS.items():
+        def scenario(overrides=overrides):
+            return {"stock": train_trl(False, head_grads=True, **fsdp, **overrides),
+                    "patched": train_trl(True, head_grads=True, **fsdp, **overrides)}
+
+        scenario.__name__ = name
+        check(scenario)
+
+
+SUITES = {"heads": heads_suite, "mesh_2d": mesh_2d_suite, "zero3": zero3_suite, "trl_ddp": trl_ddp_suite, "trl_fsdp2": trl_fsdp2_suite, "trl_zero3": trl_zero3_suite}
 
 
 def main():
