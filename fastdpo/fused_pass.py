@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from . import chunked, ops
-from .heads import is_distributed_head
+from .heads import autocast_head, is_distributed_head
 from .losses import LossConfig, LossTerms, preference_loss_from_token_logps
 from .ops import DOUBLE_BACKWARD_MESSAGE
 from .softmax_stats import logsumexp, token_stats
@@ -241,8 +241,11 @@ def fused_preference_loss(config: LossConfig, hidden, weight, bias, targets, mas
                           ref_rejected_logps=None) -> tuple[LossTerms, TokenStats | torch.Tensor] | None:
     """The fused route of FastDPOLoss on the PyTorch path: (loss terms, the policy's per-token TokenStats,
     or log-probs without with_stats), with the loss carrying the gradients; None when nothing is scored
-    or the pair schedule does not fit workspace_bytes: the caller then takes the two-pass path."""
-    with torch.no_grad():  # the gradients are formed here, by hand; only the loss's own are recorded (LossGradients)
+    or the pair schedule does not fit workspace_bytes: the caller then takes the two-pass path.
+    Under autocast the head runs in the autocast dtype, as on the two-pass path (heads.autocast_head)."""
+    hidden, weight, bias = autocast_head(hidden, weight, bias)
+    # The gradients are formed here, by hand; only the loss's own are recorded (LossGradients).
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
         result = _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, transform, with_stats,
                              workspace_bytes, dict(ref_token_logps=ref_token_logps, ref_chosen_logps=ref_chosen_logps,
                                                    ref_rejected_logps=ref_rejected_logps))
@@ -336,5 +339,7 @@ class FrozenHeadLogProbs(torch.autograd.Function):
 
 
 def frozen_linear_logprobs(hidden, weight, targets, bias, ignore_index: int, transform: LogitTransform, with_stats: bool):
-    out = FrozenHeadLogProbs.apply(hidden, weight, bias, targets, ignore_index, transform, with_stats)
+    """The frozen-head route for checked inputs (already cast under autocast, as fastdpo.ops' are)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        out = FrozenHeadLogProbs.apply(hidden, weight, bias, targets, ignore_index, transform, with_stats)
     return TokenStats(*out) if with_stats else out

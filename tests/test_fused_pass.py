@@ -531,3 +531,25 @@ def test_a_second_backward_through_the_fused_pass_says_what_to_do(spy):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="fused=False"):
         loss.backward()
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_autocast_runs_the_head_in_the_autocast_dtype_on_every_route(frozen, spy):
+    """Under bf16 autocast both fused routes cast the head as the two-pass path does: the same log-probs,
+    loss and gradients, bit for bit (and the fused pass did run)."""
+    hs, w, labels = make_batch(pairs=2, seq_len=40)
+
+    def step(fused):
+        h, weight, _ = leaves(hs, w, None, frozen=frozen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fastdpo.FastDPOLoss(backend="torch", fused=fused, reference_free=True)(h, weight, labels)
+        out.loss.backward()
+        return outputs(out), [t.grad for t in (h, weight) if t.grad is not None]
+
+    (fused, fused_grads), (two_pass, two_pass_grads) = step(True), step(False)
+    assert spy.completed == (0 if frozen else 1)
+    for name, value in two_pass.items():
+        assert torch.equal(fused[name], value), name
+    assert len(fused_grads) == len(two_pass_grads) == (1 if frozen else 2)
+    for got, want in zip(fused_grads, two_pass_grads):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-5)
