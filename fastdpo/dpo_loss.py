@@ -25,7 +25,7 @@ from .losses import LossConfig, preference_loss_from_token_logps
 from .sequences import shifted_targets
 from .transform import LogitTransform
 from .types import DPOOutput, TokenStats
-from .validation import check_dpo_inputs, check_logit_options
+from .validation import check_dpo_inputs, check_logit_options, check_workspace_bytes
 
 
 class FastDPOLoss(nn.Module):
@@ -66,6 +66,7 @@ class FastDPOLoss(nn.Module):
         )
         self.transform = LogitTransform(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
         check_logit_options(self.transform, grad_tolerance)
+        check_workspace_bytes(workspace_bytes)
         self.ignore_index, self.shift_labels, self.backend = ignore_index, shift_labels, backend
         self.token_metrics = token_metrics
         self.grad_tolerance, self.workspace_bytes = grad_tolerance, workspace_bytes
@@ -112,7 +113,7 @@ class FastDPOLoss(nn.Module):
             policy = transformed_logprobs(hidden_states, lm_head_weight, targets, lm_head_bias, self.ignore_index,
                                           self.transform, with_stats=with_stats, backend=backend,
                                           grad_tolerance=self.grad_tolerance, workspace_bytes=self.workspace_bytes,
-                                          fused=self.fused)
+                                          fused=self.fused, inputs_checked=True)
             terms = preference_loss_from_token_logps(
                 cfg, policy.logps if with_stats else policy, completion, **reference,
                 log_sum_sq_probs=policy.log_sum_sq_probs if with_stats else None,
@@ -130,7 +131,7 @@ class FastDPOLoss(nn.Module):
             ref_lm_head_weight, ref_lm_head_bias = lm_head_weight, lm_head_bias
         with torch.no_grad():  # the head is not detached: a ZeRO-3 parameter's .detach() is its empty partition
             return transformed_logprobs(ref_hidden_states.detach(), ref_lm_head_weight, targets, ref_lm_head_bias,
-                                        self.ignore_index, self.transform, backend=backend)
+                                        self.ignore_index, self.transform, backend=backend, inputs_checked=True)
 
 
 def _token_metrics(stats: TokenStats, mask: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 
 from . import distributed, fused_pass, ops, reference
-from .heads import DTENSOR, ZERO3, VocabShard, head_kind
+from .heads import DTENSOR, LOCAL, ZERO3, VocabShard, autocast_head, head_kind
 from .ops import DOUBLE_BACKWARD_MESSAGE  # noqa: F401  (tests and users import it from here)
 from .transform import LogitTransform
 from .validation import checked_local_head
@@ -59,8 +59,12 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
 
 def transformed_logprobs(hidden, weight, targets, bias, ignore_index: int, transform: LogitTransform, *,
                          with_stats: bool = False, backend: str | None = None, grad_tolerance: float = 0.0,
-                         workspace_bytes: int | None = None, fused: bool = True):
-    """linear_logprobs with the logit transform as one value (what FastDPOLoss holds)."""
+                         workspace_bytes: int | None = None, fused: bool = True, inputs_checked: bool = False):
+    """linear_logprobs with the logit transform as one value (what FastDPOLoss holds).
+
+    inputs_checked: the caller (FastDPOLoss, fastdpo.validation.check_dpo_inputs) has already checked a local
+    head under its own argument names, range-checked the targets and resolved the backend: only the autocast
+    cast remains (one label check, one host sync, per head and step)."""
     kind = head_kind(hidden, weight)
     if kind == DTENSOR:  # before the type checks: the local tensors, or a VocabShard
         hidden, weight, targets, bias = distributed.local_head(hidden, weight, targets, bias)
@@ -70,8 +74,11 @@ def transformed_logprobs(hidden, weight, targets, bias, ignore_index: int, trans
                                                    grad_tolerance=grad_tolerance, workspace_bytes=workspace_bytes)
     function = distributed.Zero3LogProbs if kind == ZERO3 else None  # gathers the head again for the backward
     with distributed.gathered(weight, bias) if kind == ZERO3 else contextlib.nullcontext():  # for the forward
-        hidden, weight, targets, bias, backend = checked_local_head(
-            hidden, weight, targets, bias, ignore_index, backend, transform, grad_tolerance, workspace_bytes)
+        if inputs_checked and kind == LOCAL:
+            hidden, weight, bias = autocast_head(hidden, weight, bias)
+        else:
+            hidden, weight, targets, bias, backend = checked_local_head(
+                hidden, weight, targets, bias, ignore_index, backend, transform, grad_tolerance, workspace_bytes)
         if function is None and fused_pass.frozen_route(hidden, weight, bias, fused=fused, backend=backend,
                                                         grad_tolerance=grad_tolerance):
             return fused_pass.frozen_linear_logprobs(hidden, weight, targets, bias, ignore_index, transform,

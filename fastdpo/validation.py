@@ -131,6 +131,12 @@ def check_logprob_metadata(hidden, weight, targets, bias, ignore_index: int, bac
     check_logit_options(transform, grad_tolerance)
 
 
+def check_workspace_bytes(workspace_bytes) -> None:
+    _require(workspace_bytes is None or (isinstance(workspace_bytes, int) and not isinstance(workspace_bytes, bool)
+                                         and workspace_bytes > 0),
+             f"workspace_bytes must be None or a positive int (bytes), got {workspace_bytes!r}")
+
+
 def checked_local_head(hidden, weight, targets, bias, ignore_index: int, backend: str | None,
                        transform: LogitTransform, grad_tolerance: float, workspace_bytes: int | None):
     """A local head's inputs as the computation takes them: (hidden, weight, targets, bias, backend), checked, with
@@ -139,9 +145,7 @@ def checked_local_head(hidden, weight, targets, bias, ignore_index: int, backend
     for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         require_tensor(name, value)
     require_tensor("bias", bias, optional=True)
-    _require(workspace_bytes is None or (isinstance(workspace_bytes, int) and not isinstance(workspace_bytes, bool)
-                                         and workspace_bytes > 0),
-             f"workspace_bytes must be None or a positive int (bytes), got {workspace_bytes!r}")
+    check_workspace_bytes(workspace_bytes)
     targets = widen_labels(targets)
     backend = resolve_backend(backend, hidden.device)
     hidden, weight, bias = autocast_head(hidden, weight, bias)

@@ -310,7 +310,7 @@ def test_pair_local_losses_give_the_full_batch_gradient_from_placeholders(loss_t
         pytest.skip("an invalid combination")
     done = [1, 3]
     differs = []
-    for _ in range(5):  # (a sort may happen to keep the group's ranks on one draw)
+    for _ in range(20):  # a sort keeps the group's ranks on about 1 draw in 3: 20 draws all do so ~1e-10 of the time
         inputs = loss_inputs()
         got, want = gradients_from_placeholders(config, inputs, done), full_gradients(config, inputs, done)
         if config.pair_local:
