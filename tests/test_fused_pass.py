@@ -38,6 +38,17 @@ def make_batch(pairs=3, seq_len=150, hidden=31, vocab=300, prompt=4, masked_row=
     return hs, w, labels
 
 
+def schedule_of(labels) -> fused_pass.PairSchedule:
+    """The fused pass's schedule for these (unshifted) labels, in 128-row blocks."""
+    rows = (shifted_targets(labels).reshape(-1) != -100).nonzero().squeeze(1)
+    return fused_pass.PairSchedule(rows, labels.shape[1], labels.shape[0] // 2, 128)
+
+
+def fitting_workspace(labels, vocab: int, at_least: int = 0) -> int:
+    """Bytes for the slots the schedule needs (at least `at_least` slots) of 128 float32 rows of logits."""
+    return max(at_least, schedule_of(labels).slots) * 128 * vocab * 4
+
+
 def leaves(hs, w, bias, dtype=torch.float32, frozen=False):
     h = hs.to(dtype).requires_grad_()
     weight = w.to(dtype).requires_grad_(not frozen)
@@ -126,8 +137,9 @@ def test_every_pair_local_loss_against_float64(loss_type, head, spy):
     bias = torch.randn(w.shape[0]).double() if head_options.pop("bias", False) else None
     options = dict(loss_type=loss_type, beta=0.2, **LOSS_OPTIONS.get(loss_type, {}))
     ref = precomputed_reference(hs, w, labels, bias, **head_options)
-    # Two 128-row slots at V=300: the schedule needs more than one, groups split the pairs unevenly.
-    workspace = 4 * 128 * w.shape[0] * 4
+    # The slots the schedule needs and no more (ragged pairs of up to ~150 tokens: usually several slots,
+    # with groups that split the pairs unevenly).
+    workspace = fitting_workspace(labels, w.shape[0])
     out, grads = run(hs, w, labels, bias, workspace_bytes=workspace, **options, **head_options, **ref)
     assert spy.completed == 1
     _, two_pass_grads = run(hs, w, labels, bias, fused=False, **options, **head_options, **ref)
@@ -156,7 +168,7 @@ def assert_as_close_as_two_pass(got, two_pass, want, what):
 def test_loss_options_against_float64(options, spy):
     hs, w, labels = make_batch(pairs=2)
     ref = precomputed_reference(hs, w, labels)
-    out, grads = run(hs, w, labels, workspace_bytes=3 * 128 * w.shape[0] * 4, **options, **ref)
+    out, grads = run(hs, w, labels, workspace_bytes=fitting_workspace(labels, w.shape[0]), **options, **ref)
     assert spy.completed == 1
     expected, expected_grads = oracle(hs, w, labels, **options, **ref)
     assert_close(out.loss, expected.loss, TOL, "loss")
@@ -227,8 +239,7 @@ def test_losses_that_couple_pairs_take_the_two_pass_path(loss_type, spy):
 def test_a_pair_too_long_for_the_workspace_takes_the_two_pass_path(spy):
     hs, w, labels = make_batch(pairs=2, seq_len=300)
     labels[:, 4:] = torch.randint(0, w.shape[0], labels[:, 4:].shape)  # every sequence ~300 tokens long
-    schedule = fused_pass.PairSchedule(shifted_targets(labels).reshape(-1).ne(-100).nonzero().squeeze(1),
-                                       labels.shape[1], 2, 128)
+    schedule = schedule_of(labels)
     # One slot fewer than the schedule needs (each holds 128 rows of V float32 logits).
     assert schedule.slots >= 2
     assert_same_as_two_pass(hs, w, labels, workspace_bytes=(schedule.slots - 1) * 128 * w.shape[0] * 4,
@@ -509,9 +520,7 @@ def test_no_tokens_by_vocabulary_tensor_and_one_fp32_head_at_most(frozen, spy, o
     hs, w, labels = make_batch(pairs=3, seq_len=300, vocab=512)
     hs, w = hs.float(), w.float()
     vocab, tokens = w.shape[0], labels.numel()
-    rows = (shifted_targets(labels).reshape(-1) != -100).nonzero().squeeze(1)
-    schedule = fused_pass.PairSchedule(rows, labels.shape[1], labels.shape[0] // 2, 128)
-    workspace = schedule.slots * 128 * vocab * 4  # just what the schedule needs
+    workspace = fitting_workspace(labels, vocab)  # just what the schedule needs
     assert workspace // 4 < tokens * vocab / 2
     ref = precomputed_reference(hs.double(), w.double(), labels)
     h, weight = hs.clone().requires_grad_(), w.clone().requires_grad_(not frozen)
