@@ -546,14 +546,19 @@ class _BackwardBlock:
             w, b = _weight_slice(self.weight, self.bias, v0, v1, xb.dtype)
             z = _logits(xb, w, b, self.transform, out=part.tile_for(xb.shape[0], v0, v1))
             d_z = _logits_gradient(z, self.targets - v0, self.lse, self.grad)
-            d_raw = self.transform.scale_gradient_(d_z, z)
-            if share is not None:
-                share.addmm_(d_raw, w)
-            if self.dw is not None:
-                self.dw[v0:v1].addmm_(d_raw.T, xb)
-            if self.db is not None:
-                self.db[v0:v1] += d_raw.sum(0)
+            add_tile_gradients(self.transform.scale_gradient_(d_z, z), w, xb, share, self.dw, self.db, v0, v1)
         return share
+
+
+def add_tile_gradients(d_raw, w, x, dx_share, dw, db, v0: int, v1: int) -> None:
+    """A d_logits tile [rows, v1 - v0] into its worker's dX share (d_raw W), dW[v0:v1] (d_rawᵀ X) and db[v0:v1];
+    None where not needed. Parts own disjoint vocabulary rows, so dW and db need no lock."""
+    if dx_share is not None:
+        dx_share.addmm_(d_raw, w)
+    if dw is not None:
+        dw[v0:v1].addmm_(d_raw.T, x)
+    if db is not None:
+        db[v0:v1] += d_raw.sum(0)
 
 
 def _logits_gradient(z, local_targets, lse, grad):

@@ -215,13 +215,7 @@ class StoredLogits:
                     d_z = _set_at_targets(chunked._logits_gradient(tile, targets - v0, lse, grad), hits.get(v0),
                                           target_entry)
                     d_raw = self.transform.scale_gradient_(d_z, tile)
-                w = self.weight[v0:v1].to(xr.dtype)
-                if share is not None:
-                    share.addmm_(d_raw, w)
-                if self.dw is not None:
-                    self.dw[v0:v1].addmm_(d_raw.T, xr)
-                if self.db is not None:
-                    self.db[v0:v1] += d_raw.sum(0)
+                chunked.add_tile_gradients(d_raw, self.weight[v0:v1].to(xr.dtype), xr, share, self.dw, self.db, v0, v1)
             return share
 
         shares = chunked.Workers.map(part_grads, self.buffers.parts)
