@@ -42,6 +42,25 @@ def rank() -> int:
     return dist.get_rank()
 
 
+@contextlib.contextmanager
+def counting_fused_passes():
+    """{"completed": n}: how many fused passes (fastdpo.fused_pass) ran to the end inside the block."""
+    from fastdpo import fused_pass
+
+    counts, original = {"completed": 0}, fused_pass._fused_pass
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        counts["completed"] += result is not None
+        return result
+
+    fused_pass._fused_pass = spy
+    try:
+        yield counts
+    finally:
+        fused_pass._fused_pass = original
+
+
 def shard_rows(vocab: int):
     """torch.chunk's split, as DTensor's Shard(0) uses: this rank's [start, end)."""
     chunk = -(-vocab // dist.get_world_size())
@@ -266,11 +285,19 @@ def heads_suite():
 
     @check
     def ddp_loss_inside_forward():
-        return ddp_pattern()
+        return ddp_pattern(fused=True)
+
+    @check
+    def ddp_loss_inside_forward_two_pass():
+        return ddp_pattern(fused=False)
 
     @check
     def fsdp2_loss_inside_registered_method():
-        return fsdp2_pattern()
+        return fsdp2_pattern(fused=True)
+
+    @check
+    def fsdp2_loss_inside_registered_method_two_pass():
+        return fsdp2_pattern(fused=False)
 
 
 def triton_checks():
@@ -322,7 +349,7 @@ def triton_checks():
 class TinyLM(torch.nn.Module):
     """A toy causal LM whose forward returns FastDPOLoss's output: the pattern DDP and FSDP2 need."""
 
-    def __init__(self, vocab=301, hidden=31, seed=0):
+    def __init__(self, vocab=301, hidden=31, seed=0, fused=True):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         self.embed = torch.nn.Embedding(vocab, hidden)
@@ -332,7 +359,7 @@ class TinyLM(torch.nn.Module):
             self.lm_head.weight.copy_(torch.randn(vocab, hidden, generator=gen, dtype=torch.float64) * 0.5)
         import fastdpo
 
-        self.loss = fastdpo.FastDPOLoss(beta=0.1, backend="torch")
+        self.loss = fastdpo.FastDPOLoss(beta=0.1, backend="torch", fused=fused)
 
     def forward(self, input_ids, labels=None, ref_chosen_logps=None, ref_rejected_logps=None):
         hidden = torch.tanh(self.embed(input_ids))
@@ -372,29 +399,37 @@ def single_process_grads(dtype, world=None):
     return {name: p.grad for name, p in model.named_parameters()}
 
 
-def ddp_pattern():
+def ddp_pattern(fused: bool):
+    """The reduced gradients against the oracle, and how many fused passes FastDPOLoss ran (fused: the fused route,
+    else the two-pass one)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids, labels, ref = pattern_batches(dist.get_world_size())
-    model = DDP(TinyLM().double())
+    model = DDP(TinyLM(fused=fused).double())
     r = rank()
-    model(ids[r], labels[r], ref[r, 0], ref[r, 1]).backward()  # through the DDP wrapper: gradients all-reduced
+    with counting_fused_passes() as passes:
+        model(ids[r], labels[r], ref[r, 0], ref[r, 1]).backward()  # through the DDP wrapper: gradients all-reduced
     expected = single_process_grads(torch.float64)
-    return {name: relative_error(p.grad, expected[name]) for name, p in model.module.named_parameters()}
+    return {"fused_passes": passes["completed"],
+            **{name: relative_error(p.grad, expected[name]) for name, p in model.module.named_parameters()}}
 
 
-def fsdp2_pattern():
+def fsdp2_pattern(fused: bool):
+    """As ddp_pattern, under FSDP2: inside the root's forward the head is FSDP2's unsharded parameter, a plain
+    tensor, and its gradient is reduce-scattered after the backward."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     ids, labels, ref = pattern_batches(dist.get_world_size())
-    model = TinyLM().double()
+    model = TinyLM(fused=fused).double()
     fully_shard(model.embed)  # a unit of its own, like a transformer block
     fully_shard(model)  # the root unit owns lm_head: its weight is gathered while the root runs
     register_fsdp_forward_method(model, "dpo_loss")
     r = rank()
-    model.dpo_loss(ids[r], labels[r], ref[r, 0], ref[r, 1]).backward()
+    with counting_fused_passes() as passes:
+        model.dpo_loss(ids[r], labels[r], ref[r, 0], ref[r, 1]).backward()
     expected = single_process_grads(torch.float64)
-    return {name: relative_error(p.grad.full_tensor(), expected[name]) for name, p in model.named_parameters()}
+    return {"fused_passes": passes["completed"], "head_grad_placements": str(model.lm_head.weight.grad.placements),
+            **{name: relative_error(p.grad.full_tensor(), expected[name]) for name, p in model.named_parameters()}}
 
 
 # --------------------------------------------------------------------------------------------------------------------

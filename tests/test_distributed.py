@@ -104,8 +104,6 @@ def heads(tmp_path_factory):
     ("dtensor_shard0_fp32_bias", FP32),
     ("dtensor_replicated_head", FP64),
     ("dpo_loss_vocab_parallel", FP64),
-    ("ddp_loss_inside_forward", FP64),
-    ("fsdp2_loss_inside_registered_method", FP64),
     ("vocab_parallel_triton_fp32_stats", FP32),
     ("vocab_parallel_triton_fp32_bias_softcap", FP32),
     ("dtensor_shard0_triton_fp32_bias", FP32),
@@ -114,6 +112,24 @@ def heads(tmp_path_factory):
 def test_matches_single_process_oracle(heads, name, tol):
     """Log-probs / loss, statistics and the gradients of hidden states, head shard (and bias) on every rank."""
     assert_errors_below(heads, name, tol)
+
+
+@pytest.mark.parametrize("name,fused_passes", [
+    ("ddp_loss_inside_forward", 1),
+    ("ddp_loss_inside_forward_two_pass", 0),
+    ("fsdp2_loss_inside_registered_method", 1),
+    ("fsdp2_loss_inside_registered_method_two_pass", 0),
+])
+def test_data_parallel_loss_on_each_route(heads, name, fused_passes):
+    """DDP, and FSDP2 with the loss inside the unit that owns the head: FastDPOLoss takes the fused route (its dX and
+    dW handed to autograd in the backward, where DDP all-reduces and FSDP2 reduce-scatters them) or, with
+    fused=False, the two-pass one; either way the reduced gradients equal the single-process float64 oracle's."""
+    for r, entry in enumerate(result(heads, name)):
+        entry = dict(entry)
+        assert entry.pop("fused_passes") == fused_passes, (r, name)
+        if name.startswith("fsdp2"):
+            assert entry.pop("head_grad_placements") == "(Shard(dim=0),)", (r, entry)
+        assert_errors_below([{name: entry}], name, FP64)
 
 
 @pytest.mark.parametrize("name", [
