@@ -636,27 +636,64 @@ def zero3_suite():
 
     @check
     def zero3_loss_outside_forward():
-        """FastDPOLoss called directly on the partitioned lm_head.weight, on the hidden states the engine returns."""
-        import fastdpo
+        return zero3_outside_forward(deepspeed, fused=True)
 
-        ids, labels, ref = pattern_batches(dist.get_world_size())
-        model = TinyLM().float()  # ZeRO-3 partitions half, bfloat16 and float32 parameters only
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=zero3_config())
-        r = rank()
-        hidden = engine(ids[r])
-        head = engine.module.lm_head.weight
-        partitioned = int(head.numel() == 0)
-        loss = fastdpo.FastDPOLoss(beta=0.1, backend="torch")(hidden, head, labels[r], ref_chosen_logps=ref[r, 0],
-                                                              ref_rejected_logps=ref[r, 1]).loss
+    @check
+    def zero3_loss_outside_forward_two_pass():
+        return zero3_outside_forward(deepspeed, fused=False)
+
+
+def zero3_outside_forward(deepspeed, fused: bool):
+    """FastDPOLoss called directly on the partitioned lm_head.weight, on the hidden states the engine returns: the
+    reduced gradients' errors, the fused passes run, the head's gathers in the forward and in the backward, and
+    whether the head was gathered when its gradient reached ZeRO-3's hooks."""
+    import fastdpo
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.utils import safe_get_full_grad
+
+    ids, labels, ref = pattern_batches(dist.get_world_size())
+    model = TinyLM().float()  # ZeRO-3 partitions half, bfloat16 and float32 parameters only
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=zero3_config())
+    r = rank()
+    hidden = engine(ids[r])
+    head = engine.module.lm_head.weight
+    partitioned = int(head.numel() == 0)
+    status_at_hook = []
+    hook = head.register_post_accumulate_grad_hook(lambda p: status_at_hook.append(p.ds_status.name))
+    with counting_gathers(deepspeed) as gathers, counting_fused_passes() as passes:
+        loss = fastdpo.FastDPOLoss(beta=0.1, backend="torch", fused=fused)(
+            hidden, head, labels[r], ref_chosen_logps=ref[r, 0], ref_rejected_logps=ref[r, 1]).loss
+        forward_gathers = gathers["count"]
         engine.backward(loss)
-        expected = single_process_grads(torch.float64)
-        from deepspeed.utils import safe_get_full_grad
+    hook.remove()
+    expected = single_process_grads(torch.float64)
+    errors = {name: relative_error(safe_get_full_grad(p), expected[name])
+              for name, p in engine.module.named_parameters()}
+    repartitioned = int(head.numel() == 0)
+    engine.step()
+    return {"partitioned_head": partitioned, "partitioned_after_backward": repartitioned,
+            "fused_passes": passes["completed"], "forward_gathers": forward_gathers,
+            "backward_gathers": gathers["count"] - forward_gathers,
+            "gathered_at_grad_hook": [status == ZeroParamStatus.AVAILABLE.name for status in status_at_hook],
+            **errors}
 
-        errors = {name: relative_error(safe_get_full_grad(p), expected[name])
-                  for name, p in engine.module.named_parameters()}
-        repartitioned = int(head.numel() == 0)
-        engine.step()
-        return {"partitioned_head": partitioned, "partitioned_after_backward": repartitioned, **errors}
+
+@contextlib.contextmanager
+def counting_gathers(deepspeed):
+    """{"count": n}: the deepspeed.zero.GatheredParameters blocks entered inside the block (fastdpo.distributed.gathered
+    gathers a partitioned head with one, and makes none for a head that is already gathered)."""
+    counts, original = {"count": 0}, deepspeed.zero.GatheredParameters
+
+    class Counted(original):
+        def __enter__(self):
+            counts["count"] += 1
+            return super().__enter__()
+
+    deepspeed.zero.GatheredParameters = Counted
+    try:
+        yield counts
+    finally:
+        deepspeed.zero.GatheredParameters = original
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -221,14 +221,32 @@ def zero3(tmp_path_factory):
     return run_suite("zero3", tmp_path_factory, env={"DS_ACCELERATOR": "cpu"})
 
 
-@pytest.mark.parametrize("name", ["zero3_loss_inside_forward", "zero3_loss_outside_forward",
-                                  "zero3_shared_reference_head"])
+@pytest.mark.parametrize("name", ["zero3_loss_inside_forward", "zero3_shared_reference_head"])
 def test_zero3_partitioned_head(zero3, name):
     """FastDPOLoss on ZeRO-3's partitioned lm_head.weight: the reduced gradients equal the float64 oracle's."""
     for r, entry in enumerate(result(zero3, name)):
         assert entry.pop("partitioned_head", 1) == 1, "the head was not partitioned: the check proves nothing"
-        assert entry.pop("partitioned_after_backward", 1) == 1, "the head stayed gathered after the backward"
     assert_errors_below(zero3, name, ZERO3_TOL)
+
+
+@pytest.mark.parametrize("name,fused_passes,backward_gathers", [
+    ("zero3_loss_outside_forward", 1, 0),
+    ("zero3_loss_outside_forward_two_pass", 0, 1),
+])
+def test_zero3_head_gathered_once_on_the_fused_route(zero3, name, fused_passes, backward_gathers):
+    """FastDPOLoss on the partitioned lm_head.weight, outside the engine's forward. The fused route gathers the head
+    once, for the forward that forms dW, and hands dW to ZeRO-3's gradient hook with the head still partitioned; the
+    two-pass route (fused=False) gathers it again for the backward. Both: the float64 oracle's reduced gradients, and
+    the head partitioned again after the backward."""
+    for r, entry in enumerate(result(zero3, name)):
+        entry = dict(entry)
+        assert entry.pop("partitioned_head") == 1, "the head was not partitioned: the check proves nothing"
+        assert entry.pop("partitioned_after_backward") == 1, "the head stayed gathered after the backward"
+        assert entry.pop("fused_passes") == fused_passes, (r, name)
+        assert entry.pop("forward_gathers") == 1, (r, name)
+        assert entry.pop("backward_gathers") == backward_gathers, (r, name)
+        assert entry.pop("gathered_at_grad_hook") == [bool(backward_gathers)], (r, name)
+        assert_errors_below([{name: entry}], name, ZERO3_TOL)
 
 
 # --------------------------------------------------------------------------------------------------------------------
