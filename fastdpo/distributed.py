@@ -398,10 +398,16 @@ def full_shape_for_accumulation(*params) -> None:
     for param in params:
         if param is None or not is_zero3(param) or _is_available(param):
             continue
-        partition = param.data
-        param.data = torch.zeros((), dtype=param.dtype, device=param.device).expand(param.ds_shape)
-        torch.autograd.Variable._execution_engine.queue_callback(
-            lambda param=param, partition=partition: setattr(param, "data", partition))
+        partition, placeholder = param.data, torch.zeros((), dtype=param.dtype, device=param.device)
+        param.data = placeholder.expand(param.ds_shape)
+        torch.autograd.Variable._execution_engine.queue_callback(lambda p=param, old=partition, new=placeholder:
+                                                                 _restore_partition(p, old, new))
+
+
+def _restore_partition(param, partition, placeholder) -> None:
+    # Unless ZeRO-3 gathered the parameter meanwhile (a tied weight's other use): its data is then its own.
+    if param.data.data_ptr() == placeholder.data_ptr() and param.data.stride() == (0,) * param.data.dim():
+        param.data = partition
 
 
 def _is_available(param) -> bool:

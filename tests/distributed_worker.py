@@ -159,7 +159,8 @@ def compare_vocab_parallel(dtype, with_bias, with_stats, transform, use_dtensor=
 
 
 def compare_dpo_loss_vocab_parallel(dtype, backend):
-    """FastDPOLoss on a VocabShard (the reference through the same head) against the float64 oracle."""
+    """FastDPOLoss on a VocabShard (the reference through the same head) against the float64 oracle, and the fused
+    passes it ran (a vocab-parallel head takes the two-pass route: fastdpo.fused_pass)."""
     import fastdpo
     from fastdpo.distributed import VocabShard
 
@@ -173,10 +174,11 @@ def compare_dpo_loss_vocab_parallel(dtype, backend):
     expected.loss.backward()
     start, end = shard_rows(w.shape[0])
     hidden, shard = h.clone().requires_grad_(), w[start:end].clone().requires_grad_()
-    out = fastdpo.FastDPOLoss(beta=0.2, backend=backend)(hidden, VocabShard(shard, start, w.shape[0]), labels,
-                                                           ref_hidden_states=ref_h)
-    out.loss.backward()
-    return {"loss": relative_error(out.loss, expected.loss), "d_hidden": relative_error(hidden.grad, leaf_h.grad),
+    with counting_fused_passes() as passes:
+        out = fastdpo.FastDPOLoss(beta=0.2, backend=backend)(hidden, VocabShard(shard, start, w.shape[0]), labels,
+                                                               ref_hidden_states=ref_h)
+        out.loss.backward()
+    return {"fused_passes": passes["completed"], "loss": relative_error(out.loss, expected.loss), "d_hidden": relative_error(hidden.grad, leaf_h.grad),
             "d_weight_shard": relative_error(shard.grad, leaf_w.grad[start:end]),
             "rewards": relative_error(out.chosen_rewards, expected.chosen_rewards)}
 
@@ -509,10 +511,12 @@ def fsdp_tp_errors(model, mesh):
     tensors) against the single-process mean over the dp ranks' losses."""
     ids, labels, ref = pattern_batches(mesh.size(0))
     r = mesh.get_local_rank("dp")
-    model(ids[r], labels[r], ref[r, 0], ref[r, 1]).backward()
+    with counting_fused_passes() as passes:
+        model(ids[r], labels[r], ref[r, 0], ref[r, 1]).backward()
     expected = single_process_grads(torch.float64, mesh.size(0))
     head_grad = model.lm_head.weight.grad
     return {"head_grad_placements": str(head_grad.placements), "head_mesh_dims": model.head_mesh_dims,
+            "fused_passes": passes["completed"],
             **{name: relative_error(p.grad.full_tensor(), expected[name]) for name, p in model.named_parameters()}}
 
 

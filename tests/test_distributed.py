@@ -103,15 +103,22 @@ def heads(tmp_path_factory):
     ("dtensor_shard0_fp64_stats", FP64),
     ("dtensor_shard0_fp32_bias", FP32),
     ("dtensor_replicated_head", FP64),
-    ("dpo_loss_vocab_parallel", FP64),
     ("vocab_parallel_triton_fp32_stats", FP32),
     ("vocab_parallel_triton_fp32_bias_softcap", FP32),
     ("dtensor_shard0_triton_fp32_bias", FP32),
-    ("dpo_loss_vocab_parallel_triton", FP32),
 ])
 def test_matches_single_process_oracle(heads, name, tol):
     """Log-probs / loss, statistics and the gradients of hidden states, head shard (and bias) on every rank."""
     assert_errors_below(heads, name, tol)
+
+
+@pytest.mark.parametrize("name,tol", [("dpo_loss_vocab_parallel", FP64), ("dpo_loss_vocab_parallel_triton", FP32)])
+def test_dpo_loss_on_a_vocab_parallel_head_takes_the_two_pass_route(heads, name, tol):
+    """FastDPOLoss on a VocabShard runs no fused pass (fastdpo.fused_pass says why) and matches the oracle."""
+    for r, entry in enumerate(result(heads, name)):
+        entry = dict(entry)
+        assert entry.pop("fused_passes") == 0, (r, name)
+        assert_errors_below([{name: entry}], name, tol)
 
 
 @pytest.mark.parametrize("name,fused_passes", [
@@ -195,6 +202,7 @@ def test_fsdp2_over_dp_with_a_tensor_parallel_head(mesh_2d, name, head_mesh_dims
     and every reduced gradient equals the single-process oracle's mean over the dp batches."""
     for r, entry in enumerate(result(mesh_2d, name)):
         assert entry.pop("head_mesh_dims") == head_mesh_dims, (r, entry)
+        assert entry.pop("fused_passes") == 0, (r, entry)  # a tensor-parallel head: the two-pass route
         assert "Shard(dim=0)" in entry.pop("head_grad_placements"), (r, entry)
     assert_errors_below(mesh_2d, name, FP64)
 
