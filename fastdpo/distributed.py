@@ -27,7 +27,7 @@ ZeRO-3 head is gathered here around the local computation.
   again for the backward (the gradient then goes to the parameter through autograd, where ZeRO-3's hooks reduce and
   partition it). FastDPOLoss's fused route (fastdpo.fused_pass) gathers it once, for the forward that forms dW, and
   hands dW to autograd on a placeholder of the full shape (`full_shape_for_accumulation`): ZeRO-3's hooks need the
-  gradient, not the parameter's values.
+  gradient, not the parameter's values. The frozen route (a frozen head) gathers it for the forward alone.
 
 The vocab-parallel head runs each shard through the backend's own head (fastdpo.torch_head or fastdpo.triton_head:
 the same forward and backward as a local head, on the shard's rows with shard-local targets).

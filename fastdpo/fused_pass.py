@@ -14,7 +14,7 @@ With n scored tokens and P = n·H·V, one pass over the head is a GEMM of 2P FLO
   two-pass way, so they cost one more pass each (a trained LM's rare targets do this).
 - **frozen** (FastDPOLoss and linear_logprobs, frozen head: hidden requires grad, weight and bias do not;
   2 passes, any upstream loss): `fused=True`, gradients recorded, backend 'torch', grad_tolerance 0,
-  a local head (not a ZeRO-3 partition), not compiling. The forward accumulates U_i = dlogp_i/dh_i beside its tiles
+  a local head or a ZeRO-3 partition (gathered for the forward alone: the backward needs no head), not compiling. The forward accumulates U_i = dlogp_i/dh_i beside its tiles
   (fastdpo.torch_fused.FrozenAccumulator); the backward returns g ⊙ U.
 - **two-pass** everywhere else, including every forward without gradients (evaluation, the reference):
   there it is one pass, the forward alone.
@@ -97,9 +97,8 @@ def _common_rule(fused: bool, backend: str, grad_tolerance: float, hidden, weigh
 
 def frozen_route(hidden, weight, bias, *, fused: bool, backend: str, grad_tolerance: float) -> bool:
     """Whether linear_logprobs (and so FastDPOLoss) takes the frozen-head route (see the module docstring)."""
-    # A ZeRO-3 head takes linear_logprobs' ZeRO-3 function (fastdpo.distributed.Zero3LogProbs).
-    return (_common_rule(fused, backend, grad_tolerance, hidden, weight, bias) and not is_zero3(weight)
-            and hidden.requires_grad and not weight.requires_grad and (bias is None or not bias.requires_grad))
+    return (_common_rule(fused, backend, grad_tolerance, hidden, weight, bias) and hidden.requires_grad
+            and not weight.requires_grad and (bias is None or not bias.requires_grad))
 
 
 def trainable_route(config: LossConfig, hidden, weight, bias, *, fused: bool, backend: str,

@@ -44,21 +44,26 @@ def rank() -> int:
 
 @contextlib.contextmanager
 def counting_fused_passes():
-    """{"completed": n}: how many fused passes (fastdpo.fused_pass) ran to the end inside the block."""
+    """{"completed": n, "frozen": m}: how many fused passes (fastdpo.fused_pass) ran to the end inside the block, and
+    how many calls took the frozen-head route."""
     from fastdpo import fused_pass
 
-    counts, original = {"completed": 0}, fused_pass._fused_pass
+    counts, original, frozen = {"completed": 0, "frozen": 0}, fused_pass._fused_pass, fused_pass.frozen_linear_logprobs
 
     def spy(*args, **kwargs):
         result = original(*args, **kwargs)
         counts["completed"] += result is not None
         return result
 
-    fused_pass._fused_pass = spy
+    def frozen_spy(*args, **kwargs):
+        counts["frozen"] += 1
+        return frozen(*args, **kwargs)
+
+    fused_pass._fused_pass, fused_pass.frozen_linear_logprobs = spy, frozen_spy
     try:
         yield counts
     finally:
-        fused_pass._fused_pass = original
+        fused_pass._fused_pass, fused_pass.frozen_linear_logprobs = original, frozen
 
 
 def shard_rows(vocab: int):
@@ -609,13 +614,14 @@ def zero3_suite():
         model = TinyLM().float()  # ZeRO-3 partitions half, bfloat16 and float32 parameters only
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=zero3_config())
         r = rank()
-        loss = engine(ids[r], labels[r], ref[r, 0], ref[r, 1])
-        engine.backward(loss)
+        with counting_fused_passes() as passes:
+            loss = engine(ids[r], labels[r], ref[r, 0], ref[r, 1])
+            engine.backward(loss)
         expected = single_process_grads(torch.float64)
         from deepspeed.utils import safe_get_full_grad
 
         partitioned = int(engine.module.lm_head.weight.numel() == 0)
-        return {"partitioned_head": partitioned, **{name: relative_error(safe_get_full_grad(p), expected[name])
+        return {"partitioned_head": partitioned, "fused_passes": passes["completed"], **{name: relative_error(safe_get_full_grad(p), expected[name])
                                                     for name, p in engine.module.named_parameters()}}
 
     @check
@@ -646,37 +652,45 @@ def zero3_suite():
     def zero3_loss_outside_forward_two_pass():
         return zero3_outside_forward(deepspeed, fused=False)
 
+    @check
+    def zero3_frozen_head_outside_forward():  # the frozen-head route (LoRA): its backward needs no head
+        return zero3_outside_forward(deepspeed, fused=True, frozen_head=True)
 
-def zero3_outside_forward(deepspeed, fused: bool):
+
+def zero3_outside_forward(deepspeed, fused: bool, frozen_head: bool = False):
     """FastDPOLoss called directly on the partitioned lm_head.weight, on the hidden states the engine returns: the
     reduced gradients' errors, the fused passes run, the head's gathers in the forward and in the backward, and
-    whether the head was gathered when its gradient reached ZeRO-3's hooks."""
+    whether the head was gathered when its gradient reached ZeRO-3's hooks (frozen_head: the head has none)."""
     import fastdpo
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from deepspeed.utils import safe_get_full_grad
 
     ids, labels, ref = pattern_batches(dist.get_world_size())
     model = TinyLM().float()  # ZeRO-3 partitions half, bfloat16 and float32 parameters only
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=zero3_config())
+    model.lm_head.weight.requires_grad_(not frozen_head)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=zero3_config())
     r = rank()
     hidden = engine(ids[r])
     head = engine.module.lm_head.weight
     partitioned = int(head.numel() == 0)
     status_at_hook = []
-    hook = head.register_post_accumulate_grad_hook(lambda p: status_at_hook.append(p.ds_status.name))
+    hook = head.register_post_accumulate_grad_hook(lambda p: status_at_hook.append(p.ds_status.name)) \
+        if head.requires_grad else None
     with counting_gathers(deepspeed) as gathers, counting_fused_passes() as passes:
         loss = fastdpo.FastDPOLoss(beta=0.1, backend="torch", fused=fused)(
             hidden, head, labels[r], ref_chosen_logps=ref[r, 0], ref_rejected_logps=ref[r, 1]).loss
         forward_gathers = gathers["count"]
         engine.backward(loss)
-    hook.remove()
+    if hook is not None:
+        hook.remove()
     expected = single_process_grads(torch.float64)
     errors = {name: relative_error(safe_get_full_grad(p), expected[name])
-              for name, p in engine.module.named_parameters()}
+              for name, p in engine.module.named_parameters() if p.requires_grad}
     repartitioned = int(head.numel() == 0)
     engine.step()
     return {"partitioned_head": partitioned, "partitioned_after_backward": repartitioned,
-            "fused_passes": passes["completed"], "forward_gathers": forward_gathers,
+            "fused_passes": passes["completed"], "frozen_route": passes["frozen"], "forward_gathers": forward_gathers,
             "backward_gathers": gathers["count"] - forward_gathers,
             "gathered_at_grad_hook": [status == ZeroParamStatus.AVAILABLE.name for status in status_at_hook],
             **errors}

@@ -231,29 +231,35 @@ def zero3(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["zero3_loss_inside_forward", "zero3_shared_reference_head"])
 def test_zero3_partitioned_head(zero3, name):
-    """FastDPOLoss on ZeRO-3's partitioned lm_head.weight: the reduced gradients equal the float64 oracle's."""
+    """FastDPOLoss on ZeRO-3's partitioned lm_head.weight: the reduced gradients equal the float64 oracle's (inside
+    the forward, on the fused route)."""
     for r, entry in enumerate(result(zero3, name)):
         assert entry.pop("partitioned_head", 1) == 1, "the head was not partitioned: the check proves nothing"
+        assert entry.pop("fused_passes", 1) == 1, (r, name)
     assert_errors_below(zero3, name, ZERO3_TOL)
 
 
-@pytest.mark.parametrize("name,fused_passes,backward_gathers", [
-    ("zero3_loss_outside_forward", 1, 0),
-    ("zero3_loss_outside_forward_two_pass", 0, 1),
+@pytest.mark.parametrize("name,fused_passes,frozen_route,backward_gathers,grad_hooks", [
+    ("zero3_loss_outside_forward", 1, 0, 0, [False]),
+    ("zero3_loss_outside_forward_two_pass", 0, 0, 1, [True]),
+    ("zero3_frozen_head_outside_forward", 0, 1, 0, []),
 ])
-def test_zero3_head_gathered_once_on_the_fused_route(zero3, name, fused_passes, backward_gathers):
+def test_zero3_head_gathered_once_on_the_fused_routes(zero3, name, fused_passes, frozen_route, backward_gathers,
+                                                      grad_hooks):
     """FastDPOLoss on the partitioned lm_head.weight, outside the engine's forward. The fused route gathers the head
     once, for the forward that forms dW, and hands dW to ZeRO-3's gradient hook with the head still partitioned; the
-    two-pass route (fused=False) gathers it again for the backward. Both: the float64 oracle's reduced gradients, and
-    the head partitioned again after the backward."""
+    two-pass route (fused=False) gathers it again for the backward; a frozen head (the frozen route) is gathered for
+    the forward alone. All: the float64 oracle's reduced gradients, and the head partitioned again after the
+    backward."""
     for r, entry in enumerate(result(zero3, name)):
         entry = dict(entry)
         assert entry.pop("partitioned_head") == 1, "the head was not partitioned: the check proves nothing"
         assert entry.pop("partitioned_after_backward") == 1, "the head stayed gathered after the backward"
         assert entry.pop("fused_passes") == fused_passes, (r, name)
+        assert entry.pop("frozen_route") == frozen_route, (r, name)
         assert entry.pop("forward_gathers") == 1, (r, name)
         assert entry.pop("backward_gathers") == backward_gathers, (r, name)
-        assert entry.pop("gathered_at_grad_hook") == [bool(backward_gathers)], (r, name)
+        assert entry.pop("gathered_at_grad_hook") == grad_hooks, (r, name)
         assert_errors_below([{name: entry}], name, ZERO3_TOL)
 
 
