@@ -23,8 +23,11 @@ ZeRO-3 head is gathered here around the local computation.
   own batch as a replicated DTensor on the tp submesh.
   A DTensor weight with plain-tensor hidden states is what FSDP2 hands out outside the owning module's forward;
   computing there would leave the head's gradient unreduced, so it is refused with the ways to call it.
-* A DeepSpeed ZeRO-3 partitioned parameter (`ds_id`): gathered for the forward and gathered again for the backward
-  (the gradient then goes to the parameter through autograd, where ZeRO-3's hooks reduce and partition it).
+* A DeepSpeed ZeRO-3 partitioned parameter (`ds_id`): on the two-pass path, gathered for the forward and gathered
+  again for the backward (the gradient then goes to the parameter through autograd, where ZeRO-3's hooks reduce and
+  partition it). FastDPOLoss's fused route (fastdpo.fused_pass) gathers it once, for the forward that forms dW, and
+  hands dW to autograd on a placeholder of the full shape (`full_shape_for_accumulation`): ZeRO-3's hooks need the
+  gradient, not the parameter's values. The frozen route (a frozen head) gathers it for the forward alone.
 
 The vocab-parallel head runs each shard through the backend's own head (fastdpo.torch_head or fastdpo.triton_head:
 the same forward and backward as a local head, on the shard's rows with shard-local targets).
@@ -45,7 +48,8 @@ from .transform import LogitTransform
 from .types import TokenStats
 from .validation import check_logprob_inputs, check_targets_in_range
 
-__all__ = ["VocabShard", "local_head", "vocab_parallel_logprobs", "gathered", "Zero3LogProbs"]
+__all__ = ["VocabShard", "local_head", "vocab_parallel_logprobs", "gathered", "full_shape_for_accumulation",
+           "Zero3LogProbs"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -378,6 +382,32 @@ def gathered(*params):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(pending.values()))
+
+
+def full_shape_for_accumulation(*params) -> None:
+    """Called from a backward function that returns full [V, H] gradients of ZeRO-3 partitioned parameters it did
+    not gather: give each such parameter a full-shape placeholder until the backward pass is done.
+
+    ZeRO-3 takes a partitioned parameter's gradient as autograd accumulates it into `param.grad` at full size, and
+    its post-accumulate-grad hook reduce-scatters that and frees it; the values of the parameter play no part.
+    Autograd's accumulation, though, lays the gradient out after the parameter's own tensor, and a partitioned
+    parameter's tensor is empty (its values live in `ds_tensor`), which fails. The placeholder is one zero broadcast
+    to the full shape (a stride-0 view: no memory, no communication); the parameter gets its empty tensor back once
+    the backward pass is done.
+    """
+    for param in params:
+        if param is None or not is_zero3(param) or _is_available(param):
+            continue
+        partition, placeholder = param.data, torch.zeros((), dtype=param.dtype, device=param.device)
+        param.data = placeholder.expand(param.ds_shape)
+        torch.autograd.Variable._execution_engine.queue_callback(lambda p=param, old=partition, new=placeholder:
+                                                                 _restore_partition(p, old, new))
+
+
+def _restore_partition(param, partition, placeholder) -> None:
+    # Unless ZeRO-3 gathered the parameter meanwhile (a tied weight's other use): its data is then its own.
+    if param.data.data_ptr() == placeholder.data_ptr() and param.data.stride() == (0,) * param.data.dim():
+        param.data = partition
 
 
 def _is_available(param) -> bool:

@@ -6,7 +6,7 @@ With n scored tokens and P = n·H·V, one pass over the head is a GEMM of 2P FLO
 
 - **fused** (FastDPOLoss, trainable head: the weight or bias requires grad; 3 passes): taken when
   `fused=True` (the default), gradients are being recorded, the backend is 'torch', grad_tolerance is 0,
-  the head is a plain tensor (not a VocabShard, DTensor or ZeRO-3 partition), not under torch.compile,
+  the head is a local tensor or a ZeRO-3 partition (see "Heads split across processes"), not under torch.compile,
   every loss type is pair-local (fastdpo.losses.PAIR_COUPLED_LOSS_TYPES: 'aot' and 'aot_unpaired' sort the
   batch), and the pair schedule below fits `workspace_bytes` (default DEFAULT_WORKSPACE_BYTES). Rows whose
   target logit lies more than ~41 nats below their row's maximum (or with inf/NaN logits) leave the shifted
@@ -14,10 +14,24 @@ With n scored tokens and P = n·H·V, one pass over the head is a GEMM of 2P FLO
   two-pass way, so they cost one more pass each (a trained LM's rare targets do this).
 - **frozen** (FastDPOLoss and linear_logprobs, frozen head: hidden requires grad, weight and bias do not;
   2 passes, any upstream loss): `fused=True`, gradients recorded, backend 'torch', grad_tolerance 0,
-  plain tensors, not compiling. The forward accumulates U_i = dlogp_i/dh_i beside its tiles
+  a local head or a ZeRO-3 partition (gathered for the forward alone: the backward needs no head), not compiling. The forward accumulates U_i = dlogp_i/dh_i beside its tiles
   (fastdpo.torch_fused.FrozenAccumulator); the backward returns g ⊙ U.
 - **two-pass** everywhere else, including every forward without gradients (evaluation, the reference):
   there it is one pass, the forward alone.
+
+Heads split across processes (fastdpo.distributed), on the trainable route:
+- DDP, and FSDP2 with the loss inside the unit that owns the head: the head is a local tensor there (FSDP2's
+  unsharded parameter), so the fused route applies as is; dX and dW reach autograd in the backward, where DDP
+  all-reduces and FSDP2 reduce-scatters them.
+- ZeRO-3 partition: gathered once, for the forward, which forms dW; nothing is gathered for the backward (the
+  two-pass path gathers twice). ZeRO-3 takes the gradient as autograd accumulates it into the full-size
+  `param.grad`, which its post-accumulate-grad hook reduce-scatters; the backward gives the partitioned
+  parameter a stride-0 full-shape placeholder for that (distributed.full_shape_for_accumulation).
+- VocabShard and DTensor heads (tensor parallel): two-pass. The fused pass would apply (a shard's d_logits need
+  the global lse and the loss gradient g, which each block's all-gather of the partials gives; dW stays local
+  and dX is summed over the ranks once), but its stored tiles are relative to the row's target logit (the
+  shifted forward's e = exp(z - t), the target-free sum for 1 - p_y, the rows handed to the online forward),
+  which a shard without the target does not hold; that, and one all-gather per token block, is not built.
 
 Every route computes its log-probs with the same tiles and merges, so they are the same bits on every
 route, and the loss and metrics come from one evaluation of fastdpo.losses on the full batch.
@@ -48,13 +62,15 @@ from dataclasses import dataclass
 import torch
 
 from . import chunked, ops
-from .heads import autocast_head, is_distributed_head
+from .distributed import full_shape_for_accumulation, gathered
+from .heads import LOCAL, ZERO3, autocast_head, head_kind, is_zero3
 from .losses import LossConfig, LossTerms, preference_loss_from_token_logps
 from .ops import DOUBLE_BACKWARD_MESSAGE
 from .softmax_stats import logsumexp, token_stats
 from .torch_fused import FrozenAccumulator, StoredLogits
 from .transform import LogitTransform
 from .types import TokenStats
+from .validation import checked_local_head
 
 # The fused pass's workspace bound when the caller gives none: 512 MiB. At V = 65,536 in fp32 a slot of
 # 128 rows is 32 MiB, so 16 slots: pairs whose longer sequence has up to about 14 blocks (~1,800 scored
@@ -73,9 +89,10 @@ def _plain_tensors(*tensors) -> bool:
 
 
 def _common_rule(fused: bool, backend: str, grad_tolerance: float, hidden, weight, bias) -> bool:
+    # A VocabShard or DTensor head (tensor parallel) takes the two-pass path: see the module docstring.
     return (fused and backend == "torch" and grad_tolerance == 0 and torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and _plain_tensors(hidden, weight, bias)
-            and not is_distributed_head(hidden, weight))
+            and head_kind(hidden, weight) in (LOCAL, ZERO3))
 
 
 def frozen_route(hidden, weight, bias, *, fused: bool, backend: str, grad_tolerance: float) -> bool:
@@ -217,8 +234,8 @@ class _AttachGradients(torch.autograd.Function):
     """The loss, with the gradients the forward already formed: the backward only scales them."""
 
     @staticmethod
-    def forward(ctx, loss, hidden, weight, bias, dx, dw, db):
-        ctx.grads = (dx, dw, db)
+    def forward(ctx, loss, hidden, weight, bias, dx, dw, db, zero3_params):
+        ctx.grads, ctx.zero3_params = (dx, dw, db), zero3_params
         return loss.clone()
 
     @staticmethod
@@ -230,9 +247,11 @@ class _AttachGradients(torch.autograd.Function):
         # Handed over, not kept: with no other reference left, autograd makes dW the weight's .grad
         # without a copy (a kept reference would cost a second [V, H]).
         grads, ctx.grads = ctx.grads, None
+        # A ZeRO-3 head is not gathered again: its dW reaches ZeRO-3's hooks on a full-shape placeholder.
+        full_shape_for_accumulation(*ctx.zero3_params)
         if bool(grad == 1):  # the usual case
-            return (None, *grads, None, None, None)
-        return (None, *(None if t is None else t * grad.to(t.dtype) for t in grads), None, None, None)
+            return (None, *grads, None, None, None, None)
+        return (None, *(None if t is None else t * grad.to(t.dtype) for t in grads), None, None, None, None)
 
 
 def fused_preference_loss(config: LossConfig, hidden, weight, bias, targets, mask, ignore_index: int, *,
@@ -242,17 +261,27 @@ def fused_preference_loss(config: LossConfig, hidden, weight, bias, targets, mas
     """The fused route of FastDPOLoss on the PyTorch path: (loss terms, the policy's per-token TokenStats,
     or log-probs without with_stats), with the loss carrying the gradients; None when nothing is scored
     or the pair schedule does not fit workspace_bytes: the caller then takes the two-pass path.
-    Under autocast the head runs in the autocast dtype, as on the two-pass path (heads.autocast_head)."""
-    hidden, weight, bias = autocast_head(hidden, weight, bias)
-    # The gradients are formed here, by hand; only the loss's own are recorded (LossGradients).
-    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-        result = _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, transform, with_stats,
-                             workspace_bytes, dict(ref_token_logps=ref_token_logps, ref_chosen_logps=ref_chosen_logps,
-                                                   ref_rejected_logps=ref_rejected_logps))
-    if result is None:
-        return None
-    terms, policy, (dx, dw, db) = result
-    terms.loss = _AttachGradients.apply(terms.loss, hidden, weight, bias, dx, dw, db)
+    Under autocast the head runs in the autocast dtype, as on the two-pass path (heads.autocast_head).
+    A ZeRO-3 head is gathered for the pass and checked here (FastDPOLoss leaves a partition's checks to the
+    gathered head); where the schedule does not fit, the two-pass path gathers it again, twice."""
+    zero3_params = tuple(p for p in (weight, bias) if p is not None and is_zero3(p))
+    with gathered(weight, bias):  # a ZeRO-3 head: once, for the forward that forms dW (nothing for the backward)
+        if zero3_params:  # FastDPOLoss leaves a partition's checks to the gathered head
+            hidden, weight, targets, bias, _ = checked_local_head(hidden, weight, targets, bias, ignore_index, "torch",
+                                                                  transform, 0.0, workspace_bytes)
+        else:
+            hidden, weight, bias = autocast_head(hidden, weight, bias)
+        # The gradients are formed here, by hand; only the loss's own are recorded (LossGradients).
+        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+            result = _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, transform, with_stats,
+                                 workspace_bytes, dict(ref_token_logps=ref_token_logps,
+                                                       ref_chosen_logps=ref_chosen_logps,
+                                                       ref_rejected_logps=ref_rejected_logps))
+        if result is None:
+            return None
+        terms, policy, (dx, dw, db) = result
+        # Applied on the gathered head: autograd checks dW against the [V, H] shape the head has here.
+        terms.loss = _AttachGradients.apply(terms.loss, hidden, weight, bias, dx, dw, db, zero3_params)
     return terms, policy
 
 

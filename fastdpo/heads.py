@@ -3,7 +3,8 @@
 * a plain local tensor: fastdpo.ops computes it;
 * a `VocabShard` (this rank's rows of a vocab-parallel head) or a DTensor head: fastdpo.distributed turns it
   into local tensors or a VocabShard;
-* a DeepSpeed ZeRO-3 partitioned parameter: gathered around the forward and the backward (fastdpo.distributed).
+* a DeepSpeed ZeRO-3 partitioned parameter: gathered around the forward and the backward (fastdpo.distributed),
+  or around the forward alone on the fused and frozen routes (fastdpo.fused_pass).
 """
 
 from __future__ import annotations

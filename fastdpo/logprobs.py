@@ -79,8 +79,8 @@ def transformed_logprobs(hidden, weight, targets, bias, ignore_index: int, trans
         else:
             hidden, weight, targets, bias, backend = checked_local_head(
                 hidden, weight, targets, bias, ignore_index, backend, transform, grad_tolerance, workspace_bytes)
-        if function is None and fused_pass.frozen_route(hidden, weight, bias, fused=fused, backend=backend,
-                                                        grad_tolerance=grad_tolerance):
+        # A frozen ZeRO-3 head too: the frozen route's backward needs no head, so it is not gathered again.
+        if fused_pass.frozen_route(hidden, weight, bias, fused=fused, backend=backend, grad_tolerance=grad_tolerance):
             return fused_pass.frozen_linear_logprobs(hidden, weight, targets, bias, ignore_index, transform,
                                                      with_stats)
         if backend != "reference":

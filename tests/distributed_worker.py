@@ -42,6 +42,30 @@ def rank() -> int:
     return dist.get_rank()
 
 
+@contextlib.contextmanager
+def counting_fused_passes():
+    """{"completed": n, "frozen": m}: how many fused passes (fastdpo.fused_pass) ran to the end inside the block, and
+    how many calls took the frozen-head route."""
+    from fastdpo import fused_pass
+
+    counts, original, frozen = {"completed": 0, "frozen": 0}, fused_pass._fused_pass, fused_pass.frozen_linear_logprobs
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        counts["completed"] += result is not None
+        return result
+
+    def frozen_spy(*args, **kwargs):
+        counts["frozen"] += 1
+        return frozen(*args, **kwargs)
+
+    fused_pass._fused_pass, fused_pass.frozen_linear_logprobs = spy, frozen_spy
+    try:
+        yield counts
+    finally:
+        fused_pass._fused_pass, fused_pass.frozen_linear_logprobs = original, frozen
+
+
 def shard_rows(vocab: int):
     """torch.chunk's split, as DTensor's Shard(0) uses: this rank's [start, end)."""
     chunk = -(-vocab // dist.get_world_size())
@@ -140,7 +164,8 @@ def compare_vocab_parallel(dtype, with_bias, with_stats, transform, use_dtensor=
 
 
 def compare_dpo_loss_vocab_parallel(dtype, backend):
-    """FastDPOLoss on a VocabShard (the reference through the same head) against the float64 oracle."""
+    """FastDPOLoss on a VocabShard (the reference through the same head) against the float64 oracle, and the fused
+    passes it ran (a vocab-parallel head takes the two-pass route: fastdpo.fused_pass)."""
     import fastdpo
     from fastdpo.distributed import VocabShard
 
@@ -154,10 +179,11 @@ def compare_dpo_loss_vocab_parallel(dtype, backend):
     expected.loss.backward()
     start, end = shard_rows(w.shape[0])
     hidden, shard = h.clone().requires_grad_(), w[start:end].clone().requires_grad_()
-    out = fastdpo.FastDPOLoss(beta=0.2, backend=backend)(hidden, VocabShard(shard, start, w.shape[0]), labels,
-                                                           ref_hidden_states=ref_h)
-    out.loss.backward()
-    return {"loss": relative_error(out.loss, expected.loss), "d_hidden": relative_error(hidden.grad, leaf_h.grad),
+    with counting_fused_passes() as passes:
+        out = fastdpo.FastDPOLoss(beta=0.2, backend=backend)(hidden, VocabShard(shard, start, w.shape[0]), labels,
+                                                               ref_hidden_states=ref_h)
+        out.loss.backward()
+    return {"fused_passes": passes["completed"], "loss": relative_error(out.loss, expected.loss), "d_hidden": relative_error(hidden.grad, leaf_h.grad),
             "d_weight_shard": relative_error(shard.grad, leaf_w.grad[start:end]),
             "rewards": relative_error(out.chosen_rewards, expected.chosen_rewards)}
 
@@ -266,11 +292,19 @@ def heads_suite():
 
     @check
     def ddp_loss_inside_forward():
-        return ddp_pattern()
+        return ddp_pattern(fused=True)
+
+    @check
+    def ddp_loss_inside_forward_two_pass():
+        return ddp_pattern(fused=False)
 
     @check
     def fsdp2_loss_inside_registered_method():
-        return fsdp2_pattern()
+        return fsdp2_pattern(fused=True)
+
+    @check
+    def fsdp2_loss_inside_registered_method_two_pass():
+        return fsdp2_pattern(fused=False)
 
 
 def triton_checks():
@@ -322,7 +356,7 @@ def triton_checks():
 class TinyLM(torch.nn.Module):
     """A toy causal LM whose forward returns FastDPOLoss's output: the pattern DDP and FSDP2 need."""
 
-    def __init__(self, vocab=301, hidden=31, seed=0):
+    def __init__(self, vocab=301, hidden=31, seed=0, fused=True):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         self.embed = torch.nn.Embedding(vocab, hidden)
@@ -332,7 +366,7 @@ class TinyLM(torch.nn.Module):
             self.lm_head.weight.copy_(torch.randn(vocab, hidden, generator=gen, dtype=torch.float64) * 0.5)
         import fastdpo
 
-        self.loss = fastdpo.FastDPOLoss(beta=0.1, backend="torch")
+        self.loss = fastdpo.FastDPOLoss(beta=0.1, backend="torch", fused=fused)
 
     def forward(self, input_ids, labels=None, ref_chosen_logps=None, ref_rejected_logps=None):
         hidden = torch.tanh(self.embed(input_ids))
@@ -372,29 +406,37 @@ def single_process_grads(dtype, world=None):
     return {name: p.grad for name, p in model.named_parameters()}
 
 
-def ddp_pattern():
+def ddp_pattern(fused: bool):
+    """The reduced gradients against the oracle, and how many fused passes FastDPOLoss ran (fused: the fused route,
+    else the two-pass one)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids, labels, ref = pattern_batches(dist.get_world_size())
-    model = DDP(TinyLM().double())
+    model = DDP(TinyLM(fused=fused).double())
     r = rank()
-    model(ids[r], labels[r], ref[r, 0], ref[r, 1]).backward()  # through the DDP wrapper: gradients all-reduced
+    with counting_fused_passes() as passes:
+        model(ids[r], labels[r], ref[r, 0], ref[r, 1]).backward()  # through the DDP wrapper: gradients all-reduced
     expected = single_process_grads(torch.float64)
-    return {name: relative_error(p.grad, expected[name]) for name, p in model.module.named_parameters()}
+    return {"fused_passes": passes["completed"],
+            **{name: relative_error(p.grad, expected[name]) for name, p in model.module.named_parameters()}}
 
 
-def fsdp2_pattern():
+def fsdp2_pattern(fused: bool):
+    """As ddp_pattern, under FSDP2: inside the root's forward the head is FSDP2's unsharded parameter, a plain
+    tensor, and its gradient is reduce-scattered after the backward."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     ids, labels, ref = pattern_batches(dist.get_world_size())
-    model = TinyLM().double()
+    model = TinyLM(fused=fused).double()
     fully_shard(model.embed)  # a unit of its own, like a transformer block
     fully_shard(model)  # the root unit owns lm_head: its weight is gathered while the root runs
     register_fsdp_forward_method(model, "dpo_loss")
     r = rank()
-    model.dpo_loss(ids[r], labels[r], ref[r, 0], ref[r, 1]).backward()
+    with counting_fused_passes() as passes:
+        model.dpo_loss(ids[r], labels[r], ref[r, 0], ref[r, 1]).backward()
     expected = single_process_grads(torch.float64)
-    return {name: relative_error(p.grad.full_tensor(), expected[name]) for name, p in model.named_parameters()}
+    return {"fused_passes": passes["completed"], "head_grad_placements": str(model.lm_head.weight.grad.placements),
+            **{name: relative_error(p.grad.full_tensor(), expected[name]) for name, p in model.named_parameters()}}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -474,10 +516,12 @@ def fsdp_tp_errors(model, mesh):
     tensors) against the single-process mean over the dp ranks' losses."""
     ids, labels, ref = pattern_batches(mesh.size(0))
     r = mesh.get_local_rank("dp")
-    model(ids[r], labels[r], ref[r, 0], ref[r, 1]).backward()
+    with counting_fused_passes() as passes:
+        model(ids[r], labels[r], ref[r, 0], ref[r, 1]).backward()
     expected = single_process_grads(torch.float64, mesh.size(0))
     head_grad = model.lm_head.weight.grad
     return {"head_grad_placements": str(head_grad.placements), "head_mesh_dims": model.head_mesh_dims,
+            "fused_passes": passes["completed"],
             **{name: relative_error(p.grad.full_tensor(), expected[name]) for name, p in model.named_parameters()}}
 
 
@@ -570,13 +614,14 @@ def zero3_suite():
         model = TinyLM().float()  # ZeRO-3 partitions half, bfloat16 and float32 parameters only
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=zero3_config())
         r = rank()
-        loss = engine(ids[r], labels[r], ref[r, 0], ref[r, 1])
-        engine.backward(loss)
+        with counting_fused_passes() as passes:
+            loss = engine(ids[r], labels[r], ref[r, 0], ref[r, 1])
+            engine.backward(loss)
         expected = single_process_grads(torch.float64)
         from deepspeed.utils import safe_get_full_grad
 
         partitioned = int(engine.module.lm_head.weight.numel() == 0)
-        return {"partitioned_head": partitioned, **{name: relative_error(safe_get_full_grad(p), expected[name])
+        return {"partitioned_head": partitioned, "fused_passes": passes["completed"], **{name: relative_error(safe_get_full_grad(p), expected[name])
                                                     for name, p in engine.module.named_parameters()}}
 
     @check
@@ -601,27 +646,72 @@ def zero3_suite():
 
     @check
     def zero3_loss_outside_forward():
-        """FastDPOLoss called directly on the partitioned lm_head.weight, on the hidden states the engine returns."""
-        import fastdpo
+        return zero3_outside_forward(deepspeed, fused=True)
 
-        ids, labels, ref = pattern_batches(dist.get_world_size())
-        model = TinyLM().float()  # ZeRO-3 partitions half, bfloat16 and float32 parameters only
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=zero3_config())
-        r = rank()
-        hidden = engine(ids[r])
-        head = engine.module.lm_head.weight
-        partitioned = int(head.numel() == 0)
-        loss = fastdpo.FastDPOLoss(beta=0.1, backend="torch")(hidden, head, labels[r], ref_chosen_logps=ref[r, 0],
-                                                              ref_rejected_logps=ref[r, 1]).loss
+    @check
+    def zero3_loss_outside_forward_two_pass():
+        return zero3_outside_forward(deepspeed, fused=False)
+
+    @check
+    def zero3_frozen_head_outside_forward():  # the frozen-head route (LoRA): its backward needs no head
+        return zero3_outside_forward(deepspeed, fused=True, frozen_head=True)
+
+
+def zero3_outside_forward(deepspeed, fused: bool, frozen_head: bool = False):
+    """FastDPOLoss called directly on the partitioned lm_head.weight, on the hidden states the engine returns: the
+    reduced gradients' errors, the fused passes run, the head's gathers in the forward and in the backward, and
+    whether the head was gathered when its gradient reached ZeRO-3's hooks (frozen_head: the head has none)."""
+    import fastdpo
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.utils import safe_get_full_grad
+
+    ids, labels, ref = pattern_batches(dist.get_world_size())
+    model = TinyLM().float()  # ZeRO-3 partitions half, bfloat16 and float32 parameters only
+    model.lm_head.weight.requires_grad_(not frozen_head)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=zero3_config())
+    r = rank()
+    hidden = engine(ids[r])
+    head = engine.module.lm_head.weight
+    partitioned = int(head.numel() == 0)
+    status_at_hook = []
+    hook = head.register_post_accumulate_grad_hook(lambda p: status_at_hook.append(p.ds_status.name)) \
+        if head.requires_grad else None
+    with counting_gathers(deepspeed) as gathers, counting_fused_passes() as passes:
+        loss = fastdpo.FastDPOLoss(beta=0.1, backend="torch", fused=fused)(
+            hidden, head, labels[r], ref_chosen_logps=ref[r, 0], ref_rejected_logps=ref[r, 1]).loss
+        forward_gathers = gathers["count"]
         engine.backward(loss)
-        expected = single_process_grads(torch.float64)
-        from deepspeed.utils import safe_get_full_grad
+    if hook is not None:
+        hook.remove()
+    expected = single_process_grads(torch.float64)
+    errors = {name: relative_error(safe_get_full_grad(p), expected[name])
+              for name, p in engine.module.named_parameters() if p.requires_grad}
+    repartitioned = int(head.numel() == 0)
+    engine.step()
+    return {"partitioned_head": partitioned, "partitioned_after_backward": repartitioned,
+            "fused_passes": passes["completed"], "frozen_route": passes["frozen"], "forward_gathers": forward_gathers,
+            "backward_gathers": gathers["count"] - forward_gathers,
+            "gathered_at_grad_hook": [status == ZeroParamStatus.AVAILABLE.name for status in status_at_hook],
+            **errors}
 
-        errors = {name: relative_error(safe_get_full_grad(p), expected[name])
-                  for name, p in engine.module.named_parameters()}
-        repartitioned = int(head.numel() == 0)
-        engine.step()
-        return {"partitioned_head": partitioned, "partitioned_after_backward": repartitioned, **errors}
+
+@contextlib.contextmanager
+def counting_gathers(deepspeed):
+    """{"count": n}: the deepspeed.zero.GatheredParameters blocks entered inside the block (fastdpo.distributed.gathered
+    gathers a partitioned head with one, and makes none for a head that is already gathered)."""
+    counts, original = {"count": 0}, deepspeed.zero.GatheredParameters
+
+    class Counted(original):
+        def __enter__(self):
+            counts["count"] += 1
+            return super().__enter__()
+
+    deepspeed.zero.GatheredParameters = Counted
+    try:
+        yield counts
+    finally:
+        deepspeed.zero.GatheredParameters = original
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -103,17 +103,40 @@ def heads(tmp_path_factory):
     ("dtensor_shard0_fp64_stats", FP64),
     ("dtensor_shard0_fp32_bias", FP32),
     ("dtensor_replicated_head", FP64),
-    ("dpo_loss_vocab_parallel", FP64),
-    ("ddp_loss_inside_forward", FP64),
-    ("fsdp2_loss_inside_registered_method", FP64),
     ("vocab_parallel_triton_fp32_stats", FP32),
     ("vocab_parallel_triton_fp32_bias_softcap", FP32),
     ("dtensor_shard0_triton_fp32_bias", FP32),
-    ("dpo_loss_vocab_parallel_triton", FP32),
 ])
 def test_matches_single_process_oracle(heads, name, tol):
     """Log-probs / loss, statistics and the gradients of hidden states, head shard (and bias) on every rank."""
     assert_errors_below(heads, name, tol)
+
+
+@pytest.mark.parametrize("name,tol", [("dpo_loss_vocab_parallel", FP64), ("dpo_loss_vocab_parallel_triton", FP32)])
+def test_dpo_loss_on_a_vocab_parallel_head_takes_the_two_pass_route(heads, name, tol):
+    """FastDPOLoss on a VocabShard runs no fused pass (fastdpo.fused_pass says why) and matches the oracle."""
+    for r, entry in enumerate(result(heads, name)):
+        entry = dict(entry)
+        assert entry.pop("fused_passes") == 0, (r, name)
+        assert_errors_below([{name: entry}], name, tol)
+
+
+@pytest.mark.parametrize("name,fused_passes", [
+    ("ddp_loss_inside_forward", 1),
+    ("ddp_loss_inside_forward_two_pass", 0),
+    ("fsdp2_loss_inside_registered_method", 1),
+    ("fsdp2_loss_inside_registered_method_two_pass", 0),
+])
+def test_data_parallel_loss_on_each_route(heads, name, fused_passes):
+    """DDP, and FSDP2 with the loss inside the unit that owns the head: FastDPOLoss takes the fused route (its dX and
+    dW handed to autograd in the backward, where DDP all-reduces and FSDP2 reduce-scatters them) or, with
+    fused=False, the two-pass one; either way the reduced gradients equal the single-process float64 oracle's."""
+    for r, entry in enumerate(result(heads, name)):
+        entry = dict(entry)
+        assert entry.pop("fused_passes") == fused_passes, (r, name)
+        if name.startswith("fsdp2"):
+            assert entry.pop("head_grad_placements") == "(Shard(dim=0),)", (r, entry)
+        assert_errors_below([{name: entry}], name, FP64)
 
 
 @pytest.mark.parametrize("name", [
@@ -179,6 +202,7 @@ def test_fsdp2_over_dp_with_a_tensor_parallel_head(mesh_2d, name, head_mesh_dims
     and every reduced gradient equals the single-process oracle's mean over the dp batches."""
     for r, entry in enumerate(result(mesh_2d, name)):
         assert entry.pop("head_mesh_dims") == head_mesh_dims, (r, entry)
+        assert entry.pop("fused_passes") == 0, (r, entry)  # a tensor-parallel head: the two-pass route
         assert "Shard(dim=0)" in entry.pop("head_grad_placements"), (r, entry)
     assert_errors_below(mesh_2d, name, FP64)
 
@@ -205,14 +229,38 @@ def zero3(tmp_path_factory):
     return run_suite("zero3", tmp_path_factory, env={"DS_ACCELERATOR": "cpu"})
 
 
-@pytest.mark.parametrize("name", ["zero3_loss_inside_forward", "zero3_loss_outside_forward",
-                                  "zero3_shared_reference_head"])
+@pytest.mark.parametrize("name", ["zero3_loss_inside_forward", "zero3_shared_reference_head"])
 def test_zero3_partitioned_head(zero3, name):
-    """FastDPOLoss on ZeRO-3's partitioned lm_head.weight: the reduced gradients equal the float64 oracle's."""
+    """FastDPOLoss on ZeRO-3's partitioned lm_head.weight: the reduced gradients equal the float64 oracle's (inside
+    the forward, on the fused route)."""
     for r, entry in enumerate(result(zero3, name)):
         assert entry.pop("partitioned_head", 1) == 1, "the head was not partitioned: the check proves nothing"
-        assert entry.pop("partitioned_after_backward", 1) == 1, "the head stayed gathered after the backward"
+        assert entry.pop("fused_passes", 1) == 1, (r, name)
     assert_errors_below(zero3, name, ZERO3_TOL)
+
+
+@pytest.mark.parametrize("name,fused_passes,frozen_route,backward_gathers,grad_hooks", [
+    ("zero3_loss_outside_forward", 1, 0, 0, [False]),
+    ("zero3_loss_outside_forward_two_pass", 0, 0, 1, [True]),
+    ("zero3_frozen_head_outside_forward", 0, 1, 0, []),
+])
+def test_zero3_head_gathered_once_on_the_fused_routes(zero3, name, fused_passes, frozen_route, backward_gathers,
+                                                      grad_hooks):
+    """FastDPOLoss on the partitioned lm_head.weight, outside the engine's forward. The fused route gathers the head
+    once, for the forward that forms dW, and hands dW to ZeRO-3's gradient hook with the head still partitioned; the
+    two-pass route (fused=False) gathers it again for the backward; a frozen head (the frozen route) is gathered for
+    the forward alone. All: the float64 oracle's reduced gradients, and the head partitioned again after the
+    backward."""
+    for r, entry in enumerate(result(zero3, name)):
+        entry = dict(entry)
+        assert entry.pop("partitioned_head") == 1, "the head was not partitioned: the check proves nothing"
+        assert entry.pop("partitioned_after_backward") == 1, "the head stayed gathered after the backward"
+        assert entry.pop("fused_passes") == fused_passes, (r, name)
+        assert entry.pop("frozen_route") == frozen_route, (r, name)
+        assert entry.pop("forward_gathers") == 1, (r, name)
+        assert entry.pop("backward_gathers") == backward_gathers, (r, name)
+        assert entry.pop("gathered_at_grad_hook") == grad_hooks, (r, name)
+        assert_errors_below([{name: entry}], name, ZERO3_TOL)
 
 
 # --------------------------------------------------------------------------------------------------------------------
