@@ -64,9 +64,6 @@ def logprob_forward_kernel(
         logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K,
         INPUT_PRECISION,
     )
-    if STORE_LOGITS:
-        slot = slot_ptr + offs_m.to(tl.int64)[:, None] * stride_slot + cols[None, :]
-        tl.store(slot, z, mask=row_mask[:, None] & col_mask[None, :])
     z = tl.where(col_mask[None, :], z, float("-inf"))  # every tile has at least one real column
     is_target = cols[None, :] == targets[:, None]
     in_tile = (targets >= pid_v * BLOCK_V) & (targets < pid_v * BLOCK_V + BLOCK_V)
@@ -91,6 +88,9 @@ def logprob_forward_kernel(
     if WITH_STATS:
         tl.store(out + 2 * field, tl.sum(p * tl.where(col_mask[None, :], z, 0.0), axis=1), mask=row_mask)
         tl.store(out + 3 * field, tl.sum(p * p, axis=1), mask=row_mask)
+    if STORE_LOGITS:  # last: stored first, the tile's layout change spills beside the statistics (sm_90, 16-bit)
+        slot = slot_ptr + offs_m.to(tl.int64)[:, None] * stride_slot + cols[None, :]
+        tl.store(slot, z, mask=row_mask[:, None] & col_mask[None, :])
 
 
 def logprob_forward(hidden, weight, bias, rows, targets, *, transform=None, with_stats=False, slot=None):
