@@ -26,18 +26,19 @@ Every route computes its log-probs with the same tiles and merges, so they are t
 route, and the loss and metrics come from one evaluation of fastdpo.losses on the full batch.
 
 The fused pass, step by step. The scored rows are compacted (chosen sequences first) and cut into the
-forward's token blocks (chunked.TOKEN_BLOCK rows on the PyTorch path, one grouped launch on Triton); pair i is sequences i and i + B. Blocks are computed in the
-order `PairSchedule` chooses (alternating between the chosen and the rejected half, whichever has
-completed fewer pairs), each into a slot of the workspace. As soon as both halves of some pairs are
+forward's token blocks (chunked.TOKEN_BLOCK rows on the PyTorch path, one grouped launch on Triton:
+StoredLogits.block_rows); pair i is sequences i and i + B. Blocks are computed in the order
+`PairSchedule` chooses (alternating between the chosen and the rejected half, whichever has completed
+fewer pairs), each into a slot of the workspace. As soon as both halves of some pairs are
 computed, the loss is evaluated on the whole batch, with the pairs not yet computed holding placeholder
 log-probs, and differentiated with respect to the token log-probs: for a pair-local loss the gradient of
 the completed pairs is exact (the lengths, the reference log-probs and 'sft''s token count are known for
 the whole batch up front; WPO's weights are detached per pair). Their rows' tiles become d_logits in place
 and give dX, dW and db; a slot is freed once all its rows are done. Memory: the slots the schedule needs
-at once (block_rows x V accumulation-dtype values each; a pair whose sequences span many blocks needs
-more), dX and dW in fp32 (for fp32 inputs they are the gradients themselves).
+at once (block_rows x V accumulation-dtype values each, fp32 on Triton; a pair whose sequences span many
+blocks needs more), dX and dW in fp32 (for fp32 inputs they are the gradients themselves).
 
-16-bit weights: dW is accumulated in an fp32 [V, H] and cast at the end (the CPU path's rule). The
+16-bit weights: dW is accumulated in an fp32 [V, H] and cast at the end (the rule on both backends). The
 alternatives on a GPU, where that buffer costs 2 bytes per weight more than a bf16 gradient, are a
 16-bit accumulator (relative error about sqrt(k) 2^-9 after k groups), fewer and larger groups, or
 stochastic rounding in a dW epilogue; benchmarks/fused_accumulation.py is where they are to be measured.
@@ -242,9 +243,9 @@ def fused_preference_loss(config: LossConfig, hidden, weight, bias, targets, mas
                           transform: LogitTransform, with_stats: bool, workspace_bytes: int | None,
                           backend: str = "torch", ref_token_logps=None, ref_chosen_logps=None,
                           ref_rejected_logps=None) -> tuple[LossTerms, TokenStats | torch.Tensor] | None:
-    """The fused route of FastDPOLoss on `backend` ('torch' or 'triton'): (loss terms, the policy's per-token TokenStats,
-    or log-probs without with_stats), with the loss carrying the gradients; None when nothing is scored
-    or the pair schedule does not fit workspace_bytes: the caller then takes the two-pass path."""
+    """The fused route of FastDPOLoss on `backend` ('torch' or 'triton'): (loss terms, the policy's per-token
+    TokenStats, or log-probs without with_stats), with the loss carrying the gradients; None when nothing is
+    scored or the pair schedule does not fit workspace_bytes: the caller then takes the two-pass path."""
     with torch.no_grad():  # the gradients are formed here, by hand; only the loss's own are recorded (LossGradients)
         result = _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, transform, with_stats,
                              workspace_bytes, dict(ref_token_logps=ref_token_logps, ref_chosen_logps=ref_chosen_logps,
@@ -279,8 +280,8 @@ def _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, trans
     if schedule.slots * head_class.slot_bytes(x, weight.shape[0]) > budget:
         return None
     head = head_class(x, weight, bias, head_transform(transform), with_stats, schedule.slots,
-                        need_dx=hidden.requires_grad, need_dw=weight.requires_grad,
-                        need_db=bias is not None and bias.requires_grad)
+                      need_dx=hidden.requires_grad, need_dw=weight.requires_grad,
+                      need_db=bias is not None and bias.requires_grad)
     grads = LossGradients(config, mask, x.dtype, with_stats, **reference)
     row_grads = torch.zeros(len(x), dtype=x.dtype, device=rows.device)
     for step in schedule.steps:

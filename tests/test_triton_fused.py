@@ -77,8 +77,8 @@ def test_against_float64(head, dtype, spy):
     bias, head_options = head_inputs(head, w)
     options = dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.5], beta=0.2,
                    **precomputed_reference(hs, w, labels, bias, **head_options))
-    out, grads = run(hs, w, labels, bias, dtype=dtype, backend="triton", workspace_bytes=just_enough_workspace(hs, w, labels, dtype),
-                     **options, **head_options)
+    out, grads = run(hs, w, labels, bias, dtype=dtype, backend="triton",
+                     workspace_bytes=just_enough_workspace(hs, w, labels, dtype), **options, **head_options)
     assert spy.completed == 1
     _, two_pass_grads = run(hs, w, labels, bias, dtype=dtype, backend="triton", fused=False, **options, **head_options)
     expected, expected_grads = oracle(hs, w, labels, bias, head_options, **options)
@@ -129,7 +129,7 @@ def test_peaked_rows_keep_their_gradient(spy):
 # --- bitwise: the Triton two-pass route's log-probs and metrics, run to run ---------------------------------------
 
 
-@pytest.mark.parametrize("head,dtype", CASES[1:], ids=CASE_IDS[1:])
+@pytest.mark.parametrize("head,dtype", CASES[1::2], ids=CASE_IDS[1::2])
 def test_logps_and_metrics_are_the_two_pass_bits_and_runs_repeat_bitwise(head, dtype, spy):
     hs, w, labels = make_batch(pairs=2, seq_len=70)
     assert_two_pass_bits_and_repeat(hs, w, labels, *head_inputs(head, w), spy, TOL[dtype], backend="triton",
@@ -174,12 +174,12 @@ class DotTiles:
 
 
 def pass_batch():
-    """n = 4 x 64 scored rows, H = 32, V = 512: whole interpreter tiles (16 x 32 x 16), so every FLOP a
+    """n = 4 x 48 scored rows, H = 32, V = 512: whole interpreter tiles (16 x 32 x 16), so every FLOP a
     tile computes is one of the n·H·V products, and padding cannot hide or add a pass."""
-    hs, w, labels = make_batch(pairs=2, seq_len=80, hidden=32, vocab=512, prompt=16, masked_row=False)
+    hs, w, labels = make_batch(pairs=2, seq_len=64, hidden=32, vocab=512, prompt=16, masked_row=False)
     labels[:, 16:] = torch.randint(0, 512, labels[:, 16:].shape)
     n = int((shifted_targets(labels) != -100).sum())
-    assert n == 256
+    assert n == 192
     return hs.float(), w.float(), labels, n
 
 
