@@ -106,7 +106,7 @@ class FastDPOLoss(nn.Module):
             fused = fused_pass.fused_preference_loss(
                 cfg, hidden_states, lm_head_weight, lm_head_bias, targets, completion, self.ignore_index,
                 transform=self.transform, with_stats=with_stats, workspace_bytes=self.workspace_bytes,
-                **reference)
+                backend=backend, **reference)
         if fused is not None:
             terms, policy = fused
         else:

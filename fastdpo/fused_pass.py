@@ -5,16 +5,20 @@ With n scored tokens and P = n·H·V, one pass over the head is a GEMM of 2P FLO
 3 on a frozen one. Which route a call takes:
 
 - **fused** (FastDPOLoss, trainable head: the weight or bias requires grad; 3 passes): taken when
-  `fused=True` (the default), gradients are being recorded, the backend is 'torch', grad_tolerance is 0,
+  `fused=True` (the default), gradients are being recorded, the backend is 'torch' or 'triton'
+  (fastdpo.torch_fused or fastdpo.triton_fused computes the tiles), grad_tolerance is 0,
   the head is a local tensor or a ZeRO-3 partition (see "Heads split across processes"), not under torch.compile,
   every loss type is pair-local (fastdpo.losses.PAIR_COUPLED_LOSS_TYPES: 'aot' and 'aot_unpaired' sort the
-  batch), and the pair schedule below fits `workspace_bytes` (default DEFAULT_WORKSPACE_BYTES). Rows whose
-  target logit lies more than ~41 nats below their row's maximum (or with inf/NaN logits) leave the shifted
-  forward for the online one (chunked.forward_block); the fused pass recomputes their gradients the
-  two-pass way, so they cost one more pass each (a trained LM's rare targets do this).
+  batch), and the pair schedule below fits `workspace_bytes` (default DEFAULT_WORKSPACE_BYTES; on a GPU,
+  triton_fused.default_workspace_bytes). On the PyTorch path, rows whose target logit lies more than ~41
+  nats below their row's maximum (or with inf/NaN logits) leave the shifted forward for the online one
+  (chunked.forward_block); the fused pass recomputes their gradients the two-pass way, so they cost one
+  more pass each (a trained LM's rare targets do this). The Triton forward is online throughout: no rerun.
 - **frozen** (FastDPOLoss and linear_logprobs, frozen head: hidden requires grad, weight and bias do not;
-  2 passes, any upstream loss): `fused=True`, gradients recorded, backend 'torch', grad_tolerance 0,
-  a local head or a ZeRO-3 partition (gathered for the forward alone: the backward needs no head), not compiling. The forward accumulates U_i = dlogp_i/dh_i beside its tiles
+  2 passes, any upstream loss): `fused=True`, gradients recorded, backend 'torch' (not 'triton': a
+  frozen head on the Triton backend takes the two-pass route, 3 passes), grad_tolerance 0, a local head
+  or a ZeRO-3 partition (gathered for the forward alone: the backward needs no head), not compiling.
+  The forward accumulates U_i = dlogp_i/dh_i beside its tiles
   (fastdpo.torch_fused.FrozenAccumulator); the backward returns g ⊙ U.
 - **two-pass** everywhere else, including every forward without gradients (evaluation, the reference):
   there it is one pass, the forward alone.
@@ -37,18 +41,19 @@ Every route computes its log-probs with the same tiles and merges, so they are t
 route, and the loss and metrics come from one evaluation of fastdpo.losses on the full batch.
 
 The fused pass, step by step. The scored rows are compacted (chosen sequences first) and cut into the
-forward's token blocks of TOKEN_BLOCK rows; pair i is sequences i and i + B. Blocks are computed in the
-order `PairSchedule` chooses (alternating between the chosen and the rejected half, whichever has
-completed fewer pairs), each into a slot of the workspace. As soon as both halves of some pairs are
+forward's token blocks (chunked.TOKEN_BLOCK rows on the PyTorch path, one grouped launch on Triton:
+StoredLogits.block_rows); pair i is sequences i and i + B. Blocks are computed in the order
+`PairSchedule` chooses (alternating between the chosen and the rejected half, whichever has completed
+fewer pairs), each into a slot of the workspace. As soon as both halves of some pairs are
 computed, the loss is evaluated on the whole batch, with the pairs not yet computed holding placeholder
 log-probs, and differentiated with respect to the token log-probs: for a pair-local loss the gradient of
 the completed pairs is exact (the lengths, the reference log-probs and 'sft''s token count are known for
 the whole batch up front; WPO's weights are detached per pair). Their rows' tiles become d_logits in place
 and give dX, dW and db; a slot is freed once all its rows are done. Memory: the slots the schedule needs
-at once (block_rows x V accumulation-dtype values each; a pair whose sequences span many blocks needs
-more), dX and dW in fp32 (for fp32 inputs they are the gradients themselves).
+at once (block_rows x V accumulation-dtype values each, fp32 on Triton; a pair whose sequences span many
+blocks needs more), dX and dW in fp32 (for fp32 inputs they are the gradients themselves).
 
-16-bit weights: dW is accumulated in an fp32 [V, H] and cast at the end (the CPU path's rule). The
+16-bit weights: dW is accumulated in an fp32 [V, H] and cast at the end (the rule on both backends). The
 alternatives on a GPU, where that buffer costs 2 bytes per weight more than a bf16 gradient, are a
 16-bit accumulator (relative error about sqrt(k) 2^-9 after k groups), fewer and larger groups, or
 stochastic rounding in a dW epilogue; benchmarks/fused_accumulation.py is where they are to be measured.
@@ -90,15 +95,15 @@ def _plain_tensors(*tensors) -> bool:
 
 def _common_rule(fused: bool, backend: str, grad_tolerance: float, hidden, weight, bias) -> bool:
     # A VocabShard or DTensor head (tensor parallel) takes the two-pass path: see the module docstring.
-    return (fused and backend == "torch" and grad_tolerance == 0 and torch.is_grad_enabled()
+    return (fused and backend in ("torch", "triton") and grad_tolerance == 0 and torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and _plain_tensors(hidden, weight, bias)
             and head_kind(hidden, weight) in (LOCAL, ZERO3))
 
 
 def frozen_route(hidden, weight, bias, *, fused: bool, backend: str, grad_tolerance: float) -> bool:
     """Whether linear_logprobs (and so FastDPOLoss) takes the frozen-head route (see the module docstring)."""
-    return (_common_rule(fused, backend, grad_tolerance, hidden, weight, bias) and hidden.requires_grad
-            and not weight.requires_grad and (bias is None or not bias.requires_grad))
+    return (_common_rule(fused, backend, grad_tolerance, hidden, weight, bias) and backend == "torch"
+            and hidden.requires_grad and not weight.requires_grad and (bias is None or not bias.requires_grad))
 
 
 def trainable_route(config: LossConfig, hidden, weight, bias, *, fused: bool, backend: str,
@@ -256,18 +261,18 @@ class _AttachGradients(torch.autograd.Function):
 
 def fused_preference_loss(config: LossConfig, hidden, weight, bias, targets, mask, ignore_index: int, *,
                           transform: LogitTransform, with_stats: bool, workspace_bytes: int | None,
-                          ref_token_logps=None, ref_chosen_logps=None,
+                          backend: str = "torch", ref_token_logps=None, ref_chosen_logps=None,
                           ref_rejected_logps=None) -> tuple[LossTerms, TokenStats | torch.Tensor] | None:
-    """The fused route of FastDPOLoss on the PyTorch path: (loss terms, the policy's per-token TokenStats,
-    or log-probs without with_stats), with the loss carrying the gradients; None when nothing is scored
-    or the pair schedule does not fit workspace_bytes: the caller then takes the two-pass path.
+    """The fused route of FastDPOLoss on `backend` ('torch' or 'triton'): (loss terms, the policy's per-token
+    TokenStats, or log-probs without with_stats), with the loss carrying the gradients; None when nothing is
+    scored or the pair schedule does not fit workspace_bytes: the caller then takes the two-pass path.
     Under autocast the head runs in the autocast dtype, as on the two-pass path (heads.autocast_head).
     A ZeRO-3 head is gathered for the pass and checked here (FastDPOLoss leaves a partition's checks to the
     gathered head); where the schedule does not fit, the two-pass path gathers it again, twice."""
     zero3_params = tuple(p for p in (weight, bias) if p is not None and is_zero3(p))
     with gathered(weight, bias):  # a ZeRO-3 head: once, for the forward that forms dW (nothing for the backward)
         if zero3_params:  # FastDPOLoss leaves a partition's checks to the gathered head
-            hidden, weight, targets, bias, _ = checked_local_head(hidden, weight, targets, bias, ignore_index, "torch",
+            hidden, weight, targets, bias, _ = checked_local_head(hidden, weight, targets, bias, ignore_index, backend,
                                                                   transform, 0.0, workspace_bytes)
         else:
             hidden, weight, bias = autocast_head(hidden, weight, bias)
@@ -276,7 +281,7 @@ def fused_preference_loss(config: LossConfig, hidden, weight, bias, targets, mas
             result = _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, transform, with_stats,
                                  workspace_bytes, dict(ref_token_logps=ref_token_logps,
                                                        ref_chosen_logps=ref_chosen_logps,
-                                                       ref_rejected_logps=ref_rejected_logps))
+                                                       ref_rejected_logps=ref_rejected_logps), backend)
         if result is None:
             return None
         terms, policy, (dx, dw, db) = result
@@ -285,20 +290,31 @@ def fused_preference_loss(config: LossConfig, hidden, weight, bias, targets, mas
     return terms, policy
 
 
+def _stored_logits(backend: str, device: torch.device):
+    """The backend's StoredLogits (one interface), the transform it takes and its default workspace bound."""
+    if backend == "triton":
+        from . import triton_fused  # imports Triton
+
+        return (triton_fused.StoredLogits, lambda transform: transform,
+                triton_fused.default_workspace_bytes(device, DEFAULT_WORKSPACE_BYTES))
+    return StoredLogits, chunked.Transform, DEFAULT_WORKSPACE_BYTES
+
+
 def _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, transform, with_stats, workspace_bytes,
-                reference):
+                reference, backend="torch"):
     hidden_2d, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     rows = ops.scored_rows(flat_targets, ignore_index)
     if rows.numel() == 0:
         return None  # nothing scored: the two-pass path's forward alone
     x = chunked.Rows(hidden_2d, rows, flat_targets[rows])
-    schedule = PairSchedule(rows, targets.shape[1], targets.shape[0] // 2, chunked.TOKEN_BLOCK)
-    budget = DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
-    if schedule.slots * StoredLogits.slot_bytes(x, weight.shape[0]) > budget:
+    head_class, head_transform, default_budget = _stored_logits(backend, weight.device)
+    schedule = PairSchedule(rows, targets.shape[1], targets.shape[0] // 2, head_class.block_rows(x))
+    budget = default_budget if workspace_bytes is None else workspace_bytes
+    if schedule.slots * head_class.slot_bytes(x, weight.shape[0]) > budget:
         return None
-    head = StoredLogits(x, weight, bias, chunked.Transform(transform), with_stats, schedule.slots,
-                        need_dx=hidden.requires_grad, need_dw=weight.requires_grad,
-                        need_db=bias is not None and bias.requires_grad)
+    head = head_class(x, weight, bias, head_transform(transform), with_stats, schedule.slots,
+                      need_dx=hidden.requires_grad, need_dw=weight.requires_grad,
+                      need_db=bias is not None and bias.requires_grad)
     grads = LossGradients(config, mask, x.dtype, with_stats, **reference)
     row_grads = torch.zeros(len(x), dtype=x.dtype, device=rows.device)
     for step in schedule.steps:
@@ -318,7 +334,7 @@ def _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, trans
             r0, r1 = head.blocks[k]
             head.backward_rows(k, 0, r1 - r0, row_grads[r0:r1])
             head.release(k)
-    merged = chunked._cat([head.partials[k] for k in range(len(head.blocks))])
+    merged = head.merged_partials()
     outputs = ops.token_outputs(merged, rows, targets, weight.shape[0], with_stats)
     policy = TokenStats(*outputs[:ops.STAT_FIELDS]) if with_stats else outputs[0]
     terms = preference_loss_from_token_logps(config, policy.logps if with_stats else policy, mask, **reference,

@@ -157,6 +157,10 @@ class StoredLogits:
         self.dw, self.db = zeros(weight.shape, need_dw), zeros(weight.shape[:1], need_db and bias is not None)
 
     @staticmethod
+    def block_rows(x: Rows) -> int:
+        return chunked.TOKEN_BLOCK
+
+    @staticmethod
     def slot_bytes(x: Rows, vocab_size: int) -> int:
         return max(1, min(chunked.TOKEN_BLOCK, len(x))) * vocab_size * torch.finfo(x.dtype).bits // 8
 
@@ -180,6 +184,10 @@ class StoredLogits:
         excl, row_max, _ = combine_parts(self.buffers.parts)
         self.target_gap[k] = one_minus_target_prob(excl, row_max, partials)
         return partials
+
+    def merged_partials(self) -> VocabPartials:
+        """Every block's partials, in row order."""
+        return chunked._cat([self.partials[k] for k in range(len(self.blocks))])
 
     def release(self, k: int) -> None:
         self.free.append(self.slot_of.pop(k))

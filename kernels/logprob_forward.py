@@ -16,6 +16,12 @@ lse_i = M_i + log sum_j s_ij e^{m_ij - M_i} with M_i = max_j m_ij, and logp_i = 
 No locks, no atomics: every element of the outputs has exactly one writer, so results are bitwise
 reproducible, and the max/sum path is the same code whether or not statistics are compiled in.
 
+STORE_LOGITS (the fused route, fastdpo.triton_fused) also writes the tile's fp32 z into a workspace
+slot [rows, V] (row stride stride_slot) and, per (tile, row), the target-free sum
+e_ij = sum_{v in j, v != target_i} exp(z_iv - m_ij), from which 1 - p_y = sum_j e_ij e^{m_ij - lse_i}
+without the cancellation of 1 - p_y when p_y -> 1. The partials above are computed by the same code,
+so the log-probs are those of the launch without it.
+
 Cost at the Llama-3-8B head (n = 16,384 scored tokens, H = 4096, V = 128,256, bf16, 128 x 128 x 64
 tiles, GROUP_M = 8; tools/cost_model.py computes these from config.gemm_config):
     FLOPs  2 n V H = 17.2 TFLOP                                (21.5 ms at 800 TFLOP/s)
@@ -38,10 +44,10 @@ PLAIN_FIELDS = 2  # m, s
 
 @triton.jit
 def logprob_forward_kernel(
-    x_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, table_ptr, target_logit_ptr,
-    n_rows, vocab_size, hidden_size, stride_x, stride_w,
+    x_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, table_ptr, target_logit_ptr, slot_ptr, excl_ptr,
+    n_rows, vocab_size, hidden_size, stride_x, stride_w, stride_slot,
     logit_scale, softcap, inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_STATS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_STATS: tl.constexpr, STORE_LOGITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -76,16 +82,25 @@ def logprob_forward_kernel(
     p = tl.exp(z - tile_max[:, None])
     tl.store(out, tile_max, mask=row_mask)
     tl.store(out + field, tl.sum(p, axis=1), mask=row_mask)
+    if STORE_LOGITS:
+        tl.store(excl_ptr + pid_v.to(tl.int64) * n_rows + offs_m, tl.sum(tl.where(is_target, 0.0, p), axis=1),
+                 mask=row_mask)
     if WITH_STATS:
         tl.store(out + 2 * field, tl.sum(p * tl.where(col_mask[None, :], z, 0.0), axis=1), mask=row_mask)
         tl.store(out + 3 * field, tl.sum(p * p, axis=1), mask=row_mask)
+    if STORE_LOGITS:  # last: stored first, the tile's layout change spills beside the statistics (sm_90, 16-bit)
+        slot = slot_ptr + offs_m.to(tl.int64)[:, None] * stride_slot + cols[None, :]
+        tl.store(slot, z, mask=row_mask[:, None] & col_mask[None, :])
 
-def logprob_forward(hidden, weight, bias, rows, targets, *, transform=None, with_stats=False):
+
+def logprob_forward(hidden, weight, bias, rows, targets, *, transform=None, with_stats=False, slot=None):
     """Per-(vocabulary tile, row) softmax partials of the selected rows of `hidden` ([N, H]).
 
     rows: int64 [n] indices into hidden; targets: int64 [n] in [0, V); transform: see
     logits_tile.tile_arguments. Returns (table, target_logit): table float32 [2 or 6, tiles, n]
     (m, s and, with statistics, a, q, u, b as in the module docstring), target_logit float32 [n].
+    With `slot` (fp32 [>= n, V], unit column stride) the tiles' z land there too, and a third value
+    comes back: the target-free sums e, float32 [tiles, n] (module docstring).
     """
     n_rows, (vocab_size, hidden_size) = rows.numel(), weight.shape
     cfg = gemm_config(hidden.dtype, device_capability(hidden.device), hidden_size)
@@ -93,9 +108,14 @@ def logprob_forward(hidden, weight, bias, rows, targets, *, transform=None, with
     fields = STAT_FIELDS if with_stats else PLAIN_FIELDS
     table = torch.empty((fields, n_tiles, n_rows), device=hidden.device, dtype=torch.float32)
     target_logit = torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
+    store = slot is not None
+    excl = torch.empty((n_tiles, n_rows), device=hidden.device, dtype=torch.float32) if store else None
+    if store:
+        assert slot.dtype == torch.float32 and slot.stride(1) == 1 and slot.shape[1] == vocab_size
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]) * n_tiles,)
     logprob_forward_kernel[grid](
         **tile_arguments(hidden, weight, bias, rows, targets, transform), table_ptr=table,
-        target_logit_ptr=target_logit, WITH_STATS=with_stats, **cfg,
+        target_logit_ptr=target_logit, slot_ptr=slot if store else table, excl_ptr=excl if store else table,
+        stride_slot=slot.stride(0) if store else 0, WITH_STATS=with_stats, STORE_LOGITS=store, **cfg,
     )
-    return table, target_logit
+    return (table, target_logit, excl) if store else (table, target_logit)

@@ -26,6 +26,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from fastdpo.kernels import config
 from fastdpo.kernels.logprob_backward import logits_grad_kernel
 from fastdpo.kernels.logprob_forward import logprob_forward_kernel
+from fastdpo.kernels.stored_logits import DEVICE_BLOCKS, stored_logits_grad_kernel
 from fastdpo.kernels.sparse_backward import (
     sparse_dw_kernel,
     sparse_dx_kernel,
@@ -41,7 +42,7 @@ TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 # the tensors are 16-byte aligned (the common case): loads vectorize and the K loop is pipelined.
 # Hidden sizes off the 16-multiple get their own, smaller tile (config.gemm_config).
 ALIGNED_ARGS = ("x_ptr", "w_ptr", "b_ptr", "out_ptr", "d_ptr", "dx_ptr", "dw_ptr", "hidden_size", "stride_x",
-                "stride_w", "stride_out", "stride_dx", "stride_dw")
+                "stride_w", "stride_out", "stride_dx", "stride_dw", "slot_ptr", "stride_slot")
 
 
 def _attrs(kernel, aligned: bool) -> dict:
@@ -57,7 +58,7 @@ def _signature(kernel, types: dict, constexprs: dict) -> dict:
 
 
 def _launch_options(cfg: dict) -> tuple[dict, dict]:
-    options = {k: cfg[k] for k in ("num_warps", "num_stages")}
+    options = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
     return {k: v for k, v in cfg.items() if k not in options}, options
 
 
@@ -69,13 +70,15 @@ def _operand_types(t: str) -> dict:
 def forward_variants(capability: int, hidden_size: int):
     for dtype, t in TRITON_TYPES.items():
         blocks, options = _launch_options(config.gemm_config(dtype, capability, hidden_size))
-        for with_stats in (False, True):
-            for softcap in (False, True):
-                types = dict(_operand_types(t), table_ptr="*fp32", target_logit_ptr="*fp32")
-                constexprs = dict(blocks, HAS_BIAS=True, HAS_SOFTCAP=softcap, WITH_STATS=with_stats,
-                                  INPUT_PRECISION=config.input_precision(dtype))
-                name = f"forward {t} stats={with_stats} softcap={softcap}"
-                yield logprob_forward_kernel, types, constexprs, options, name
+        for store in (False, True):  # STORE_LOGITS: the fused route's forward (z into a workspace slot)
+            for with_stats in (False, True):
+                for softcap in (False, True):
+                    types = dict(_operand_types(t), table_ptr="*fp32", target_logit_ptr="*fp32", slot_ptr="*fp32",
+                                 excl_ptr="*fp32")
+                    constexprs = dict(blocks, HAS_BIAS=True, HAS_SOFTCAP=softcap, WITH_STATS=with_stats,
+                                      STORE_LOGITS=store, INPUT_PRECISION=config.input_precision(dtype))
+                    name = f"forward {t} stats={with_stats} softcap={softcap}" + (" store" if store else "")
+                    yield logprob_forward_kernel, types, constexprs, options, name
 
 
 def backward_variants(capability: int, hidden_size: int):
@@ -85,6 +88,18 @@ def backward_variants(capability: int, hidden_size: int):
             types = dict(_operand_types(t), lse_ptr="*fp32", grad_ptr="*fp32", out_ptr=f"*{t}")
             constexprs = dict(blocks, HAS_BIAS=True, HAS_SOFTCAP=softcap, INPUT_PRECISION=config.input_precision(dtype))
             yield logits_grad_kernel, types, constexprs, options, f"logits_grad {t} softcap={softcap}"
+
+
+def stored_logits_variants(capability: int, hidden_size: int):
+    """The fused route's elementwise d_logits from a slot of fp32 logits (no matrix product)."""
+    blocks, options = _launch_options(DEVICE_BLOCKS)
+    for t in TRITON_TYPES.values():
+        for softcap in (False, True):
+            types = {"slot_ptr": "*fp32", "out_ptr": f"*{t}", "targets_ptr": "*i64", "lse_ptr": "*fp32",
+                     "grad_ptr": "*fp32", "gap_ptr": "*fp32", "logit_scale": "fp32", "softcap": "fp32",
+                     "inv_temperature": "fp32"}
+            yield (stored_logits_grad_kernel, types, dict(blocks, HAS_SOFTCAP=softcap), options,
+                   f"stored_logits_grad {t} softcap={softcap}")
 
 
 def sparse_variants(capability: int, hidden_size: int):
@@ -135,7 +150,7 @@ def compile_all(capability: int):
         # The unaligned launches are those of hidden sizes off the 16-multiple (config picks their tile).
         hidden_size = 4096 if aligned else 4095
         variants = (*forward_variants(capability, hidden_size), *backward_variants(capability, hidden_size),
-                    *sparse_variants(capability, hidden_size))
+                    *sparse_variants(capability, hidden_size), *stored_logits_variants(capability, hidden_size))
         for kernel, types, constexprs, options, name in variants:
             src = ASTSource(fn=kernel, signature=_signature(kernel, types, constexprs), constexprs=constexprs,
                             attrs=_attrs(kernel, aligned))

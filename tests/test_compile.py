@@ -20,6 +20,8 @@ def compiled(request):
     # A fresh process without TRITON_INTERPRET: the interpreter replaces kernels by Python functions.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    # This checkout's fastdpo, not whichever one is installed (the script's own folder is tests/).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(AOT_SCRIPT.parent.parent), env.get("PYTHONPATH")) if p)
     run = subprocess.run([sys.executable, str(AOT_SCRIPT), str(request.param)], capture_output=True, text=True,
                          env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -30,8 +32,9 @@ def compiled(request):
 def test_every_variant_compiles(compiled):
     capability, rows = compiled
     names = {row["name"].split()[0] for row in rows}
-    assert names == {"forward", "logits_grad", "sparse_logits_grad", "sparse_dx", "sparse_dw"}
-    assert len(rows) == 2 * (12 + 6 + 21)  # aligned and unaligned launches
+    assert names == {"forward", "logits_grad", "sparse_logits_grad", "sparse_dx", "sparse_dw", "stored_logits_grad"}
+    assert len(rows) == 2 * (24 + 6 + 21 + 6)  # aligned and unaligned launches
+    assert sum(row["name"].endswith("store aligned") for row in rows) == 12  # the fused route's forward
 
 
 def test_no_atomics(compiled):
@@ -52,10 +55,15 @@ def test_shared_memory_within_limit(compiled):
     assert not over, over
 
 
+def has_matrix_product(row) -> bool:
+    # the bias-only sparse_dw variant and the elementwise stored_logits_grad have none
+    return "dW=False" not in row["name"] and not row["name"].startswith("stored_logits_grad")
+
+
 def test_aligned_16bit_launches_are_software_pipelined(compiled):
     _, rows = compiled
     aligned = [r for r in rows if r["name"].endswith(" aligned") and ("bf16" in r["name"] or "fp16" in r["name"])
-               and "dW=False" not in r["name"]]  # the bias-only sparse_dw variant has no matrix product to feed
+               and has_matrix_product(r)]
     assert aligned and all(r["pipelined"] for r in aligned), [r["name"] for r in aligned if not r["pipelined"]]
 
 
@@ -63,6 +71,5 @@ def test_hopper_uses_wgmma_for_16bit_inputs(compiled):
     capability, rows = compiled
     if capability != 90:
         pytest.skip("wgmma is a Hopper instruction")
-    # Every 16-bit kernel with a matrix product (the bias-only sparse_dw variant has none).
-    sixteen_bit = [r for r in rows if ("bf16" in r["name"] or "fp16" in r["name"]) and "dW=False" not in r["name"]]
+    sixteen_bit = [r for r in rows if ("bf16" in r["name"] or "fp16" in r["name"]) and has_matrix_product(r)]
     assert sixteen_bit and all(r["wgmma"] for r in sixteen_bit)

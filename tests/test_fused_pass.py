@@ -77,11 +77,11 @@ def spy(monkeypatch):
     return FusedSpy(monkeypatch)
 
 
-def run(hs, w, labels, bias=None, frozen=False, dtype=torch.float32, **options):
+def run(hs, w, labels, bias=None, frozen=False, dtype=torch.float32, backend="torch", **options):
     """FastDPOLoss forward + backward: (output, grads of hidden, weight, bias)."""
     reference_inputs = {k: options.pop(k) for k in list(options) if k.startswith("ref_")}
     h, weight, b = leaves(hs, w, bias, dtype, frozen)
-    out = fastdpo.FastDPOLoss(backend="torch", **options)(h, weight, labels, b, **{
+    out = fastdpo.FastDPOLoss(backend=backend, **options)(h, weight, labels, b, **{
         k: (v.to(dtype) if k == "ref_hidden_states" else v) for k, v in reference_inputs.items()})
     out.loss.backward()
     return out, [None if t is None else t.grad for t in (h, weight, b)]
@@ -196,12 +196,21 @@ def outputs(out):
     return {**values, **out.token_metrics}
 
 
+def head_inputs(head, w):
+    """(bias or None, transform options) of one of HEADS."""
+    options = dict(HEADS[head])
+    return (torch.randn(w.shape[0]).double() if options.pop("bias", False) else None), options
+
+
 @pytest.mark.parametrize("head", list(HEADS))
 def test_logps_and_metrics_are_the_two_pass_bits_and_runs_repeat_bitwise(head, spy):
     hs, w, labels = make_batch()
-    head_options = dict(HEADS[head])
-    bias = torch.randn(w.shape[0]).double() if head_options.pop("bias", False) else None
-    options = dict(loss_type=["sigmoid", "ipo"], use_weighting=True, token_metrics=True, **head_options,
+    assert_two_pass_bits_and_repeat(hs, w, labels, *head_inputs(head, w), spy, TOL)
+
+
+def assert_two_pass_bits_and_repeat(hs, w, labels, bias, head_options, spy, tol, **options):
+    """Fused log-probs and metrics the two-pass route's bits, twice; gradients repeat bitwise."""
+    options = dict(loss_type=["sigmoid", "ipo"], use_weighting=True, token_metrics=True, **head_options, **options,
                    **precomputed_reference(hs, w, labels, bias, **head_options))
     fused, fused_grads = run(hs, w, labels, bias, **options)
     again, again_grads = run(hs, w, labels, bias, **options)
@@ -213,7 +222,7 @@ def test_logps_and_metrics_are_the_two_pass_bits_and_runs_repeat_bitwise(head, s
     for got, again_got, want in zip(fused_grads, again_grads, two_pass_grads):
         if want is not None:
             assert torch.equal(got, again_got)
-            assert_close(got, want, TOL)
+            assert_close(got, want, tol)
 
 
 # --- the fallback -----------------------------------------------------------------------------------------------
@@ -228,10 +237,11 @@ def assert_same_as_two_pass(hs, w, labels, **options):
         assert (got is None) == (want is None) and (got is None or torch.equal(got, want))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("loss_type", sorted(PAIR_COUPLED_LOSS_TYPES))
-def test_losses_that_couple_pairs_take_the_two_pass_path(loss_type, spy):
+def test_losses_that_couple_pairs_take_the_two_pass_path(loss_type, backend, spy):
     hs, w, labels = make_batch(pairs=2, seq_len=40)
-    assert_same_as_two_pass(hs, w, labels, loss_type=loss_type, **LOSS_OPTIONS.get(loss_type, {}),
+    assert_same_as_two_pass(hs, w, labels, backend=backend, loss_type=loss_type, **LOSS_OPTIONS.get(loss_type, {}),
                             **precomputed_reference(hs, w, labels))
     assert spy.calls == 0
 
@@ -268,11 +278,12 @@ def test_rows_far_below_their_maximum_are_recomputed(rows_far_below, spy):
         assert_as_close_as_two_pass(got, two_pass_grad, want, f"grad {name}")
 
 
-def test_tolerance_and_no_grad_take_the_two_pass_path(spy):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_tolerance_and_no_grad_take_the_two_pass_path(backend, spy):
     hs, w, labels = make_batch(pairs=2, seq_len=40)
-    assert_same_as_two_pass(hs, w, labels, grad_tolerance=1e-3, **precomputed_reference(hs, w, labels))
+    assert_same_as_two_pass(hs, w, labels, backend=backend, grad_tolerance=1e-3, **precomputed_reference(hs, w, labels))
     with torch.no_grad():
-        fastdpo.FastDPOLoss(backend="torch")(hs.float(), w.float(), labels, **precomputed_reference(hs, w, labels))
+        fastdpo.FastDPOLoss(backend=backend)(hs.float(), w.float(), labels, **precomputed_reference(hs, w, labels))
     assert spy.calls == 0
 
 
@@ -497,6 +508,10 @@ def test_forward_without_gradients_is_one_pass(one_thread):
 # --- memory -----------------------------------------------------------------------------------------------------
 
 
+def _storages(tree) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)}
+
+
 class LargestTensors(TorchDispatchMode):
     """Every tensor an op returns: the largest, and those shaped like the head."""
 
@@ -507,10 +522,14 @@ class LargestTensors(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and func.__name__.split(".")[0] not in ("detach", "alias"):
+            # (uint8: Triton's interpreter copies each kernel argument through a byte buffer)
+            if (isinstance(t, torch.Tensor) and func.__name__.split(".")[0] not in ("detach", "alias")
+                    and t.dtype != torch.uint8):
                 self.largest = max(self.largest, t.numel())
-                # Only tensors with storage of their own: views of the weight or of dW are no new memory.
-                if tuple(t.shape) == self.head_shape and t.dtype == torch.float32 and t._base is None:
+                # Only tensors with storage of their own: views of the weight or of dW are no new memory, nor
+                # is an in-place op's result (its storage is an argument's).
+                if (tuple(t.shape) == self.head_shape and t.dtype == torch.float32 and t._base is None
+                        and t.untyped_storage().data_ptr() not in _storages((args, kwargs))):
                     self.head_shaped_fp32 += 1
         return out
 
