@@ -5,4 +5,5 @@
     python tools/sparsity_sweep.py   how grad_tolerance's kept fraction and speed move with the inputs (CPU)
     python tools/contention.py       the CPU path's step time beside busy processes
     python tools/dw_accumulation.py  dW's error when a 16-bit gradient accumulates the fused pass's groups
+    python tools/fused_pass.py       FastDPOLoss's fused route against its two-pass path: time and error (CPU)
 """

@@ -1,6 +1,6 @@
 """FastDPOLoss's fused pass against its two-pass path: time per step and error against float64.
 
-    python benchmarks/fused_pass.py [--cases SUBSTR] [--runs N]
+    python tools/fused_pass.py [--cases SUBSTR] [--runs N]
 
 Both routes run in this process, alternately (run.py measures peak memory, one process per implementation),
 on the quick cases' inputs (inputs.make_inputs: a trained-model-like head, about 60% of the tokens scored)
@@ -36,7 +36,7 @@ def route_step(inp: dict, case, fused: bool):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python benchmarks/fused_pass.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python tools/fused_pass.py", description=__doc__.split("\n")[0])
     p.add_argument("--cases", default="", help="only the quick cases whose name contains this")
     p.add_argument("--runs", type=int, default=3, help="timed steps per route (after one warm-up)")
     args = p.parse_args(argv)
