@@ -226,6 +226,8 @@ def _loss_route_config(trainer):
     steps without gradients (evaluation), which need no warning."""
     if not (torch.is_grad_enabled() and trainer.model.training):
         return None, ""
+    if getattr(trainer.args, "torch_compile", False):
+        return None, "the model is compiled (DPOConfig(torch_compile=True)), and compiled graphs take the head route"
     import trl
 
     version = str(getattr(trl, "__version__", None))
