@@ -7,8 +7,8 @@ outputs)`, which returns `(log_probs, entropy, log_sum_sq_probs, mean_logits, is
 (reference log-probs, f-divergences, every loss type, `loss_weights`, WPO weights, `ld_alpha`, metrics) is computed
 by TRL from those per-token outputs.
 
-The patch therefore replaces exactly one thing: the per-token head that DPOTrainer's fused heads call. It swaps
-`trl.trainer.dpo_trainer.add_fused_lm_head` (the name `DPOTrainer.__init__` calls) for a copy of TRL's own function
+The patch replaces the per-token head that DPOTrainer's fused heads call, and wraps `DPOTrainer._compute_loss` for
+the loss route below. It swaps `trl.trainer.dpo_trainer.add_fused_lm_head` (the name `DPOTrainer.__init__` calls) for a copy of TRL's own function
 whose module globals differ in two names only:
 
 * `_ChunkedLogProbFunction` -> `_FastDPOLogProbHead`, same `apply` signature and outputs, backed by
@@ -17,12 +17,34 @@ whose module globals differ in two names only:
   patched, so prompt and padding positions are never projected (TRL scores every position on CPU). Masked positions
   are zero either way.
 
-Everything else — the backbone call, shifting, logit-scale/softcap config attributes, FSDP2 DTensor heads, ZeRO-3
+Two routes. Which one a patched DPOTrainer's step takes:
+
+* **Loss route**: a training step with gradients, on a TRL version and loss types listed in `LOSS_ROUTE_CHECKED`
+  (the ones tests/test_trl_patch.py and tests/test_trl_loss_route.py check against fastdpo.losses: TRL 1.16.0, every
+  pair-local loss type), a configuration `fastdpo.losses.LossConfig.from_trl` accepts and whose loss is pair-local,
+  `torch_compile` off; and at the policy's head call, a plain head on the 'torch' backend (CPU, until the fused pass
+  has a Triton path) whose pairs fit the fused pass's workspace, given the completion tokens of [chosen; rejected]
+  rows. `DPOTrainer._compute_loss` (swapped on the class while patched) first computes the reference sequence
+  log-probs (TRL's `compute_ref_log_probs`, with the `ref_model`, or the policy with its adapter disabled) unless they
+  are precomputed, then runs TRL's own `_compute_loss` as if they were precomputed: TRL's loss math and every metric
+  it logs stay TRL's code. The policy's head call finds a thread-local loss context (LossConfig.from_trl(args), the
+  reference log-probs, the completion mask) and runs `fastdpo.fused_pass.fused_token_pass`: the head route's
+  log-probs and statistics, bit for bit, with dX, dW (db) formed in the forward from fastdpo's loss gradient g per
+  token. Its backward receives TRL's actual gradient w.r.t. the token log-probs; if it is s·g for a scalar s
+  (1/gradient_accumulation_steps, say; to PREDICTION_RTOL of its largest entry) it returns s·dX, s·dW; otherwise
+  TRL's loss math differs from fastdpo's: it recomputes TRL's exact gradient with the two-pass backward and warns
+  once. Gradients are always TRL's. Passes over n·H·V for a step with a reference model and a trainable head: 4
+  (reference 1, policy 3), against 5 on the head route.
+* **Head route**: everything else (evaluation; another TRL version or loss type, with a one-time warning saying
+  why; a head call the fused pass does not serve, also warned). TRL computes everything from fastdpo's per-token
+  head, as described above.
+
+Besides the loss route's ordering of the reference forward, everything else — the backbone call, shifting, logit-scale/softcap config attributes, FSDP2 DTensor heads, ZeRO-3
 gathering for the forward, PEFT, MoE aux loss, `FusedCausalLMOutput` — is TRL's own code. A ZeRO-3 head reaches
 `fastdpo.linear_logprobs` as the partitioned parameter (gathered by TRL for the forward), which gathers it again for
 its backward, as TRL's own head does. Other trainers (SFT, GRPO, KTO, ...) are
 untouched. The swap is decided on every head call: after `unpatch_trl()` every fused head, including those of
-trainers built while patched, calls TRL's stock function again.
+trainers built while patched, calls TRL's stock function again, and `DPOTrainer._compute_loss` is TRL's again.
 """
 
 from __future__ import annotations
