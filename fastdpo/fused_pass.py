@@ -91,6 +91,13 @@ def trainable_route(config: LossConfig, hidden, weight, bias, *, fused: bool, ba
             and (weight.requires_grad or (bias is not None and bias.requires_grad)))
 
 
+def token_pass_route(hidden, weight, bias, *, backend: str) -> bool:
+    """Whether fused_token_pass serves this head call (patched TRL's loss route): the rule above, with some
+    gradient wanted (a frozen head gives dX alone: 2 passes, as the frozen route)."""
+    return (_common_rule(True, backend, 0.0, hidden, weight, bias)
+            and any(t is not None and t.requires_grad for t in (hidden, weight, bias)))
+
+
 # --- the pair schedule -----------------------------------------------------------------------------------------
 
 

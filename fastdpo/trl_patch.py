@@ -217,8 +217,8 @@ def _use_triton_while_patched(device) -> bool:
 # The loss route
 # --------------------------------------------------------------------------------------------------------------------
 
-#: TRL versions whose DPO loss math (DPOTrainer._compute_loss) tests/test_trl_patch.py checks against fastdpo.losses,
-#: and the loss types it checks on each. Only these take the loss route; a new TRL version is added here once the
+#: TRL versions whose DPO loss math (DPOTrainer._compute_loss) tests/test_trl_loss_route.py checks against
+#: fastdpo.losses, and the loss types it checks on each. Only these take the loss route; a new TRL version is added here once the
 #: parity tests pass on it.
 LOSS_ROUTE_CHECKED = {
     "1.16.0": frozenset({"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
@@ -288,8 +288,7 @@ def _compute_loss_loss_route(self, model, inputs, return_outputs):
         ref_chosen, ref_rejected = self.compute_ref_log_probs(ref_model, inputs)
         inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref_chosen, ref_rejected
     precomputed = self.precompute_ref_logps
-    _LOSS_CONTEXT.current = _LossContext(config, ref_chosen, ref_rejected,
-                                         inputs["completion_mask"])
+    _LOSS_CONTEXT.current = _LossContext(config, ref_chosen, ref_rejected, inputs["completion_mask"])
     self.precompute_ref_logps = True  # TRL's own loss and metrics, from the reference log-probs just computed
     try:
         return stock(self, model, inputs, return_outputs)
@@ -312,31 +311,22 @@ def _loss_route_head(context: _LossContext, hidden, weight, bias, targets, with_
     fused pass formed; None when this call cannot take it (the head route then serves it)."""
     package = __package__ or "fastdpo"
     fused_pass = importlib.import_module(f"{package}.fused_pass")
-    validation = importlib.import_module(f"{package}.validation")
     transform = importlib.import_module(f"{package}.transform").LogitTransform(**transform_kwargs)
-    needs_grad = [t is not None and t.requires_grad for t in (hidden, weight, bias)]
-    if not (torch.is_grad_enabled() and any(needs_grad)):
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
         return None
-    mask = context.mask
-    if hidden.dim() != 2 or mask.shape[0] % 2 or targets.numel() != int(mask.sum()):
-        reason = "the head was not given the completion tokens of [chosen; rejected] rows (padding-free, prompt tuning?)"
-    elif context.config.use_weighting and not with_stats:
-        reason = "WPO needs log_sum_sq_probs, which the head was not asked for"
-    else:
-        reason = None
+    reason, result = _head_refusal(context, hidden, targets, with_stats), None
     if reason is None:
-        hidden, weight, targets, bias, backend = validation.checked_local_head(
+        hidden, weight, targets, bias, backend = importlib.import_module(f"{package}.validation").checked_local_head(
             hidden, weight, targets, bias, -100, None, transform, 0.0, None)
-        if not fused_pass._common_rule(True, backend, 0.0, hidden, weight, bias):
+        if not fused_pass.token_pass_route(hidden, weight, bias, backend=backend):
             reason = f"the fused pass does not serve this head (backend {backend!r}, a distributed head or compiling)"
     if reason is None:
         with torch.no_grad():
             result = fused_pass.fused_token_pass(
-                context.config, hidden, weight, bias, targets, mask.to(targets.device), transform,
+                context.config, hidden, weight, bias, targets, context.mask.to(targets.device), transform,
                 with_stats=with_stats, workspace_bytes=None, ref_chosen_logps=context.ref_chosen_logps,
                 ref_rejected_logps=context.ref_rejected_logps)
-        if result is None:
-            reason = "a pair's logits do not fit the fused pass's workspace"
+        reason = "a pair's logits do not fit the fused pass's workspace" if result is None else None
     if reason is not None:
         _warn_once(reason, f"fastdpo.patch_trl(): {reason}; this step's policy head takes the head route.")
         return None
@@ -345,6 +335,16 @@ def _loss_route_head(context: _LossContext, hidden, weight, bias, targets, with_
     logps = _LossRouteLogProbs.apply(hidden, weight, bias, outputs[0], route)
     fields = importlib.import_module(f"{package}.types").TokenStats
     return fields(logps, *outputs[1:len(fields._fields)]) if with_stats else logps
+
+
+def _head_refusal(context: _LossContext, hidden, targets, with_stats: bool) -> str | None:
+    """Why the head call's inputs are not what the loss context describes, or None."""
+    mask = context.mask
+    if hidden.dim() != 2 or mask.shape[0] % 2 or targets.numel() != int(mask.sum()):
+        return "the head was not given the completion tokens of [chosen; rejected] rows (padding-free, prompt tuning?)"
+    if context.config.use_weighting and not with_stats:
+        return "WPO needs log_sum_sq_probs, which the head was not asked for"
+    return None
 
 
 class _PredictedGradients:

@@ -14,8 +14,7 @@ import types
 import warnings
 
 import pytest
-import test_fused_pass
-import test_trl_patch
+from test_fused_pass import GemmPasses, one_thread  # noqa: F401  (a fixture used below)
 from test_trl_patch import assert_logs_close, make_trainer, train_logs
 
 torch = pytest.importorskip("torch")
@@ -249,6 +248,15 @@ def test_coupled_loss_takes_the_head_route(route, monkeypatch):
     assert route.passes == 0 and len(messages) == 1 and "couples pairs" in messages[0], messages
 
 
+def test_a_pair_too_long_for_the_workspace_takes_the_head_route(route, monkeypatch):
+    monkeypatch.setattr(fused_pass, "DEFAULT_WORKSPACE_BYTES", 1)
+    stock = train_logs(make_trainer())
+    patched, messages = loss_route_logs()
+    assert route.passes == 3 and route.completed == 0 and not route.checks
+    assert len(messages) == 1 and "workspace" in messages[0], messages
+    assert_logs_close(stock, patched)
+
+
 def test_unpatched_trainers_are_stock_again(route):
     original = trl_dpo.DPOTrainer.__dict__["_compute_loss"]
     with patch_trl():
@@ -264,7 +272,7 @@ def test_unpatched_trainers_are_stock_again(route):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class HeadGemmPasses(test_fused_pass.GemmPasses):
+class HeadGemmPasses(GemmPasses):
     """GemmPasses counting only products with an operand of the head's vocabulary size (the backbone's are not)."""
 
     def __init__(self, n, hidden, vocab):
@@ -275,7 +283,7 @@ class HeadGemmPasses(test_fused_pass.GemmPasses):
         return self.vocab in a.shape or self.vocab in b.shape
 
 
-def step_passes(monkeypatch=None) -> float:
+def step_passes() -> float:
     trainer = make_trainer(steps=1)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     n = int(batch["completion_mask"][:, 1:].sum())
@@ -299,6 +307,3 @@ def test_training_step_passes(route, monkeypatch, one_thread):
     assert route.completed == 1
     assert loss_route == pytest.approx(4.0) and head_route == pytest.approx(5.0), (loss_route, head_route)
 
-
-one_thread = test_fused_pass.one_thread
-_ = test_trl_patch  # the shared fixtures' module (make_trainer, train_logs)
