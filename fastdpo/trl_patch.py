@@ -315,12 +315,12 @@ def _loss_route_head(context: _LossContext, hidden, weight, bias, targets, with_
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
         return None
     reason, result = _head_refusal(context, hidden, targets, with_stats), None
-    if reason is None:
-        hidden, weight, targets, bias, backend = importlib.import_module(f"{package}.validation").checked_local_head(
-            hidden, weight, targets, bias, -100, None, transform, 0.0, None)
-        if not fused_pass.token_pass_route(hidden, weight, bias, backend=backend):
-            reason = f"the fused pass does not serve this head (backend {backend!r}, a distributed head or compiling)"
-    if reason is None:
+    backend = importlib.import_module(f"{package}.backends").resolve_backend(None, hidden.device)
+    if reason is None and not fused_pass.token_pass_route(hidden, weight, bias, backend=backend):
+        reason = f"the fused pass does not serve this head (backend {backend!r}, a distributed head or compiling)"
+    if reason is None:  # a plain local head: checked as the head route checks it
+        hidden, weight, targets, bias, _ = importlib.import_module(f"{package}.validation").checked_local_head(
+            hidden, weight, targets, bias, -100, backend, transform, 0.0, None)
         with torch.no_grad():
             result = fused_pass.fused_token_pass(
                 context.config, hidden, weight, bias, targets, context.mask.to(targets.device), transform,
