@@ -19,6 +19,11 @@ With n scored tokens and P = n·H·V, one pass over the head is a GEMM of 2P FLO
 - **two-pass** everywhere else, including every forward without gradients (evaluation, the reference):
   there it is one pass, the forward alone.
 
+Patched TRL's loss route (fastdpo.trl_patch) runs the same pass through `fused_token_pass` on the
+compact tokens TRL's head receives, when `token_pass_route` holds (the fused rule, with some gradient
+wanted, any head): it returns the per-token outputs and the predicted per-token loss gradient beside
+dX, dW and db, and TRL's backward decides what to do with them.
+
 Every route computes its log-probs with the same tiles and merges, so they are the same bits on every
 route, and the loss and metrics come from one evaluation of fastdpo.losses on the full batch.
 
