@@ -9,6 +9,7 @@ configurations that take the head route instead, and the GEMM passes of one trai
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
 import warnings
@@ -89,7 +90,8 @@ def compare(route, steps=3, micro_batches=1, **kwargs):
 
 def step_gradients(patched: bool, **kwargs):
     """The gradient of every trainable parameter from one loss + backward on the first batch."""
-    with patch_trl() if patched else warnings.catch_warnings():
+    with patch_trl() if patched else contextlib.nullcontext(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TRL's own deprecation warnings; the loss route's are checked elsewhere
         trainer = make_trainer(steps=1, **kwargs)
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         trainer.model.train()
