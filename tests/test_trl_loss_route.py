@@ -21,7 +21,7 @@ from test_trl_patch import assert_logs_close, make_trainer, train_logs
 torch = pytest.importorskip("torch")
 trl = pytest.importorskip("trl")
 
-from fastdpo import fused_pass, trl_patch  # noqa: E402
+from fastdpo import chunked, fused_pass, trl_patch  # noqa: E402
 from fastdpo.trl_patch import LOSS_ROUTE_CHECKED, patch_trl, unpatch_trl  # noqa: E402
 from trl.trainer import dpo_trainer as trl_dpo  # noqa: E402
 
@@ -290,6 +290,9 @@ def step_passes() -> float:
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     n = int(batch["completion_mask"][:, 1:].sum())
     vocab, hidden = trainer.model.lm_head.weight.shape
+    # The head's products all have an operand with a side of V: one token block and one vocabulary slice hold
+    # the batch's scored tokens and the whole head (the backbone's products have no side of V).
+    assert n <= chunked.TOKEN_BLOCK and chunked.vocab_slices(vocab, n) == [(0, vocab)]
     trainer.model.train()
     with HeadGemmPasses(n, hidden, vocab) as counter:
         trainer.compute_loss(trainer.model, batch).backward()
@@ -308,4 +311,5 @@ def test_training_step_passes(route, monkeypatch, one_thread):
             head_route = step_passes()
     assert route.completed == 1
     assert loss_route == pytest.approx(4.0) and head_route == pytest.approx(5.0), (loss_route, head_route)
+    print(f"GEMM passes over n·H·V of one step: loss route {loss_route}, head route {head_route}")
 
