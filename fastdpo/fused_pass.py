@@ -37,6 +37,11 @@ Heads split across processes (fastdpo.distributed), on the trainable route:
   shifted forward's e = exp(z - t), the target-free sum for 1 - p_y, the rows handed to the online forward),
   which a shard without the target does not hold; that, and one all-gather per token block, is not built.
 
+Patched TRL's loss route (fastdpo.trl_patch) runs the same pass through `fused_token_pass` on the
+compact tokens TRL's head receives, when `token_pass_route` holds (the fused rule, with some gradient
+wanted, any head): it returns the per-token outputs and the predicted per-token loss gradient beside
+dX, dW and db, and TRL's backward decides what to do with them.
+
 Every route computes its log-probs with the same tiles and merges, so they are the same bits on every
 route, and the loss and metrics come from one evaluation of fastdpo.losses on the full batch.
 
@@ -111,6 +116,15 @@ def trainable_route(config: LossConfig, hidden, weight, bias, *, fused: bool, ba
     """Whether FastDPOLoss takes the fused route; `pair_schedule_fits` is checked by fused_preference_loss."""
     return (_common_rule(fused, backend, grad_tolerance, hidden, weight, bias) and config.pair_local
             and (weight.requires_grad or (bias is not None and bias.requires_grad)))
+
+
+def token_pass_route(hidden, weight, bias, *, backend: str) -> bool:
+    """Whether fused_token_pass serves this head call (patched TRL's loss route): the rule above, with some
+    gradient wanted (a frozen head gives dX alone: 2 passes, as the frozen route)."""
+    # The PyTorch path's tiles on a local head: what patched TRL's parity tests check.
+    return (backend == "torch" and _common_rule(True, backend, 0.0, hidden, weight, bias)
+            and head_kind(hidden, weight) == LOCAL
+            and any(t is not None and t.requires_grad for t in (hidden, weight, bias)))
 
 
 # --- the pair schedule -----------------------------------------------------------------------------------------
@@ -307,42 +321,80 @@ def _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, trans
     if rows.numel() == 0:
         return None  # nothing scored: the two-pass path's forward alone
     x = chunked.Rows(hidden_2d, rows, flat_targets[rows])
+    result = _scheduled_pass(config, x, rows, weight, bias, mask, transform, with_stats, workspace_bytes, reference,
+                             need_dx=hidden.requires_grad, backend=backend)
+    if result is None:
+        return None
+    merged, _, head = result
+    outputs = ops.token_outputs(merged, rows, targets, weight.shape[0], with_stats)
+    policy = TokenStats(*outputs[:ops.STAT_FIELDS]) if with_stats else outputs[0]
+    terms = preference_loss_from_token_logps(config, policy.logps if with_stats else policy, mask, **reference,
+                                             log_sum_sq_probs=policy.log_sum_sq_probs if with_stats else None)
+    return terms, policy, _gradients(head, hidden, weight, bias)
+
+
+def fused_token_pass(config: LossConfig, hidden, weight, bias, targets, mask, transform: LogitTransform, *,
+                     with_stats: bool, workspace_bytes: int | None, ref_chosen_logps, ref_rejected_logps):
+    """The fused pass for a caller that computes the loss itself (patched TRL's loss route).
+
+    hidden [n, H] and targets [n] are the scored tokens of mask [2B, T], in row-major order (TRL's compact
+    head call). Without gradients recorded, returns (outputs, predicted, (dX, dW, db)): `outputs` as
+    ops.token_outputs gives them over the n tokens (the TokenStats fields, then lse; the two-pass path's
+    bits), `predicted` [n] the gradient of fastdpo's loss w.r.t. each token's log-prob, from which dX, dW
+    and db were formed (None where not needed). None when nothing is scored or the schedule does not fit
+    workspace_bytes."""
+    if targets.numel() == 0:
+        return None
+    positions = mask.reshape(-1).nonzero().squeeze(1)
+    x = chunked.Rows(hidden, torch.arange(targets.numel(), device=targets.device), targets)
+    reference = dict(ref_token_logps=None, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    result = _scheduled_pass(config, x, positions, weight, bias, mask, transform, with_stats, workspace_bytes,
+                             reference, need_dx=hidden.requires_grad)
+    if result is None:
+        return None
+    merged, predicted, head = result
+    outputs = ops.token_outputs(merged, x.rows, targets, weight.shape[0], with_stats)
+    return outputs, predicted, _gradients(head, hidden, weight, bias)
+
+
+def _gradients(head: StoredLogits, hidden, weight, bias):
+    dx = None if head.dx is None else head.dx.to(hidden.dtype).view(hidden.shape)
+    dw = None if head.dw is None else head.dw.to(weight.dtype)
+    db = None if head.db is None else head.db.to(bias.dtype)
+    return dx, dw, db
+
+
+def _scheduled_pass(config, x: chunked.Rows, positions, weight, bias, mask, transform, with_stats, workspace_bytes,
+                    reference, *, need_dx: bool, backend: str = "torch"):
+    """The pass over the scored rows x (row r is position positions[r] of mask's [2B, T]): (merged partials,
+    each row's loss gradient, the StoredLogits holding dX, dW, db), or None if the schedule does not fit."""
     head_class, head_transform, default_budget = _stored_logits(backend, weight.device)
-    schedule = PairSchedule(rows, targets.shape[1], targets.shape[0] // 2, head_class.block_rows(x))
+    schedule = PairSchedule(positions, mask.shape[1], mask.shape[0] // 2, head_class.block_rows(x))
     budget = default_budget if workspace_bytes is None else workspace_bytes
     if schedule.slots * head_class.slot_bytes(x, weight.shape[0]) > budget:
         return None
     head = head_class(x, weight, bias, head_transform(transform), with_stats, schedule.slots,
-                      need_dx=hidden.requires_grad, need_dw=weight.requires_grad,
-                      need_db=bias is not None and bias.requires_grad)
+                      need_dx=need_dx, need_dw=weight.requires_grad, need_db=bias is not None and bias.requires_grad)
     grads = LossGradients(config, mask, x.dtype, with_stats, **reference)
-    row_grads = torch.zeros(len(x), dtype=x.dtype, device=rows.device)
+    row_grads = torch.zeros(len(x), dtype=x.dtype, device=positions.device)
     for step in schedule.steps:
         if step.block is not None:
             partials = head.forward(step.block)
             r0, r1 = head.blocks[step.block]
             stats = token_stats(partials, logsumexp(partials), weight.shape[0])
-            grads.record(rows[r0:r1], stats.logps, stats.log_sum_sq_probs if with_stats else None)
+            grads.record(positions[r0:r1], stats.logps, stats.log_sum_sq_probs if with_stats else None)
         if step.ready > step.done:
             token_grads = grads.token_grads()
             for k, a, b in schedule.runs(step.done, step.ready):
                 r0 = head.blocks[k][0]
-                row_grads[r0 + a: r0 + b] = token_grads.index_select(0, rows[r0 + a: r0 + b])
+                row_grads[r0 + a: r0 + b] = token_grads.index_select(0, positions[r0 + a: r0 + b])
         # A block's d_logits and GEMMs wait until all its rows have their g: one K = block-rows GEMM per
         # slice, as in the two-pass backward, rather than one per group of pairs (each would stream dW).
         for k in step.release:
             r0, r1 = head.blocks[k]
             head.backward_rows(k, 0, r1 - r0, row_grads[r0:r1])
             head.release(k)
-    merged = head.merged_partials()
-    outputs = ops.token_outputs(merged, rows, targets, weight.shape[0], with_stats)
-    policy = TokenStats(*outputs[:ops.STAT_FIELDS]) if with_stats else outputs[0]
-    terms = preference_loss_from_token_logps(config, policy.logps if with_stats else policy, mask, **reference,
-                                             log_sum_sq_probs=policy.log_sum_sq_probs if with_stats else None)
-    dx = None if head.dx is None else head.dx.to(hidden.dtype).view(hidden.shape)
-    dw = None if head.dw is None else head.dw.to(weight.dtype)
-    db = None if head.db is None else head.db.to(bias.dtype)
-    return terms, policy, (dx, dw, db)
+    return head.merged_partials(), row_grads, head
 
 
 # --- the frozen-head route ---------------------------------------------------------------------------------------

@@ -428,8 +428,13 @@ class GemmPasses(TorchDispatchMode):
         name = func.__name__.split(".")[0].rstrip("_")
         if name in self.PRODUCTS:
             a, b = (args[1], args[2]) if name.startswith(("addm", "baddb")) else (args[0], args[1])
-            self.flops += 2 * a.numel() * (b.shape[-1] if b.dim() > 1 else 1)
+            if self.counts(a, b):
+                self.flops += 2 * a.numel() * (b.shape[-1] if b.dim() > 1 else 1)
         return func(*args, **(kwargs or {}))
+
+    def counts(self, a, b) -> bool:
+        """Whether the product of a and b is counted (all of them here)."""
+        return True
 
     @property
     def passes(self) -> float:

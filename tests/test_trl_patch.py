@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 trl = pytest.importorskip("trl")
 
 import fastdpo  # noqa: E402
-from fastdpo import trl_patch  # noqa: E402
+from fastdpo import fused_pass, trl_patch  # noqa: E402
 from fastdpo.trl_patch import TRLVersionError, is_trl_patched, patch_trl, unpatch_trl  # noqa: E402
 
 if not callable(getattr(fastdpo, "linear_logprobs", None)):
@@ -43,10 +43,22 @@ def _always_unpatched():
     unpatch_trl()
 
 
-@pytest.fixture
-def spies(monkeypatch):
-    """Counts calls of TRL's stock chunked head and of fastdpo.linear_logprobs (with the token counts it sees)."""
+@pytest.fixture(params=["loss-route", "head-route"])
+def spies(request, monkeypatch):
+    """Counts calls of TRL's stock chunked head and of fastdpo's head (fastdpo.linear_logprobs, or the loss route's
+    fused pass), with the token counts it sees. Every test using it runs on both routes of patch_trl()
+    (tests/test_trl_loss_route.py checks the loss route's own machinery)."""
     counts = {"stock": 0, "fastdpo": 0, "fastdpo_tokens": []}
+    if request.param == "head-route":
+        monkeypatch.setattr(trl_patch, "LOSS_ROUTE_CHECKED", {})
+    token_pass = fused_pass.fused_token_pass
+
+    def spy_token_pass(config, hidden, weight, bias, targets, *args, **kwargs):
+        counts["fastdpo"] += 1
+        counts["fastdpo_tokens"].append(targets.numel())
+        return token_pass(config, hidden, weight, bias, targets, *args, **kwargs)
+
+    monkeypatch.setattr(fused_pass, "fused_token_pass", spy_token_pass)
     stock_forward = ChunkedLogProbFunction.forward
 
     def spy_stock(ctx, *args, **kwargs):
@@ -276,8 +288,10 @@ def test_all_zero_entropy_gradient_passes():
 # processes in test_distributed.py, as is DPOTrainer under DDP.
 
 
-def test_torch_compile(spies):
+@pytest.mark.parametrize("spies", ["loss-route"], indirect=True)  # compiled graphs take the head route anyway
+def test_torch_compile(spies, monkeypatch):
     """DPOConfig(torch_compile=True) trains patched like stock TRL (stock runs eager: compiling it costs ~30 s more)."""
+    monkeypatch.setattr(fused_pass, "fused_token_pass", None)  # never called: the loss route refuses compiled models
     stock = train_logs(make_trainer(steps=1))
     assert spies["fastdpo"] == 0
     spies["stock"] = 0
