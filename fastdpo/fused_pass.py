@@ -435,7 +435,8 @@ class FrozenHeadLogProbs(torch.autograd.Function):
         return dx.view(ctx.hidden_shape), None, None, None, None, None, None
 
 
-def frozen_linear_logprobs(hidden, weight, targets, bias, ignore_index: int, transform: LogitTransform, with_stats: bool):
+def frozen_linear_logprobs(hidden, weight, targets, bias, ignore_index: int, transform: LogitTransform,
+                           with_stats: bool):
     """The frozen-head route for checked inputs (already cast under autocast, as fastdpo.ops' are)."""
     with torch.autocast(hidden.device.type, enabled=False):
         out = FrozenHeadLogProbs.apply(hidden, weight, bias, targets, ignore_index, transform, with_stats)

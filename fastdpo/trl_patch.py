@@ -8,8 +8,8 @@ outputs)`, which returns `(log_probs, entropy, log_sum_sq_probs, mean_logits, is
 by TRL from those per-token outputs.
 
 The patch replaces the per-token head that DPOTrainer's fused heads call, and wraps `DPOTrainer._compute_loss` for
-the loss route below. It swaps `trl.trainer.dpo_trainer.add_fused_lm_head` (the name `DPOTrainer.__init__` calls) for a copy of TRL's own function
-whose module globals differ in two names only:
+the loss route below. It swaps `trl.trainer.dpo_trainer.add_fused_lm_head` (the name `DPOTrainer.__init__`
+calls) for a copy of TRL's own function whose module globals differ in two names only:
 
 * `_ChunkedLogProbFunction` -> `_FastDPOLogProbHead`, same `apply` signature and outputs, backed by
   `fastdpo.linear_logprobs(..., with_stats=True)`;
@@ -39,8 +39,8 @@ Two routes. Which one a patched DPOTrainer's step takes:
   why; a head call the fused pass does not serve, also warned). TRL computes everything from fastdpo's per-token
   head, as described above.
 
-Besides the loss route's ordering of the reference forward, everything else — the backbone call, shifting, logit-scale/softcap config attributes, FSDP2 DTensor heads, ZeRO-3
-gathering for the forward, PEFT, MoE aux loss, `FusedCausalLMOutput` — is TRL's own code. A ZeRO-3 head reaches
+Besides the loss route's ordering of the reference forward, everything else — the backbone call, shifting,
+logit-scale/softcap config attributes, FSDP2 DTensor heads, ZeRO-3 gathering for the forward, PEFT, MoE aux loss, `FusedCausalLMOutput` — is TRL's own code. A ZeRO-3 head reaches
 `fastdpo.linear_logprobs` as the partitioned parameter (gathered by TRL for the forward), which gathers it again for
 its backward, as TRL's own head does. Other trainers (SFT, GRPO, KTO, ...) are
 untouched. The swap is decided on every head call: after `unpatch_trl()` every fused head, including those of
@@ -218,8 +218,8 @@ def _use_triton_while_patched(device) -> bool:
 # --------------------------------------------------------------------------------------------------------------------
 
 #: TRL versions whose DPO loss math (DPOTrainer._compute_loss) tests/test_trl_loss_route.py checks against
-#: fastdpo.losses, and the loss types it checks on each. Only these take the loss route; a new TRL version is added here once the
-#: parity tests pass on it.
+#: fastdpo.losses, and the loss types it checks on each. Only these take the loss route; a new TRL version is
+#: added here once the parity tests pass on it.
 LOSS_ROUTE_CHECKED = {
     "1.16.0": frozenset({"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
                          "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"}),
