@@ -61,7 +61,7 @@ blocks needs more), dX and dW in fp32 (for fp32 inputs they are the gradients th
 16-bit weights: dW is accumulated in an fp32 [V, H] and cast at the end (the rule on both backends). The
 alternatives on a GPU, where that buffer costs 2 bytes per weight more than a bf16 gradient, are a
 16-bit accumulator (relative error about sqrt(k) 2^-9 after k groups), fewer and larger groups, or
-stochastic rounding in a dW epilogue; benchmarks/fused_accumulation.py is where they are to be measured.
+stochastic rounding; tools/dw_accumulation.py measures them against float64 (README, "Routes").
 """
 
 from __future__ import annotations

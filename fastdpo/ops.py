@@ -77,14 +77,29 @@ def fused_logprobs(hidden, weight, bias, targets, ignore_index: int, transform: 
     """The fused log-probs of a local head whose inputs are checked: TokenStats with `with_stats`, else logps.
 
     Calls fastdpo::logprobs_forward, or `function` (an autograd.Function over it, like LinearLogProbs) with the
-    same arguments. Custom ops take primitives only: this is where the transform is taken apart (`_transform`
-    packs it again inside the ops)."""
+    same arguments. Custom ops take primitives only (op_transform)."""
     run = torch.ops.fastdpo.logprobs_forward if function is None else function.apply
-    softcap = None if transform.softcap is None else float(transform.softcap)
     with torch.autocast(hidden.device.type, enabled=False):
-        out = run(hidden, weight, bias, targets, ignore_index, float(transform.logit_scale), softcap,
-                  float(transform.temperature), with_stats, backend, workspace_bytes, float(grad_tolerance))
+        out = run(hidden, weight, bias, targets, ignore_index, *op_transform(transform), with_stats, backend,
+                  workspace_bytes, float(grad_tolerance))
     return TokenStats(*out[:STAT_FIELDS]) if with_stats else out[0]
+
+
+def exact_backward(grad_logps, hidden, weight, bias, targets, lse, ignore_index: int, transform: LogitTransform, *,
+                   backend: str, need: tuple[bool, bool, bool]) -> tuple:
+    """fastdpo::logprobs_backward for a checked local head and its forward's lse, without a backward plan
+    (grad_tolerance 0): (dX, dW, db), None where `need` says not needed."""
+    plan = torch.zeros(0, dtype=torch.float32, device=hidden.device)
+    grads = torch.ops.fastdpo.logprobs_backward(grad_logps, hidden, weight, bias, targets, lse, plan, ignore_index,
+                                                *op_transform(transform), backend, None, 0.0, *need)
+    return tuple(grad if wanted else None for grad, wanted in zip(grads, need))
+
+
+def op_transform(transform: LogitTransform) -> tuple[float, float | None, float]:
+    """(logit_scale, softcap, temperature) as the custom ops take them: the one place the transform is taken
+    apart (`_transform` packs it again inside the ops)."""
+    softcap = None if transform.softcap is None else float(transform.softcap)
+    return float(transform.logit_scale), softcap, float(transform.temperature)
 
 
 def _transform(logit_scale: float, softcap: float | None, temperature: float) -> LogitTransform:

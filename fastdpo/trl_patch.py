@@ -367,13 +367,9 @@ class _PredictedGradients:
 
     def _two_pass(self, incoming, needed) -> tuple:
         hidden, weight, bias, targets, lse = self.head
-        t = self.transform
-        need = (needed[0], needed[1], needed[2] and bias is not None)
-        plan = torch.zeros(0, dtype=torch.float32, device=hidden.device)
-        grads = torch.ops.fastdpo.logprobs_backward(incoming.contiguous(), hidden, weight, bias, targets, lse, plan,
-                                                    -100, float(t.logit_scale), t.softcap, float(t.temperature),
-                                                    "torch", None, 0.0, *need)
-        return tuple(g if wanted else None for g, wanted in zip(grads, need))
+        ops = importlib.import_module(f"{__package__ or 'fastdpo'}.ops")
+        return ops.exact_backward(incoming.contiguous(), hidden, weight, bias, targets, lse, -100, self.transform,
+                                  backend="torch", need=(needed[0], needed[1], needed[2] and bias is not None))
 
 
 def predicted_scale(incoming: torch.Tensor, predicted: torch.Tensor) -> tuple[float | None, float]:
