@@ -37,6 +37,7 @@ import torch
 from . import chunked
 from .chunked import Rows, Transform
 from .softmax_stats import VocabPartials, logsumexp
+from .torch_head import zero_gradients
 
 
 class _TargetFreePart(chunked.Part):
@@ -150,11 +151,8 @@ class StoredLogits:
         self.free, self.slot_of = list(range(n_slots - 1, -1, -1)), {}
         self.partials, self.target_gap, self.rerun = {}, {}, {}
 
-        def zeros(shape, wanted):
-            return torch.zeros(shape, dtype=x.dtype, device=device) if wanted else None
-
-        self.dx = zeros(x.hidden.shape, need_dx)
-        self.dw, self.db = zeros(weight.shape, need_dw), zeros(weight.shape[:1], need_db and bias is not None)
+        self.dx, self.dw, self.db = zero_gradients(x.hidden, weight, x.dtype, need_dx, need_dw,
+                                                   need_db and bias is not None)
 
     @staticmethod
     def block_rows(x: Rows) -> int:

@@ -40,6 +40,7 @@ import torch
 from .chunked import Rows
 from .kernels.config import device_capability, gemm_config
 from .softmax_stats import VocabPartials, logsumexp, merge
+from .torch_head import zero_gradients
 from .transform import LogitTransform
 from .triton_head import accumulate_product, row_major
 
@@ -66,7 +67,7 @@ class StoredLogits:
                  need_dx: bool, need_dw: bool, need_db: bool):
         self.hidden, self.weight = row_major(x.hidden), row_major(weight)
         self.x, self.bias, self.transform, self.with_stats = x, bias, transform, with_stats
-        vocab_size, hidden_size, device = weight.shape[0], weight.shape[1], weight.device
+        vocab_size, device = weight.shape[0], weight.device
         rows = self.block_rows(x)
         self.blocks = [(r0, min(r0 + rows, len(x))) for r0 in range(0, len(x), rows)]
         self.slots = torch.empty(n_slots, min(rows, len(x)), vocab_size, dtype=torch.float32, device=device)
@@ -75,13 +76,8 @@ class StoredLogits:
             self.slots.shape[1:], dtype=weight.dtype, device=device)
         self.free, self.slot_of = list(range(n_slots - 1, -1, -1)), {}
         self.partials, self.tables, self.gap = {}, {}, {}
-
-        def zeros(shape, wanted):
-            return torch.zeros(shape, dtype=torch.float32, device=device) if wanted else None
-
-        self.dx = zeros(x.hidden.shape, need_dx)
-        self.dw = zeros((vocab_size, hidden_size), need_dw)
-        self.db = zeros((vocab_size,), need_db and bias is not None)
+        self.dx, self.dw, self.db = zero_gradients(x.hidden, weight, torch.float32, need_dx, need_dw,
+                                                   need_db and bias is not None)
 
     @staticmethod
     def block_rows(x: Rows) -> int:
