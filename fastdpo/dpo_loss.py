@@ -25,7 +25,7 @@ from .losses import LossConfig, preference_loss_from_token_logps
 from .sequences import shifted_targets
 from .transform import LogitTransform
 from .types import DPOOutput, TokenStats
-from .validation import check_dpo_inputs, check_logit_options, check_workspace_bytes
+from .validation import check_dpo_inputs, check_fused, check_logit_options, check_workspace_bytes
 
 
 class FastDPOLoss(nn.Module):
@@ -70,8 +70,7 @@ class FastDPOLoss(nn.Module):
         self.ignore_index, self.shift_labels, self.backend = ignore_index, shift_labels, backend
         self.token_metrics = token_metrics
         self.grad_tolerance, self.workspace_bytes = grad_tolerance, workspace_bytes
-        if not isinstance(fused, bool):
-            raise ValueError(f"fused must be True or False, got {fused!r}")
+        check_fused(fused)
         self.fused = fused
 
     @property

@@ -23,7 +23,7 @@ from . import distributed, fused_pass, ops, reference
 from .heads import DTENSOR, LOCAL, ZERO3, VocabShard, autocast_head, head_kind
 from .ops import DOUBLE_BACKWARD_MESSAGE  # noqa: F401  (tests and users import it from here)
 from .transform import LogitTransform
-from .validation import checked_local_head
+from .validation import check_fused, checked_local_head
 
 
 def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100, *, temperature: float = 1.0,
@@ -51,6 +51,7 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
     dlogp/dh, so the backward is one scaling, 2 GEMM passes in all instead of 3. The log-probs are the
     same bits on either route.
     """
+    check_fused(fused)
     transform = LogitTransform(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
     return transformed_logprobs(hidden, weight, targets, bias, ignore_index, transform, with_stats=with_stats,
                                 backend=backend, grad_tolerance=grad_tolerance, workspace_bytes=workspace_bytes,

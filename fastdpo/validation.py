@@ -131,6 +131,10 @@ def check_logprob_metadata(hidden, weight, targets, bias, ignore_index: int, bac
     check_logit_options(transform, grad_tolerance)
 
 
+def check_fused(fused) -> None:
+    _require(isinstance(fused, bool), f"fused must be True or False, got {fused!r}")
+
+
 def check_workspace_bytes(workspace_bytes) -> None:
     _require(workspace_bytes is None or (isinstance(workspace_bytes, int) and not isinstance(workspace_bytes, bool)
                                          and workspace_bytes > 0),

@@ -271,3 +271,11 @@ def test_triton_bfloat16_under_the_interpreter_is_refused(monkeypatch):
     hs, w, labels, refs = batch()
     with pytest.raises(ValueError, match="bfloat16 .* TRITON_INTERPRET=1"):
         fastdpo.FastDPOLoss(backend="triton")(hs.bfloat16(), w.bfloat16(), labels, **refs)
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_fused_must_be_a_bool(bad):
+    with pytest.raises(ValueError, match="fused must be True or False"):
+        fastdpo.linear_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]), fused=bad)
+    with pytest.raises(ValueError, match="fused must be True or False"):
+        fastdpo.FastDPOLoss(fused=bad)
