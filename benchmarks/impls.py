@@ -34,7 +34,19 @@ def _loss(token_logps, inp):
     return sigmoid_dpo(seq, inp["ref_chosen_logps"], inp["ref_rejected_logps"], BETA)
 
 
-def make_fastdpo(inp, case):
+# fastdpo_lean: the smallest-memory setting, measured against Cut Cross-Entropy's memory. The two-pass path with a
+# d_logits workspace of LEAN_CHUNK_COLUMNS vocabulary columns per scored token (workspace_bytes = scored tokens x
+# columns x element size); change the setting here and nowhere else.
+LEAN_FUSED = False
+LEAN_CHUNK_COLUMNS = 4096
+
+
+def lean_workspace_bytes(inp) -> int:
+    scored = int((inp["targets"] != IGNORE_INDEX).sum())
+    return max(1, scored) * LEAN_CHUNK_COLUMNS * inp["weight"].element_size()
+
+
+def _fastdpo_loss(inp, case, **options):
     # Our own library: failing to import it is an error, never a skip
     import fastdpo
 
@@ -42,10 +54,24 @@ def make_fastdpo(inp, case):
     # (fastdpo/chunked.py), the Triton kernels on a GPU.
     backend = "triton" if inp["hidden"].device.type == "cuda" else "torch"
     refs = {"ref_chosen_logps": inp["ref_chosen_logps"], "ref_rejected_logps": inp["ref_rejected_logps"]}
-    loss_fn = fastdpo.FastDPOLoss(beta=BETA, loss_type="sigmoid", softcap=case.softcap, backend=backend)
+    loss_fn = fastdpo.FastDPOLoss(beta=BETA, loss_type="sigmoid", softcap=case.softcap, backend=backend, **options)
     path = "Triton kernels" if backend == "triton" else "PyTorch tiles, not the Triton kernels"
+    described = "".join(f", {k}={v!r}" for k, v in options.items())
     return (lambda: loss_fn(inp["hidden"], inp["weight"], inp["labels"], **refs).loss), (
-        f"FastDPOLoss(backend={backend!r}): {path}")
+        f"FastDPOLoss(backend={backend!r}{described}): {path}")
+
+
+def make_fastdpo(inp, case):
+    """The default: fused=True (the fused route for a trainable head, the frozen route or two-pass for a frozen one)."""
+    return _fastdpo_loss(inp, case)
+
+
+def make_fastdpo_2pass(inp, case):
+    return _fastdpo_loss(inp, case, fused=False)
+
+
+def make_fastdpo_lean(inp, case):
+    return _fastdpo_loss(inp, case, fused=LEAN_FUSED, workspace_bytes=lean_workspace_bytes(inp))
 
 
 def make_fastdpo_tol(inp, case, tolerance: float = SPARSE_TOLERANCE):
@@ -148,6 +174,8 @@ def make_torch_lce(inp, case):
 
 IMPLS = {
     "fastdpo": make_fastdpo,
+    "fastdpo_2pass": make_fastdpo_2pass,
+    "fastdpo_lean": make_fastdpo_lean,
     "fastdpo_tol": make_fastdpo_tol,
     "naive": make_naive,
     "trl": make_trl,
@@ -155,6 +183,10 @@ IMPLS = {
     "cce": make_cce,
     "torch_lce": make_torch_lce,
 }
+
+# What run.py measures unless --impls names others: fastdpo's other settings are asked for by name.
+SETTINGS = ("fastdpo_2pass", "fastdpo_lean")
+DEFAULT_IMPLS = tuple(name for name in IMPLS if name not in SETTINGS)
 
 # Distribution names for results.json "versions"
 PACKAGES = ("fastdpo", "torch", "triton", "trl", "transformers", "liger-kernel", "cut-cross-entropy")

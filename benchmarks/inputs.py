@@ -10,7 +10,7 @@ states so that the mean next-token entropy hits a target (a few nats, like a tra
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -30,6 +30,7 @@ class Case:
     dtype: str  # "float32" | "bfloat16"
     softcap: float | None = None
     inputs: str = "clustered"  # the generator: "clustered" (make_inputs) or "lm" (make_lm_inputs, LMShape())
+    frozen_head: bool = False  # the LM head does not require grad (LoRA-style training): no dW
 
     @property
     def tokens(self) -> int:
@@ -90,7 +91,23 @@ def gpu_cases() -> tuple[Case, ...]:
 SPARSE_CPU = (Case("cpu-2k-h256-v64k-lm", "cpu-lm-h256-v64k", 8, 257, 256, 65536, "float32", inputs="lm"),)
 
 
-def case_set(device: str, quick: bool, sparse: bool = False) -> tuple[Case, ...]:
+# --tiny: seconds on a CPU, for checking the whole harness end to end (gpu_check.py --dry-run); not a measurement.
+TINY_CPU = (Case("tiny-h32-v500", "tiny-h32-v500", 4, 48, 32, 500, "float32"),)
+
+
+def frozen(cases: tuple[Case, ...]) -> tuple[Case, ...]:
+    """The same cases with the head frozen (weight.requires_grad False), named `<case>-frozen`."""
+    return tuple(replace(c, name=f"{c.name}-frozen", group=f"{c.group}-frozen", frozen_head=True) for c in cases)
+
+
+def case_set(device: str, quick: bool, sparse: bool = False, frozen_head: bool = False,
+             tiny: bool = False) -> tuple[Case, ...]:
+    """The cases of one run.py set; frozen_head=True gives their frozen-head twins."""
+    cases = TINY_CPU if tiny else _trainable_set(device, quick, sparse)
+    return frozen(cases) if frozen_head else cases
+
+
+def _trainable_set(device: str, quick: bool, sparse: bool) -> tuple[Case, ...]:
     if sparse:
         if device == "cuda":
             return tuple(Case(c.name.replace("cpu", "gpu"), c.group.replace("cpu", "gpu"), c.n_seqs, c.seq_len,
@@ -114,6 +131,8 @@ def all_cases() -> dict[str, Case]:
         for quick in (True, False):
             cases.update({c.name: c for c in case_set(device, quick)})
         cases.update({c.name: c for c in case_set(device, True, sparse=True)})
+    cases.update({c.name: c for c in TINY_CPU})
+    cases.update({c.name: c for c in frozen(tuple(cases.values()))})
     return cases
 
 

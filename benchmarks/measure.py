@@ -99,12 +99,12 @@ def rel_err(value: torch.Tensor | None, ref: torch.Tensor) -> float:
     return diff / denom if denom > 0 else diff
 
 
-def errors(loss: torch.Tensor, grad_hidden, grad_weight, ref: dict) -> dict:
-    return {
-        "loss": rel_err(loss, ref["loss"]),
-        "hidden": rel_err(grad_hidden, ref["grad_hidden"]),
-        "weight": rel_err(grad_weight, ref["grad_weight"]),
-    }
+def errors(loss: torch.Tensor, grad_hidden, grad_weight, ref: dict, frozen_head: bool = False) -> dict:
+    """Relative errors of the loss and the gradients; a frozen head has no weight gradient to check."""
+    out = {"loss": rel_err(loss, ref["loss"]), "hidden": rel_err(grad_hidden, ref["grad_hidden"])}
+    if not frozen_head:
+        out["weight"] = rel_err(grad_weight, ref["grad_weight"])
+    return out
 
 
 # --- one forward + backward -------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
     python benchmarks/run.py                  # the set for the device present: CPU (under 5 min on 2 cores) or GPU
     python benchmarks/run.py --full           # CPU: the long set (2k-8k tokens, V up to 131k; about an hour)
     python benchmarks/run.py --sparse         # the model of a trained LM's softmax (inputs.make_lm_inputs)
+    python benchmarks/run.py --frozen         # the same cases with the LM head frozen (no dW)
+    python benchmarks/run.py --tiny           # one tiny case in seconds: checks the harness, measures nothing
     python benchmarks/run.py [--device cpu|cuda] [--out DIR] [--cases SUBSTR,...] [--impls a,b,...]
 
 Results go to a new folder, benchmarks/results/runs/<time>-<device>/ (git-ignored); committed results are
@@ -40,7 +42,7 @@ if str(REPO) not in sys.path:  # `python benchmarks/run.py` puts benchmarks/ fir
     sys.path.insert(0, str(REPO))
 
 from benchmarks import report  # noqa: E402
-from benchmarks.impls import IMPLS  # noqa: E402
+from benchmarks.impls import DEFAULT_IMPLS, IMPLS  # noqa: E402
 from benchmarks.inputs import Case, case_set  # noqa: E402
 from benchmarks.report import MiB  # noqa: E402
 from benchmarks.worker import TAG_INFO, TAG_ROW, TAG_START, TAG_STEP, base_row  # noqa: E402
@@ -65,12 +67,17 @@ def parse_args(argv=None, cuda_available=None) -> argparse.Namespace:
                       help="the small CPU-sized shapes (the default on CPU; on a GPU, those shapes in bf16)")
     size.add_argument("--sparse", action="store_true",
                       help="the trained-LM-like inputs (inputs.make_lm_inputs), where fastdpo_tol skips work")
+    size.add_argument("--tiny", action="store_true",
+                      help="one tiny case, all implementations in one worker: seconds, to check the harness")
+    p.add_argument("--frozen", action="store_true",
+                   help="the frozen-head twins of the set's cases (weight.requires_grad False, no dW)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--out", type=Path, default=None,
                    help="default: a new folder benchmarks/results/runs/<time>-<device>; "
                         "name a committed one (benchmarks/results/cpu) to replace its results")
     p.add_argument("--cases", default=None, help="comma-separated substrings of case names to keep")
-    p.add_argument("--impls", default=None, help=f"comma-separated subset of {','.join(IMPLS)}")
+    p.add_argument("--impls", default=None, help=f"comma-separated subset of {','.join(IMPLS)} "
+                                                 f"(default: all but {', '.join(sorted(set(IMPLS) - set(DEFAULT_IMPLS)))})")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds per worker before it is killed (default 600 for the small set, else 3600)")
     args = p.parse_args(argv)
@@ -80,18 +87,19 @@ def parse_args(argv=None, cuda_available=None) -> argparse.Namespace:
     elif args.device == "cuda" and not available:
         p.error("--device cuda: no CUDA device is available")
     # The small set is the default on CPU; on a GPU the real heads are (and --quick asks for the small shapes)
-    args.quick = args.quick or args.sparse or (args.device == "cpu" and not args.full)
+    args.quick = args.quick or args.sparse or args.tiny or (args.device == "cpu" and not args.full)
     if args.impls is not None:
         args.impls = [x.strip() for x in args.impls.split(",") if x.strip()]
         unknown = sorted(set(args.impls) - set(IMPLS))
         if unknown:
             p.error(f"unknown implementation(s) {unknown}; choose from {list(IMPLS)}")
     else:
-        args.impls = list(IMPLS)
+        args.impls = list(DEFAULT_IMPLS)
     if args.timeout is None:
         args.timeout = 600.0 if args.quick else 3600.0
     if args.out is None:
-        args.out = new_run_dir(device_kind(args.device) + ("-sparse" if args.sparse else "" if args.quick else "-full"))
+        label = "-tiny" if args.tiny else "-sparse" if args.sparse else "" if args.quick else "-full"
+        args.out = new_run_dir(device_kind(args.device) + label + ("-frozen" if args.frozen else ""))
     return args
 
 
@@ -106,8 +114,9 @@ def new_run_dir(label: str, now: datetime | None = None) -> Path:
     return path
 
 
-def select_cases(device: str, quick: bool, patterns: str | None, sparse: bool = False) -> list[Case]:
-    cases = list(case_set(device, quick, sparse))
+def select_cases(device: str, quick: bool, patterns: str | None, sparse: bool = False, frozen: bool = False,
+                 tiny: bool = False) -> list[Case]:
+    cases = list(case_set(device, quick, sparse, frozen_head=frozen, tiny=tiny))
     if patterns:
         keep = [x.strip() for x in patterns.split(",") if x.strip()]
         cases = [c for c in cases if any(k in c.name for k in keep)]
@@ -444,6 +453,12 @@ def save(results: dict, out: Path, cases: list[Case], plots: bool = False) -> No
 
 
 def describe_set(args) -> str:
+    return _describe_sizes(args) + (", head frozen (--frozen)" if args.frozen else "")
+
+
+def _describe_sizes(args) -> str:
+    if args.tiny:
+        return "the tiny harness check (--tiny)"
     if args.sparse:
         return "the trained-LM-like set (--sparse)"
     if args.device == "cpu":
@@ -489,7 +504,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    cases = select_cases(args.device, args.quick, args.cases, args.sparse)
+    cases = select_cases(args.device, args.quick, args.cases, args.sparse, args.frozen, args.tiny)
     if not cases:
         print("no case matches --cases", file=sys.stderr)
         return 2
@@ -550,7 +565,8 @@ def run_one_case(case: Case, args, tmp: Path, results: dict, progress: Progress)
                 ",".join(names)] + (["--quick"] if args.quick else [])
         return launch_worker(argv, on_line, args.timeout, tmp / f"{case.name}.{names[0]}.log")
 
-    rows = run_case(case, args.impls, args.device == "cpu", launch, progress)
+    # On CPU each implementation gets its own process (peak RSS); the tiny check trades that for seconds
+    rows = run_case(case, args.impls, args.device == "cpu" and not args.tiny, launch, progress)
     add_roofline(rows, info, case)
     add_kept_fraction(rows, info)
     results["rows"].extend(rows)

@@ -43,11 +43,12 @@ def base_row(impl: str, case: inputs_mod.Case) -> dict:
             "rel_err": None, "status": "error: not run"}
 
 
-def leaf_inputs(saved: dict) -> dict:
-    """Fresh leaf tensors for one implementation (gradients must not leak from one to the next)."""
+def leaf_inputs(saved: dict, frozen_head: bool = False) -> dict:
+    """Fresh leaf tensors for one implementation (gradients must not leak from one to the next); a frozen head's
+    weight does not require grad."""
     return {
         "hidden": saved["hidden"].detach().clone().requires_grad_(True),
-        "weight": saved["weight"].detach().clone().requires_grad_(True),
+        "weight": saved["weight"].detach().clone().requires_grad_(not frozen_head),
         "labels": saved["labels"],
         "targets": inputs_mod.shifted_targets(saved["labels"]),
         "ref_chosen_logps": saved["ref_chosen_logps"],
@@ -70,13 +71,13 @@ def bench_impl(name: str, make, saved: dict, case, ref: dict, device: str, quick
     inp = None
     report = on_step or (lambda done, planned, what: None)
     try:
-        inp = leaf_inputs(saved)
+        inp = leaf_inputs(saved, case.frozen_head)
         run, row["note"] = make(inp, case)
         h, w = inp["hidden"], inp["weight"]
         t0 = time.perf_counter()
         loss = measure.step(run, h, w)  # warm-up: compiles/autotunes; its gradients are the ones checked
         report(0, None, f"warm-up {time.perf_counter() - t0:.1f} s")
-        errs = measure.errors(loss, h.grad, w.grad, ref)
+        errs = measure.errors(loss, h.grad, w.grad, ref, frozen_head=case.frozen_head)
         h.grad = w.grad = None
         del loss
         if not all(math.isfinite(e) for e in errs.values()):

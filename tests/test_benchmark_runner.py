@@ -30,7 +30,7 @@ def test_defaults_without_cuda():
     assert args.device == "cpu" and args.quick
     assert args.out.parent == REPO / "benchmarks" / "results" / "runs" and args.out.name.endswith("-cpu")
     assert not args.out.exists()
-    assert args.impls == list(impls.IMPLS)
+    assert args.impls == list(impls.DEFAULT_IMPLS)
     assert args.timeout == 600.0
     assert "benchmarks/results/runs/" in (REPO / ".gitignore").read_text().split()
 
@@ -76,7 +76,39 @@ def test_impl_selection_and_unknown_impl(tmp_path):
 
 
 def test_every_required_implementation_is_registered():
-    assert list(impls.IMPLS) == ["fastdpo", "fastdpo_tol", "naive", "trl", "liger", "cce", "torch_lce"]
+    assert list(impls.IMPLS) == ["fastdpo", "fastdpo_2pass", "fastdpo_lean", "fastdpo_tol", "naive", "trl", "liger",
+                                 "cce", "torch_lce"]
+    # fastdpo's other settings run when named (gpu_check.py names them), so the default set keeps its length
+    assert list(impls.DEFAULT_IMPLS) == ["fastdpo", "fastdpo_tol", "naive", "trl", "liger", "cce", "torch_lce"]
+
+
+def test_frozen_and_tiny_sets():
+    gpu = inputs.case_set("cuda", quick=False)
+    frozen = inputs.case_set("cuda", quick=False, frozen_head=True)
+    assert [c.name for c in frozen] == [f"{c.name}-frozen" for c in gpu]
+    assert all(c.frozen_head for c in frozen) and not any(c.frozen_head for c in gpu)
+    assert [(c.tokens, c.hidden, c.vocab) for c in frozen] == [(c.tokens, c.hidden, c.vocab) for c in gpu]
+    assert {c.name for c in frozen} <= set(inputs.all_cases())  # workers look cases up by name
+    args = run.parse_args(["--tiny", "--frozen"], cuda_available=False)
+    assert args.quick and args.out.name.endswith("-cpu-tiny-frozen")
+    assert [c.name for c in run.select_cases("cpu", True, None, frozen=True, tiny=True)] == ["tiny-h32-v500-frozen"]
+
+
+def test_frozen_head_inputs_and_errors(tiny_case):
+    saved, ref = tiny_case
+    inp = worker.leaf_inputs(saved, frozen_head=True)
+    assert inp["hidden"].requires_grad and not inp["weight"].requires_grad
+    errs = measure.errors(ref["loss"], ref["grad_hidden"], None, ref, frozen_head=True)
+    assert errs == {"loss": 0.0, "hidden": 0.0}  # no weight gradient to check (nor an inf for its absence)
+
+
+def test_lean_setting_bounds_the_workspace(tiny_case):
+    saved, _ref = tiny_case
+    inp = worker.leaf_inputs(saved)
+    scored = int((inp["targets"] != inputs.IGNORE_INDEX).sum())
+    assert impls.lean_workspace_bytes(inp) == scored * impls.LEAN_CHUNK_COLUMNS * 4
+    _run, note = impls.make_fastdpo_lean(inp, TINY)
+    assert f"workspace_bytes={impls.lean_workspace_bytes(inp)}" in note and f"fused={impls.LEAN_FUSED}" in note
 
 
 def test_case_filter():
