@@ -534,7 +534,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results["machine_load"] = load.summary()
-    save(results, args.out, cases, plots=True)
+    save(results, args.out, cases, plots=not args.tiny)  # the tiny check draws no plots (matplotlib costs seconds)
     print()
     print(report.table(results))
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'results.md'}: {describe_load(results['machine_load'])}")

@@ -275,7 +275,8 @@ def test_gpu_check_arguments(tmp_path):
     assert args.out is None and args.skip == set() and args.budget_s == gpu_check.DEFAULT_BUDGET_S
     args = gpu_check.parse_args(["--out", str(tmp_path), "--skip", "bench, tests", "--budget-s", "100"])
     assert args.out == tmp_path and args.skip == {"bench", "tests"} and args.budget_s == 100
-    for bad in (["--skip", "nope"], ["--budget-s", "5"], ["--wheels", str(tmp_path)]):
+    for bad in (["--skip", "nope"], ["--parts", "setup,nope"], ["--budget-s", "5"],
+                ["--wheels", str(tmp_path / "no")]):
         with pytest.raises(SystemExit):
             gpu_check.parse_args(bad)
 
@@ -311,7 +312,7 @@ def test_gpu_check_parts_fail_alone(tmp_path):
 
 def test_gpu_check_writes_its_results(tmp_path, capsys):
     out = tmp_path / "results"
-    rc = gpu_check.main(["--out", str(out), "--skip", "setup,tests,phases,sparse,bench"],
+    rc = gpu_check.main(["--out", str(out), "--skip", ",".join(gpu_check.PARTS)],
                         cuda_available=True, device_name="NVIDIA H100 80GB HBM3")
     assert rc == 0
     saved = json.loads((out / "gpu_check.json").read_text())
