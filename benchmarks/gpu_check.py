@@ -99,7 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wheels", type=Path, default=None,
                    help="a folder of peer wheels, pip-installed offline in the setup part if the peers are missing")
     p.add_argument("--dry-run", action="store_true",
-                   help="every part on the CPU at tiny sizes (Triton's interpreter): checks the script, measures nothing")
+                   help="every part on the CPU at tiny sizes (Triton's interpreter): checks the script, "
+                        "measures nothing")
     # internal: one part in a child process
     p.add_argument("--part", choices=CHILD_PARTS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--part-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -426,7 +427,8 @@ def shape_markdown(shape: dict) -> list[str]:
 def sweep_markdown(sweep: dict) -> list[str]:
     lines = ["", f"## Two-pass backward, workspace sweep at n={sweep['n']}, H={sweep['hidden']}, V={sweep['vocab']}",
              "", "Each chunk GEMM over the whole vocabulary; speed relative to the widest chunk's.", "",
-             "| chunk columns C | C*H | chunks | recompute ms | dX ms | dW ms | recompute speed | dX speed | dW speed |",
+             "| chunk columns C | C*H | chunks | recompute ms | dX ms | dW ms | recompute speed | dX speed "
+             "| dW speed |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sweep.get("rows", []):
         ms, speed = r["ms"], r.get("speed", {})

@@ -89,7 +89,8 @@ def rows_markdown(rows: list[dict]) -> list[str]:
 
 def step_markdown(rows: list[dict]) -> list[str]:
     """trl_step.py's rows: per model and head, stock and patched TRL side by side."""
-    lines = ["| model | head | stock ms/step | patched ms/step | speed-up | stock peak GiB | patched peak GiB | status |",
+    lines = ["| model | head | stock ms/step | patched ms/step | speed-up | stock peak GiB | patched peak GiB "
+             "| status |",
              "|---|---|---|---|---|---|---|---|"]
     for key in dict.fromkeys((r["model"], r["head"]) for r in rows):
         pair = {r["trl"]: r for r in rows if (r["model"], r["head"]) == key}

@@ -75,9 +75,11 @@ def parse_args(argv=None, cuda_available=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="default: a new folder benchmarks/results/runs/<time>-<device>; "
                         "name a committed one (benchmarks/results/cpu) to replace its results")
-    p.add_argument("--cases", default=None, help="comma-separated substrings of case names to keep")
-    p.add_argument("--impls", default=None, help=f"comma-separated subset of {','.join(IMPLS)} "
-                                                 f"(default: all but {', '.join(sorted(set(IMPLS) - set(DEFAULT_IMPLS)))})")
+    p.add_argument("--cases", default=None,
+                   help="comma-separated substrings of case names to keep, run in the order they are given")
+    settings = ", ".join(name for name in IMPLS if name not in DEFAULT_IMPLS)
+    p.add_argument("--impls", default=None,
+                   help=f"comma-separated subset of {','.join(IMPLS)} (default: all but {settings})")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds per worker before it is killed (default 600 for the small set, else 3600)")
     args = p.parse_args(argv)
@@ -117,9 +119,10 @@ def new_run_dir(label: str, now: datetime | None = None) -> Path:
 def select_cases(device: str, quick: bool, patterns: str | None, sparse: bool = False, frozen: bool = False,
                  tiny: bool = False) -> list[Case]:
     cases = list(case_set(device, quick, sparse, frozen_head=frozen, tiny=tiny))
-    if patterns:
+    if patterns:  # in the order of the first pattern each case matches (the set's order among equals)
         keep = [x.strip() for x in patterns.split(",") if x.strip()]
-        cases = [c for c in cases if any(k in c.name for k in keep)]
+        first = {c.name: next((i for i, k in enumerate(keep) if k in c.name), None) for c in cases}
+        cases = sorted((c for c in cases if first[c.name] is not None), key=lambda c: first[c.name])
     return cases
 
 

@@ -114,6 +114,9 @@ def test_lean_setting_bounds_the_workspace(tiny_case):
 def test_case_filter():
     assert [c.name for c in run.select_cases("cpu", True, "v64k")] == ["cpu-2k-h256-v64k"]
     assert run.select_cases("cpu", True, "nothing-matches") == []
+    # in the order the patterns are given; a case matched by two patterns runs once
+    order = [c.name for c in run.select_cases("cuda", False, "llama3-8b-4k,llama3.2-1b-4k,4k")]
+    assert order[:2] == ["llama3-8b-4k", "llama3.2-1b-4k"] and len(order) == len(set(order)) > 2
 
 
 # --- case sets ----------------------------------------------------------------------------------------------------
