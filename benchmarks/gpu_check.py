@@ -388,6 +388,7 @@ def phases_markdown(phases: dict) -> list[str]:
         c = phases["ceilings"]
         lines += ["", f"Measured ceilings: {_fmt(c.get('bf16_tflops'), '.0f')} TFLOP/s bf16 (8192^3 mm), "
                       f"{_fmt(c.get('copy_tbps'), '.2f')} TB/s device copy (read + write)."]
+    lines += kernel_summary(phases.get("shapes", []))
     for shape in phases.get("shapes", []):
         lines += shape_markdown(shape)
     if phases.get("sweep"):
@@ -395,6 +396,20 @@ def phases_markdown(phases: dict) -> list[str]:
     for key in ("ceilings_error", "sweep_error"):
         if phases.get(key):
             lines += ["", f"Phases part, {key.removesuffix('_error')}: {phases[key]}"]
+    return lines
+
+
+def kernel_summary(shapes: list[dict]) -> list[str]:
+    """Each kernel's time over cuBLAS's for the same GEMM shape, one row per kernel, one column per shape."""
+    measured = [s for s in shapes if s.get("rows")]
+    if not measured:
+        return []
+    ratios = [{r["phase"]: r.get("x_cublas") for r in s["rows"]} for s in measured]
+    lines = ["", f"## Kernels against cuBLAS (target {CUBLAS_RATIO_TARGET}x, goal {CUBLAS_RATIO_GOAL}x)", "",
+             "| kernel | " + " | ".join(f"n={s['n']}, H={s['hidden']}" for s in measured) + " |",
+             "|---|" + "---|" * len(measured)]
+    for kernel in KERNEL_ROWS:
+        lines.append(f"| {kernel} | " + " | ".join(_fmt(r.get(kernel), ".2f") for r in ratios) + " |")
     return lines
 
 

@@ -33,7 +33,8 @@ def test_dry_run_runs_every_default_part(dry_run):
     assert statuses == {**{p: "ok" for p in gpu_check.DEFAULT_PARTS}, "sparse": "skipped: not in --parts"}, statuses
     text = (out / "gpu_check.md").read_text()
     for heading in ("## Fused pass: trainable head", "## Frozen head", "## Fused pass at 64k tokens",
-                    "## A whole DPOTrainer step", "## Phases at n=20, H=16, V=96", "workspace sweep"):
+                    "## A whole DPOTrainer step", "## Kernels against cuBLAS", "## Phases at n=20, H=16, V=96",
+                    "workspace sweep"):
         assert heading in text, heading
     for folder in ("bench", "bench-frozen", "bench-long"):
         assert (out / folder / "results.json").exists()
