@@ -1,7 +1,7 @@
 """One command on a GPU machine: every speed and memory target of fastdpo measured in one call, in ~540 s.
 
-    python benchmarks/gpu_check.py --budget-s 540 --wheels wheels    # the device run
-    python benchmarks/gpu_check.py --dry-run --out /tmp/gpu-check      # every part at tiny sizes on a CPU (seconds)
+    python benchmarks/gpu_check.py --budget-s 540 --wheels DIR      # the device run (DIR: the peer wheels)
+    python benchmarks/gpu_check.py --dry-run --out /tmp/gpu-check     # every part at tiny sizes on a CPU (1-3 min)
     python benchmarks/gpu_check.py [--out DIR] [--budget-s S] [--parts A,B] [--skip A,B] [--wheels DIR] [--dry-run]
 
 The device run needs torch and triton (as installed there) and, for the peer rows, wheels of transformers, peft,
