@@ -40,8 +40,8 @@ Heads split across processes (fastdpo.distributed), on the trainable route:
   which a shard without the target does not hold; that, and one all-gather per token block, is not built.
 
 Patched TRL's loss route (fastdpo.trl_patch) runs the same pass through `fused_token_pass` on the
-compact tokens TRL's head receives, when `token_pass_route` holds (the fused rule, with some gradient
-wanted, any head): it returns the per-token outputs and the predicted per-token loss gradient beside
+compact tokens TRL's head receives, when `token_pass_route` holds (the fused rule, backend 'torch' or
+'triton', a local head, with some gradient wanted, trainable or frozen head): it returns the per-token outputs and the predicted per-token loss gradient beside
 dX, dW and db, and TRL's backward decides what to do with them.
 
 Every route computes its log-probs with the same tiles and merges, so they are the same bits on every
@@ -123,9 +123,8 @@ def trainable_route(config: LossConfig, hidden, weight, bias, *, fused: bool, ba
 def token_pass_route(hidden, weight, bias, *, backend: str) -> bool:
     """Whether fused_token_pass serves this head call (patched TRL's loss route): the rule above, with some
     gradient wanted (a frozen head gives dX alone: 2 passes, as the frozen route)."""
-    # The PyTorch path's tiles on a local head: what patched TRL's parity tests check.
-    return (backend == "torch" and _common_rule(True, backend, 0.0, hidden, weight, bias)
-            and head_kind(hidden, weight) == LOCAL
+    # A local head, on either backend: what patched TRL's parity tests check.
+    return (_common_rule(True, backend, 0.0, hidden, weight, bias) and head_kind(hidden, weight) == LOCAL
             and any(t is not None and t.requires_grad for t in (hidden, weight, bias)))
 
 
@@ -336,8 +335,10 @@ def _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, trans
 
 
 def fused_token_pass(config: LossConfig, hidden, weight, bias, targets, mask, transform: LogitTransform, *,
-                     with_stats: bool, workspace_bytes: int | None, ref_chosen_logps, ref_rejected_logps):
-    """The fused pass for a caller that computes the loss itself (patched TRL's loss route).
+                     with_stats: bool, workspace_bytes: int | None, ref_chosen_logps, ref_rejected_logps,
+                     backend: str):
+    """The fused pass on `backend` ('torch' or 'triton') for a caller that computes the loss itself (patched
+    TRL's loss route).
 
     hidden [n, H] and targets [n] are the scored tokens of mask [2B, T], in row-major order (TRL's compact
     head call). Without gradients recorded, returns (outputs, predicted, (dX, dW, db)): `outputs` as
@@ -351,7 +352,7 @@ def fused_token_pass(config: LossConfig, hidden, weight, bias, targets, mask, tr
     x = chunked.Rows(hidden, torch.arange(targets.numel(), device=targets.device), targets)
     reference = dict(ref_token_logps=None, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
     result = _scheduled_pass(config, x, positions, weight, bias, mask, transform, with_stats, workspace_bytes,
-                             reference, need_dx=hidden.requires_grad)
+                             reference, need_dx=hidden.requires_grad, backend=backend)
     if result is None:
         return None
     merged, predicted, head = result
