@@ -15,11 +15,13 @@ With n scored tokens and P = n·H·V, one pass over the head is a GEMM of 2P FLO
   (chunked.forward_block); the fused pass recomputes their gradients the two-pass way, so they cost one
   more pass each (a trained LM's rare targets do this). The Triton forward is online throughout: no rerun.
 - **frozen** (FastDPOLoss and linear_logprobs, frozen head: hidden requires grad, weight and bias do not;
-  2 passes, any upstream loss): `fused=True`, gradients recorded, backend 'torch' (not 'triton': a
-  frozen head on the Triton backend takes the two-pass route, 3 passes), grad_tolerance 0, a local head
-  or a ZeRO-3 partition (gathered for the forward alone: the backward needs no head), not compiling.
-  The forward accumulates U_i = dlogp_i/dh_i beside its tiles
-  (fastdpo.torch_fused.FrozenAccumulator); the backward returns g ⊙ U.
+  2 passes, any upstream loss): `fused=True`, gradients recorded, backend 'torch' or 'triton',
+  grad_tolerance 0, a local head or a ZeRO-3 partition (gathered for the forward alone: the backward needs
+  no head), not compiling. The forward forms U_i = dlogp_i/dh_i (fp32 [n, H]; _frozen_forward picks the
+  backend's: fastdpo.torch_fused.FrozenAccumulator accumulates it beside the PyTorch path's tiles,
+  fastdpo.triton_fused.FrozenStoredLogits stores each token block's logits in one slot, turns them into
+  d_logits with g = 1 and multiplies by W); the backward returns g ⊙ U. No workspace bound is checked: on
+  Triton the forward holds one slot of block_rows x V fp32 and its d_logits (at Llama-3-8B 525 + 263 MB).
 - **two-pass** everywhere else, including every forward without gradients (evaluation, the reference):
   there it is one pass, the forward alone.
 
@@ -38,8 +40,8 @@ Heads split across processes (fastdpo.distributed), on the trainable route:
   which a shard without the target does not hold; that, and one all-gather per token block, is not built.
 
 Patched TRL's loss route (fastdpo.trl_patch) runs the same pass through `fused_token_pass` on the
-compact tokens TRL's head receives, when `token_pass_route` holds (the fused rule, with some gradient
-wanted, any head): it returns the per-token outputs and the predicted per-token loss gradient beside
+compact tokens TRL's head receives, when `token_pass_route` holds (the fused rule, backend 'torch' or
+'triton', a local head, with some gradient wanted, trainable or frozen head): it returns the per-token outputs and the predicted per-token loss gradient beside
 dX, dW and db, and TRL's backward decides what to do with them.
 
 Every route computes its log-probs with the same tiles and merges, so they are the same bits on every
@@ -107,7 +109,7 @@ def _common_rule(fused: bool, backend: str, grad_tolerance: float, hidden, weigh
 
 def frozen_route(hidden, weight, bias, *, fused: bool, backend: str, grad_tolerance: float) -> bool:
     """Whether linear_logprobs (and so FastDPOLoss) takes the frozen-head route (see the module docstring)."""
-    return (_common_rule(fused, backend, grad_tolerance, hidden, weight, bias) and backend == "torch"
+    return (_common_rule(fused, backend, grad_tolerance, hidden, weight, bias)
             and hidden.requires_grad and not weight.requires_grad and (bias is None or not bias.requires_grad))
 
 
@@ -121,9 +123,8 @@ def trainable_route(config: LossConfig, hidden, weight, bias, *, fused: bool, ba
 def token_pass_route(hidden, weight, bias, *, backend: str) -> bool:
     """Whether fused_token_pass serves this head call (patched TRL's loss route): the rule above, with some
     gradient wanted (a frozen head gives dX alone: 2 passes, as the frozen route)."""
-    # The PyTorch path's tiles on a local head: what patched TRL's parity tests check.
-    return (backend == "torch" and _common_rule(True, backend, 0.0, hidden, weight, bias)
-            and head_kind(hidden, weight) == LOCAL
+    # A local head, on either backend: what patched TRL's parity tests check.
+    return (_common_rule(True, backend, 0.0, hidden, weight, bias) and head_kind(hidden, weight) == LOCAL
             and any(t is not None and t.requires_grad for t in (hidden, weight, bias)))
 
 
@@ -334,8 +335,10 @@ def _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, trans
 
 
 def fused_token_pass(config: LossConfig, hidden, weight, bias, targets, mask, transform: LogitTransform, *,
-                     with_stats: bool, workspace_bytes: int | None, ref_chosen_logps, ref_rejected_logps):
-    """The fused pass for a caller that computes the loss itself (patched TRL's loss route).
+                     with_stats: bool, workspace_bytes: int | None, ref_chosen_logps, ref_rejected_logps,
+                     backend: str):
+    """The fused pass on `backend` ('torch' or 'triton') for a caller that computes the loss itself (patched
+    TRL's loss route).
 
     hidden [n, H] and targets [n] are the scored tokens of mask [2B, T], in row-major order (TRL's compact
     head call). Without gradients recorded, returns (outputs, predicted, (dX, dW, db)): `outputs` as
@@ -349,7 +352,7 @@ def fused_token_pass(config: LossConfig, hidden, weight, bias, targets, mask, tr
     x = chunked.Rows(hidden, torch.arange(targets.numel(), device=targets.device), targets)
     reference = dict(ref_token_logps=None, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
     result = _scheduled_pass(config, x, positions, weight, bias, mask, transform, with_stats, workspace_bytes,
-                             reference, need_dx=hidden.requires_grad)
+                             reference, need_dx=hidden.requires_grad, backend=backend)
     if result is None:
         return None
     merged, predicted, head = result
@@ -400,21 +403,31 @@ def _scheduled_pass(config, x: chunked.Rows, positions, weight, bias, mask, tran
 # --- the frozen-head route ---------------------------------------------------------------------------------------
 
 
+def _frozen_forward(backend: str, x: chunked.Rows, weight, bias, transform: LogitTransform, with_stats: bool):
+    """The frozen route's forward over the scored rows x on `backend` ('torch' or 'triton'): (merged partials,
+    U [rows, H] in the accumulation dtype), U_i = dlogp_i/dh_i."""
+    if backend == "triton":
+        from . import triton_fused  # imports Triton
+
+        return triton_fused.FrozenStoredLogits(x, weight, bias, transform, with_stats).forward_with_u()
+    head_transform = chunked.Transform(transform)
+    accumulator = FrozenAccumulator(x, weight, bias, head_transform)
+    merged = chunked.forward_partials(x, weight, bias, head_transform, with_stats, accumulator)
+    return merged, accumulator.finish(merged)
+
+
 class FrozenHeadLogProbs(torch.autograd.Function):
-    """Per-token log-probs whose backward is g ⊙ U, U from the forward (fastdpo.torch_fused)."""
+    """Per-token log-probs whose backward is g ⊙ U, U from the forward (_frozen_forward)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, transform, with_stats):
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, transform, with_stats, backend):
         hidden_2d, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
         rows = ops.scored_rows(flat_targets, ignore_index)
         if rows.numel() == 0:
             merged, u = ops.no_partials(hidden, with_stats), None
         else:
-            x = chunked.Rows(hidden_2d, rows, flat_targets[rows])
-            head_transform = chunked.Transform(transform)
-            accumulator = FrozenAccumulator(x, weight, bias, head_transform)
-            merged = chunked.forward_partials(x, weight, bias, head_transform, with_stats, accumulator)
-            u = accumulator.finish(merged)
+            merged, u = _frozen_forward(backend, chunked.Rows(hidden_2d, rows, flat_targets[rows]), weight, bias,
+                                        transform, with_stats)
         outputs = ops.token_outputs(merged, rows, targets, weight.shape[0], with_stats)
         ctx.rows, ctx.u, ctx.hidden_shape, ctx.hidden_dtype = rows, u, hidden.shape, hidden.dtype
         if not with_stats:
@@ -432,12 +445,12 @@ class FrozenHeadLogProbs(torch.autograd.Function):
         if u is not None:
             grad = grad_logps.reshape(-1).index_select(0, rows).to(u.dtype)
             dx.index_copy_(0, rows, (u * grad[:, None]).to(dx.dtype))
-        return dx.view(ctx.hidden_shape), None, None, None, None, None, None
+        return dx.view(ctx.hidden_shape), None, None, None, None, None, None, None
 
 
 def frozen_linear_logprobs(hidden, weight, targets, bias, ignore_index: int, transform: LogitTransform,
-                           with_stats: bool):
+                           with_stats: bool, backend: str):
     """The frozen-head route for checked inputs (already cast under autocast, as fastdpo.ops' are)."""
     with torch.autocast(hidden.device.type, enabled=False):
-        out = FrozenHeadLogProbs.apply(hidden, weight, bias, targets, ignore_index, transform, with_stats)
+        out = FrozenHeadLogProbs.apply(hidden, weight, bias, targets, ignore_index, transform, with_stats, backend)
     return TokenStats(*out) if with_stats else out

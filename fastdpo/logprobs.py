@@ -47,7 +47,7 @@ def linear_logprobs(hidden, weight, targets, bias=None, ignore_index: int = -100
     Smaller workspaces mean more, narrower vocabulary chunks: the same result up to the rounding of
     dX's chunk sums (for given inputs and workspace, the bits are reproducible).
     fused=True (the default) takes the frozen-head route where it applies (hidden requires grad, weight
-    and bias do not, backend 'torch', grad_tolerance 0; see fastdpo.fused_pass): the forward also forms
+    and bias do not, backend 'torch' or 'triton', grad_tolerance 0; see fastdpo.fused_pass): the forward also forms
     dlogp/dh, so the backward is one scaling, 2 GEMM passes in all instead of 3. The log-probs are the
     same bits on either route.
     """
@@ -83,7 +83,7 @@ def transformed_logprobs(hidden, weight, targets, bias, ignore_index: int, trans
         # A frozen ZeRO-3 head too: the frozen route's backward needs no head, so it is not gathered again.
         if fused_pass.frozen_route(hidden, weight, bias, fused=fused, backend=backend, grad_tolerance=grad_tolerance):
             return fused_pass.frozen_linear_logprobs(hidden, weight, targets, bias, ignore_index, transform,
-                                                     with_stats)
+                                                     with_stats, backend)
         if backend != "reference":
             return ops.fused_logprobs(hidden, weight, bias, targets, ignore_index, transform, with_stats=with_stats,
                                       backend=backend, workspace_bytes=workspace_bytes, grad_tolerance=grad_tolerance,

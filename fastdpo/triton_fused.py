@@ -1,7 +1,8 @@
 """The fused route's compute on the Triton backend: the forward's logits kept in a workspace slot.
 
 The counterpart of fastdpo.torch_fused.StoredLogits, with the same interface, so fastdpo.fused_pass
-drives either backend. With n scored tokens and P = n·H·V, 3 passes (6P FLOPs; the two-pass route 8P):
+drives either backend; FrozenStoredLogits (below) is the counterpart of torch_fused.FrozenAccumulator.
+With n scored tokens and P = n·H·V, 3 passes (6P FLOPs; the two-pass route 8P):
 
     pass 1  forward(k): kernels/logprob_forward.py with STORE_LOGITS over token block k (the rows of one
             grouped launch: BLOCK_M x GROUP_M of config.gemm_config) writes the two-pass route's
@@ -31,6 +32,27 @@ Cost at Llama-3-8B (n = 16,384 scored tokens, H = 4096, V = 128,256, bf16; block
             overhead; larger blocks halve it per doubling (at twice the slot), a bf16 accumulator
             halves it at ~sqrt(k) 2^-9 relative error (fastdpo.fused_pass's docstring).
     memory  slots + D + dW fp32 (2.1 GB for a bf16 weight; none extra for fp32) + dX fp32 [N, H].
+
+Frozen head (FrozenStoredLogits; fastdpo.fused_pass's frozen route, FastDPOLoss and linear_logprobs alike):
+2 passes (4P FLOPs; the two-pass route 6P), U_i = dlogp_i/dh_i formed in the forward, g ⊙ U in the backward.
+Each token block, in order, through one slot:
+
+    pass 1  forward(k) as above; the block's lse is known once it ends (all the vocabulary tiles of its
+            rows), so nothing is rescaled later
+            kernels/stored_logits.py with g = 1: D = (onehot - p) transform'(z), the exact target entry
+            (1 - p_y) t'_y, in the input dtype
+    pass 2  U rows = D W              torch.mm: cuBLAS, fp32 output (triton_head.accumulate_product)
+
+No loss is needed in the forward (any upstream loss: the backward's g_i scales row i of U), so there is
+no pair schedule: one slot, freed after each block. U is written once per row: runs repeat bitwise.
+
+Cost at Llama-3-8B (as above):
+    FLOPs   2 x 2nHV = 34.4 TFLOP (43 ms at 793 TFLOP/s), against 51.6 TFLOP for the two-pass route.
+    memory  during the forward one slot (525 MB) and D (263 MB; none for fp32 inputs: the slot is D);
+            U fp32 [n, H] (268 MB) from the forward to the backward.
+    bytes   stored z written and read once (2 x 8.4 GB), D written and read once (2 x 4.2 GB): 25.2 GB
+            beyond the GEMMs' operands (~5 ms at 4.8 TB/s), against the two-pass backward's 8.4 GB of
+            d_logits traffic and its 17.2 TFLOP recompute (~22 ms).
 """
 
 from __future__ import annotations
@@ -116,8 +138,9 @@ class StoredLogits:
     def release(self, k: int) -> None:
         self.free.append(self.slot_of.pop(k))
 
-    def backward_rows(self, k: int, a: int, b: int, grad: torch.Tensor) -> None:
-        """d_logits of rows [a, b) of block k (grad: their dloss/dlogp), then their dX, dW and db."""
+    def d_logits_rows(self, k: int, a: int, b: int, grad: torch.Tensor) -> torch.Tensor:
+        """D of rows [a, b) of block k (kernels/stored_logits.py; grad: their dloss/dlogp), in the input dtype:
+        the slot itself for fp32 inputs, else the D buffer."""
         from .kernels.stored_logits import stored_logits_grad
 
         r0 = self.blocks[k][0]
@@ -126,6 +149,12 @@ class StoredLogits:
         lse = logsumexp(self.partials[k])[a:b]
         stored_logits_grad(slot, d, self.x.targets[r0 + a: r0 + b], lse, grad.float().contiguous(),
                            self.gap[k][a:b].contiguous(), transform=self.transform)
+        return d
+
+    def backward_rows(self, k: int, a: int, b: int, grad: torch.Tensor) -> None:
+        """d_logits of rows [a, b) of block k (grad: their dloss/dlogp), then their dX, dW and db."""
+        d = self.d_logits_rows(k, a, b, grad)
+        r0 = self.blocks[k][0]
         rows = self.x.rows[r0 + a: r0 + b]
         if self.dx is not None:
             dx_rows = torch.zeros((b - a, self.dx.shape[1]), dtype=torch.float32, device=d.device)
@@ -135,6 +164,27 @@ class StoredLogits:
             accumulate_weight_product(self.dw, d.T, self.hidden.index_select(0, rows))
         if self.db is not None:
             self.db += d.sum(0, dtype=torch.float32)
+
+
+class FrozenStoredLogits(StoredLogits):
+    """The frozen route's forward on Triton (module docstring, "Frozen head"): one slot, reused block by block.
+
+    Each block's D with g = 1 is formed as soon as its forward is done (its lse is then known: all the
+    vocabulary tiles of its rows), and U = D W; the backward scales U by g (fastdpo.fused_pass).
+    """
+
+    def __init__(self, x: Rows, weight, bias, transform: LogitTransform, with_stats: bool):
+        super().__init__(x, weight, bias, transform, with_stats, 1, need_dx=False, need_dw=False, need_db=False)
+
+    def forward_with_u(self) -> tuple[VocabPartials, torch.Tensor]:
+        """(every block's merged partials: the two-pass route's bits, U fp32 [rows, H]: dlogp_i/dh_i)."""
+        u = torch.zeros(len(self.x), self.hidden.shape[1], dtype=torch.float32, device=self.hidden.device)
+        ones = torch.ones(self.slots.shape[1], dtype=torch.float32, device=u.device)
+        for k, (r0, r1) in enumerate(self.blocks):
+            self.forward(k)
+            accumulate_product(u[r0:r1], self.d_logits_rows(k, 0, r1 - r0, ones[: r1 - r0]), self.weight)
+            self.release(k)
+        return self.merged_partials(), u
 
 
 def accumulate_weight_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -19,22 +19,22 @@ calls) for a copy of TRL's own function whose module globals differ in two names
 
 Two routes. Which one a patched DPOTrainer's step takes:
 
-* **Loss route**: a training step with gradients, on a TRL version and loss types listed in `LOSS_ROUTE_CHECKED`
-  (the ones tests/test_trl_patch.py and tests/test_trl_loss_route.py check against fastdpo.losses: TRL 1.16.0, every
+* **Loss route**: a training step with gradients, on a TRL version and loss types listed in `LOSS_ROUTE_CHECKED` (the
+  ones tests/test_trl_patch.py and tests/test_trl_loss_route.py check against fastdpo.losses: TRL 1.16.0, every
   pair-local loss type), a configuration `fastdpo.losses.LossConfig.from_trl` accepts and whose loss is pair-local,
-  `torch_compile` off; and at the policy's head call, a plain head on the 'torch' backend (CPU, until the fused pass
-  has a Triton path) whose pairs fit the fused pass's workspace, given the completion tokens of [chosen; rejected]
-  rows. `DPOTrainer._compute_loss` (swapped on the class while patched) first computes the reference sequence
-  log-probs (TRL's `compute_ref_log_probs`, with the `ref_model`, or the policy with its adapter disabled) unless they
-  are precomputed, then runs TRL's own `_compute_loss` as if they were precomputed: TRL's loss math and every metric
-  it logs stay TRL's code. The policy's head call finds a thread-local loss context (LossConfig.from_trl(args), the
-  reference log-probs, the completion mask) and runs `fastdpo.fused_pass.fused_token_pass`: the head route's
-  log-probs and statistics, bit for bit, with dX, dW (db) formed in the forward from fastdpo's loss gradient g per
-  token. Its backward receives TRL's actual gradient w.r.t. the token log-probs; if it is s·g for a scalar s
-  (1/gradient_accumulation_steps, say; to PREDICTION_RTOL of its largest entry) it returns s·dX, s·dW; otherwise
-  TRL's loss math differs from fastdpo's: it recomputes TRL's exact gradient with the two-pass backward and warns
-  once. Gradients are always TRL's. Passes over n·H·V for a step with a reference model and a trainable head: 4
-  (reference 1, policy 3), against 5 on the head route.
+  `torch_compile` off; and at the policy's head call, a plain local head (on the 'torch' or 'triton' backend, as the
+  head route would resolve it) whose pairs fit the fused pass's workspace, given the completion tokens of [chosen;
+  rejected] rows. `DPOTrainer._compute_loss` (swapped on the class while patched) first computes the reference
+  sequence log-probs (TRL's `compute_ref_log_probs`, with the `ref_model`, or the policy with its adapter disabled)
+  unless they are precomputed, then runs TRL's own `_compute_loss` as if they were precomputed: TRL's loss math and
+  every metric it logs stay TRL's code. The policy's head call finds a thread-local loss context
+  (LossConfig.from_trl(args), the reference log-probs, the completion mask) and runs
+  `fastdpo.fused_pass.fused_token_pass`: the head route's log-probs and statistics, bit for bit, with dX, dW (db)
+  formed in the forward from fastdpo's loss gradient g per token. Its backward receives TRL's actual gradient w.r.t.
+  the token log-probs; if it is s·g for a scalar s (1/gradient_accumulation_steps, say; to PREDICTION_RTOL of its
+  largest entry) it returns s·dX, s·dW; otherwise TRL's loss math differs from fastdpo's: it recomputes TRL's exact
+  gradient with the two-pass backward and warns once. Gradients are always TRL's. Passes over n·H·V for a step with a
+  reference model and a trainable head: 4 (reference 1, policy 3), against 5 on the head route.
 * **Head route**: everything else (evaluation; another TRL version or loss type, with a one-time warning saying
   why; a head call the fused pass does not serve, also warned). TRL computes everything from fastdpo's per-token
   head, as described above.
@@ -325,13 +325,13 @@ def _loss_route_head(context: _LossContext, hidden, weight, bias, targets, with_
             result = fused_pass.fused_token_pass(
                 context.config, hidden, weight, bias, targets, context.mask.to(targets.device), transform,
                 with_stats=with_stats, workspace_bytes=None, ref_chosen_logps=context.ref_chosen_logps,
-                ref_rejected_logps=context.ref_rejected_logps)
+                ref_rejected_logps=context.ref_rejected_logps, backend=backend)
         reason = "a pair's logits do not fit the fused pass's workspace" if result is None else None
     if reason is not None:
         _warn_once(reason, f"fastdpo.patch_trl(): {reason}; this step's policy head takes the head route.")
         return None
     outputs, predicted, grads = result
-    route = _PredictedGradients(predicted, grads, (hidden, weight, bias, targets, outputs[-1]), transform)
+    route = _PredictedGradients(predicted, grads, (hidden, weight, bias, targets, outputs[-1]), transform, backend)
     logps = _LossRouteLogProbs.apply(hidden, weight, bias, outputs[0], route)
     fields = importlib.import_module(f"{package}.types").TokenStats
     return fields(logps, *outputs[1:len(fields._fields)]) if with_stats else logps
@@ -351,8 +351,8 @@ class _PredictedGradients:
     """dX, dW, db formed in the forward from fastdpo's per-token loss gradient `predicted`, and what the two-pass
     backward needs should TRL's actual gradient not be a multiple of it."""
 
-    def __init__(self, predicted, grads, head, transform):
-        self.predicted, self.grads, self.head, self.transform = predicted, grads, head, transform
+    def __init__(self, predicted, grads, head, transform, backend: str):
+        self.predicted, self.grads, self.head, self.transform, self.backend = predicted, grads, head, transform, backend
 
     def given(self, incoming: torch.Tensor, needed) -> tuple:
         scale, mismatch = predicted_scale(incoming, self.predicted)
@@ -369,7 +369,7 @@ class _PredictedGradients:
         hidden, weight, bias, targets, lse = self.head
         ops = importlib.import_module(f"{__package__ or 'fastdpo'}.ops")
         return ops.exact_backward(incoming.contiguous(), hidden, weight, bias, targets, lse, -100, self.transform,
-                                  backend="torch", need=(needed[0], needed[1], needed[2] and bias is not None))
+                                  backend=self.backend, need=(needed[0], needed[1], needed[2] and bias is not None))
 
 
 def predicted_scale(incoming: torch.Tensor, predicted: torch.Tensor) -> tuple[float | None, float]:

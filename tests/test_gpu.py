@@ -83,3 +83,28 @@ def test_bf16_step_memory_is_gradients_plus_workspace():
     fp32_rows = 3 * 4 * n_scored * hidden  # dX accumulator, one chunk's product, the scatter's cast
     table = 2 * 4 * n_scored * (vocab // 128 + 1)
     assert peak <= gradients + workspace + fp32_rows + table + (64 << 20), peak / 2**20
+
+
+@pytest.mark.parametrize("tokens,hidden,vocab", [(1000, 256, 32000), (2100, 96, 50257)])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_bf16_frozen_head_route(tokens, hidden, vocab, softcap):
+    """A frozen head (the frozen route, fastdpo.triton_fused.FrozenStoredLogits; 2100 tokens, ~1,470 scored: two
+    1,024-row blocks, the last partial): the two-pass route's log-probs bit for bit, dX against float64, runs
+    repeat bitwise."""
+    h = torch.randn(tokens, hidden, device="cuda").bfloat16().requires_grad_()
+    w = (torch.randn(vocab, hidden, device="cuda") * hidden**-0.5 * 3).bfloat16()
+    targets = random_targets((tokens,), vocab).cuda()
+    upstream = torch.randn(tokens, dtype=torch.float64)
+    runs = []
+    for fused in (True, True, False):
+        h.grad = None
+        logps = fastdpo.linear_logprobs(h, w, targets, softcap=softcap, backend="triton", fused=fused)
+        (logps * upstream.cuda().float()).square().sum().backward()
+        runs.append((logps.detach(), h.grad))
+    (logps, grad), (again, grad_again), (two_pass, _) = runs
+    assert torch.equal(logps, two_pass) and torch.equal(again, two_pass)
+    assert torch.equal(grad, grad_again)
+    h_ref = as_reference(h)
+    expected = reference.token_logprobs(h_ref, w.double().cpu(), targets.cpu(), softcap=softcap)
+    (expected * upstream).square().sum().backward()
+    assert_close(grad, h_ref.grad, BF16_TOL, "grad hidden")

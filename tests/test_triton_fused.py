@@ -1,6 +1,7 @@
 """The fused route on the Triton backend (fastdpo.triton_fused, in Triton's interpreter): the float64
 oracle, the Triton two-pass route's bits, determinism, the fallbacks, GEMM passes counted tile by tile,
-and memory. The helpers are tests/test_fused_pass.py's (the PyTorch path's tests)."""
+and memory. The helpers are tests/test_fused_pass.py's (the PyTorch path's tests); the frozen-head route on
+Triton is tests/test_frozen_route.py's."""
 
 from __future__ import annotations
 
@@ -147,12 +148,6 @@ def test_a_pair_too_long_for_the_workspace_takes_the_two_pass_path(spy):
     assert_same_as_two_pass(hs, w, labels, backend="triton", workspace_bytes=needed - slot_bytes(hs, w),
                             **precomputed_reference(hs, w, labels))
     assert spy.calls == 1 and spy.completed == 0
-
-
-def test_frozen_head_takes_the_two_pass_route(spy):
-    hs, w, labels = make_batch(pairs=1, seq_len=30)
-    assert_same_as_two_pass(hs, w, labels, frozen=True, backend="triton", **precomputed_reference(hs, w, labels))
-    assert spy.calls == 0
 
 
 # --- passes over n·H·V, tl.dot tiles and torch products alike -----------------------------------------------------

@@ -4,7 +4,8 @@ The loss route runs TRL's own `_compute_loss` with the reference log-probs compu
 head forms fastdpo's loss gradient in its forward; its backward checks TRL's actual gradient against that
 prediction. Checked here: per-step losses and every logged metric, the gradients of one step, the scale a
 gradient accumulation puts on the loss, a planted difference in TRL's loss math (the exact fallback), the
-configurations that take the head route instead, and the GEMM passes of one training step.
+configurations that take the head route instead, and the GEMM passes of one training step; a few of these on the
+Triton backend too (in its interpreter).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import warnings
 
 import pytest
 from test_fused_pass import GemmPasses, one_thread  # noqa: F401  (a fixture used below)
+from test_triton_fused import DotTiles
 from test_trl_patch import assert_logs_close, make_trainer, train_logs
 
 torch = pytest.importorskip("torch")
 trl = pytest.importorskip("trl")
 
 from fastdpo import chunked, fused_pass, trl_patch  # noqa: E402
+from fastdpo.kernels.config import gemm_config  # noqa: E402
 from fastdpo.trl_patch import LOSS_ROUTE_CHECKED, patch_trl, unpatch_trl  # noqa: E402
 from trl.trainer import dpo_trainer as trl_dpo  # noqa: E402
 
@@ -45,11 +48,12 @@ def _always_unpatched():
 @pytest.fixture
 def route(monkeypatch):
     """Records every loss-route head call (completed or not) and every backward's (scale, mismatch)."""
-    seen = types.SimpleNamespace(passes=0, completed=0, checks=[])
+    seen = types.SimpleNamespace(passes=0, completed=0, checks=[], backends=set())
     token_pass, scale_of = fused_pass.fused_token_pass, trl_patch.predicted_scale
 
     def spy_pass(*args, **kwargs):
         result = token_pass(*args, **kwargs)
+        seen.backends.add(kwargs["backend"])
         seen.passes += 1
         seen.completed += result is not None
         return result
@@ -200,14 +204,7 @@ def test_first_step_metrics_are_the_head_routes_bits(route, monkeypatch):
 def test_planted_drift_falls_back_to_trls_exact_gradient(route, monkeypatch):
     """TRL's loss math differs from fastdpo's (an extra factor on one pair): the backward sees it, warns once and
     recomputes TRL's gradient, so training is stock TRL's."""
-    real = trl_dpo.F
-
-    def logsigmoid(x, *args, **kwargs):
-        factor = torch.ones_like(x)
-        factor[0] = 1.5
-        return real.logsigmoid(x, *args, **kwargs) * factor
-
-    monkeypatch.setattr(trl_dpo, "F", types.SimpleNamespace(**{**vars(real), "logsigmoid": logsigmoid}))
+    plant_drift(monkeypatch)
     stock_grads = step_gradients(False)
     patched_grads = step_gradients(True)
     assert route.completed == 1 and route.checks[0][0] is None and route.checks[0][1] > 1e-2
@@ -217,6 +214,18 @@ def test_planted_drift_falls_back_to_trls_exact_gradient(route, monkeypatch):
     patched, messages = loss_route_logs()
     assert sum("fell back" in m for m in messages) == 1, messages
     assert_logs_close(stock, patched)
+
+
+def plant_drift(monkeypatch):
+    """TRL's sigmoid loss with an extra factor on the first pair: TRL's gradient is no longer fastdpo's prediction."""
+    real = trl_dpo.F
+
+    def logsigmoid(x, *args, **kwargs):
+        factor = torch.ones_like(x)
+        factor[0] = 1.5
+        return real.logsigmoid(x, *args, **kwargs) * factor
+
+    monkeypatch.setattr(trl_dpo, "F", types.SimpleNamespace(**{**vars(real), "logsigmoid": logsigmoid}))
 
 
 def test_unchecked_trl_version_takes_the_head_route(route, monkeypatch):
@@ -285,7 +294,8 @@ class HeadGemmPasses(GemmPasses):
         return self.vocab in a.shape or self.vocab in b.shape
 
 
-def step_passes() -> float:
+def step_passes(dots: DotTiles | None = None) -> float:
+    """Passes over n·H·V of one step: torch's products, and with `dots` the Triton interpreter's tl.dot tiles."""
     trainer = make_trainer(steps=1)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     n = int(batch["completion_mask"][:, 1:].sum())
@@ -294,9 +304,21 @@ def step_passes() -> float:
     # the batch's scored tokens and the whole head (the backbone's products have no side of V).
     assert n <= chunked.TOKEN_BLOCK and chunked.vocab_slices(vocab, n) == [(0, vocab)]
     trainer.model.train()
+    if dots is not None:
+        dots.flops = 0
     with HeadGemmPasses(n, hidden, vocab) as counter:
         trainer.compute_loss(trainer.model, batch).backward()
-    return counter.passes
+    return counter.passes + (0 if dots is None else dots.flops / tiled_pass_flops(n, hidden, vocab))
+
+
+def tiled_pass_flops(n: int, hidden: int, vocab: int) -> int:
+    """The FLOPs of one pass of the interpreter's tl.dot tiles over n·H·V: each side rounded up to its tile."""
+    tile = gemm_config(torch.float32, None)
+
+    def whole(size, block):
+        return -(-size // block) * block
+
+    return 2 * whole(n, tile["BLOCK_M"]) * whole(hidden, tile["BLOCK_K"]) * whole(vocab, tile["BLOCK_V"])
 
 
 def test_training_step_passes(route, monkeypatch, one_thread):
@@ -313,3 +335,63 @@ def test_training_step_passes(route, monkeypatch, one_thread):
     assert loss_route == pytest.approx(4.0) and head_route == pytest.approx(5.0), (loss_route, head_route)
     print(f"GEMM passes over n·H·V of one step: loss route {loss_route}, head route {head_route}")
 
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# On the Triton backend (in its interpreter; a few configurations, the interpreter is slow)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def on_triton(monkeypatch):
+    """fastdpo's head calls (the policy's fused pass, the reference's forward) on the Triton backend."""
+    monkeypatch.setenv("FASTDPO_BACKEND", "triton")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param(dict(loss_type=["sigmoid"]), id="sigmoid"),
+        pytest.param(dict(loss_type=["ipo"], beta=0.5, use_weighting=True), id="ipo-wpo"),
+        pytest.param(dict(loss_type=["exo_pair"], label_smoothing=1e-3, f_divergence_type="js_divergence"),
+                     id="exo_pair-js"),
+    ],
+)
+def test_loss_types_on_triton(route, on_triton, overrides):
+    compare(route, steps=2, **overrides)
+    assert route.backends == {"triton"}
+
+
+def test_one_step_gradients_are_trls_on_triton(route, on_triton):
+    stock = step_gradients(False, loss_type=["sigmoid"], use_weighting=True)
+    patched = step_gradients(True, loss_type=["sigmoid"], use_weighting=True)
+    assert route.completed == 1 and route.backends == {"triton"}
+    assert assert_gradients_close(stock, patched) < GRAD_RTOL
+
+
+def test_first_step_metrics_are_the_head_routes_bits_on_triton(route, monkeypatch, on_triton):
+    test_first_step_metrics_are_the_head_routes_bits(route, monkeypatch)
+    assert route.backends == {"triton"}
+
+
+def test_planted_drift_falls_back_to_trls_exact_gradient_on_triton(route, monkeypatch, on_triton):
+    """The fallback's two-pass backward runs on the Triton backend too."""
+    plant_drift(monkeypatch)
+    stock = step_gradients(False)
+    patched = step_gradients(True)
+    assert route.completed == 1 and route.backends == {"triton"}
+    assert route.checks[0][0] is None and route.checks[0][1] > 1e-2
+    assert assert_gradients_close(stock, patched) < GRAD_RTOL
+
+
+def test_training_step_passes_on_triton(route, monkeypatch, one_thread, on_triton):
+    """As on the PyTorch path: 4 passes on the loss route, 5 on the head route (tl.dot tiles and torch products)."""
+    dots = DotTiles(monkeypatch)
+    with patch_trl():
+        loss_route = step_passes(dots)
+        assert route.completed == 1 and route.backends == {"triton"}
+        monkeypatch.setitem(LOSS_ROUTE_CHECKED, trl.__version__, frozenset())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            head_route = step_passes(dots)
+    assert loss_route == pytest.approx(4.0) and head_route == pytest.approx(5.0), (loss_route, head_route)
