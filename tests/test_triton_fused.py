@@ -19,6 +19,7 @@ from test_fused_pass import (  # noqa: F401  (spy and one_thread are fixtures)
     one_thread,
     oracle,
     outputs,
+    peaked_rows,
     precomputed_reference,
     run,
     spy,
@@ -112,7 +113,8 @@ def test_peaked_rows_keep_their_gradient(spy):
     """Rows with p_y >= 0.999: their dX = g ((1 - p_y) W_y - sum_{v != y} p_v W_v) is a small difference.
     The target entry of d_logits comes from the sum of the other probabilities, not from 1 - p_y, so
     each row's gradient keeps its relative accuracy (the two-pass route's cancels there)."""
-    hs, w, labels = make_batch(pairs=2, seq_len=60, hidden=32, vocab=128, masked_row=False)
+    # 4 pairs: over 300 seeds, 20 or more scored rows with p_y >= 0.999 (with 2 pairs a seed in ~100 had fewer than 10)
+    hs, w, labels = make_batch(pairs=4, seq_len=60, hidden=32, vocab=128, masked_row=False)
     scored = shifted_targets(labels) != -100
     hs[scored] *= 8
     labels[:, 1:][scored[:, :-1]] = (hs[scored] @ w.T).argmax(1)  # each target its row's largest logit
@@ -120,7 +122,7 @@ def test_peaked_rows_keep_their_gradient(spy):
     _, grads = run(hs, w, labels, backend="triton", **ref)
     assert spy.completed == 1
     _, expected_grads = oracle(hs, w, labels, **ref)
-    peaked = (reference.token_logprobs(hs, w, shifted_targets(labels)).exp() >= 0.999) & scored
+    peaked = peaked_rows(reference.token_logprobs(hs, w, shifted_targets(labels))) & scored
     assert int(peaked.sum()) >= 10
     want = expected_grads[0][peaked]
     row_error = (grads[0][peaked].double() - want).norm(dim=1) / want.norm(dim=1)
