@@ -43,7 +43,8 @@ import torch.distributed as dist
 from . import chunked, ops, torch_head
 from .backends import resolve_backend
 from .heads import VocabShard, autocast_head, is_dtensor, is_zero3
-from .softmax_stats import VocabPartials, merge
+from .softmax_stats import VocabPartials, logsumexp, merge
+from .torch_fused import StoredLogits, combine_parts
 from .transform import LogitTransform
 from .types import TokenStats
 from .validation import check_logprob_inputs, check_targets_in_range
@@ -148,14 +149,22 @@ def vocab_parallel_logprobs(hidden, shard: VocabShard, targets, bias, ignore_ind
                             with_stats: bool, backend: str | None, grad_tolerance: float,
                             workspace_bytes: int | None = None):
     """fastdpo.linear_logprobs for a vocab-parallel head (same outputs), on the PyTorch or the Triton head."""
-    weight = shard.weight
-    hidden, weight, bias = autocast_head(hidden, weight, bias)
-    backend = _shard_backend(backend, hidden)
-    _check_shard(hidden, shard, weight, targets, bias, ignore_index, transform, grad_tolerance, backend)
+    hidden, weight, bias, backend, _ = checked_shard(hidden, shard, targets, bias, ignore_index, transform, backend,
+                                                     grad_tolerance)
     with torch.autocast(hidden.device.type, enabled=False):
         out = VocabParallelLogProbs.apply(hidden, weight, bias, targets, shard, ignore_index, transform, with_stats,
                                           SHARD_HEADS[backend], workspace_bytes)
     return TokenStats(*out) if with_stats else out
+
+
+def checked_shard(hidden, shard: VocabShard, targets, bias, ignore_index, transform: LogitTransform,
+                  backend: str | None, grad_tolerance: float):
+    """(hidden, the shard's weight, bias) in the autocast dtype, the resolved backend, and the most rows any rank of
+    the group holds (what every rank sizes a shared decision by); a ValueError for a bad head (see _check_shard)."""
+    hidden, weight, bias = autocast_head(hidden, shard.weight, bias)
+    backend = _shard_backend(backend, hidden)
+    widest = _check_shard(hidden, shard, weight, targets, bias, ignore_index, transform, grad_tolerance, backend)
+    return hidden, weight, bias, backend, widest
 
 
 def _shard_backend(backend: str | None, hidden) -> str:
@@ -180,11 +189,12 @@ def _check_shard(hidden, shard, weight, targets, bias, ignore_index, transform, 
     check_logprob_inputs(hidden, weight, local_probe, bias, ignore_index, backend, transform=transform,
                          grad_tolerance=grad_tolerance)
     check_targets_in_range(targets, shard.vocab_size, ignore_index)
-    _check_shards_agree(shard, weight.shape[0], hidden, targets)
+    return _check_shards_agree(shard, weight.shape[0], hidden, targets)
 
 
-def _check_shards_agree(shard: VocabShard, rows: int, hidden, targets) -> None:
-    """One small all-gather: the shards must tile [0, V) in rank order, over the same targets everywhere.
+def _check_shards_agree(shard: VocabShard, rows: int, hidden, targets) -> int:
+    """One small all-gather: the shards must tile [0, V) in rank order, over the same targets everywhere. Returns the
+    most rows a shard holds.
 
     A gap, an overlap or different labels on different ranks would otherwise give a finite, wrong loss.
     """
@@ -205,6 +215,7 @@ def _check_shards_agree(shard: VocabShard, rows: int, hidden, targets) -> None:
     if not bool((everyone[:, 3:] == everyone[0, 3:]).all()):
         raise ValueError("a vocab-parallel head needs the same hidden states and targets on every rank of its group; "
                          "the targets differ between ranks")
+    return int(sizes.max())
 
 
 def _collective_device(group, fallback: torch.device) -> torch.device:
@@ -236,7 +247,7 @@ class VocabParallelLogProbs(torch.autograd.Function):
             merged = ops.no_partials(hidden, with_stats)
         else:
             local = head.forward(hidden_2d, weight, bias, rows, local_targets, in_shard, transform, with_stats)
-            merged = _merge_over_ranks(local, shard.group)
+            merged = merge(gather_partials(local, shard.group))
         *stats, lse = ops.token_outputs(merged, rows, targets, shard.vocab_size, with_stats)
 
         ctx.save_for_backward(hidden_2d, weight, bias, rows, local_targets, in_shard,
@@ -288,7 +299,8 @@ class TorchShardHead:
         dx, dw, db = torch_head.backward(hidden_2d, weight, bias, rows, clamped, lse, grad_rows, transform,
                                          need_dx=need[0], need_dw=need[1], need_db=need[2], grad_tolerance=0.0,
                                          backward_plan=_NO_PLAN, workspace_bytes=None)
-        _remove_borrowed_onehot(hidden_2d, weight, bias, rows, clamped, grad_rows, ~in_shard, transform, dx, dw, db)
+        _remove_borrowed_onehot(hidden_2d, weight, bias, rows, clamped, grad_rows, ~in_shard,
+                                chunked.Transform(transform), dx, dw, db)
         return dx, dw, db
 
 
@@ -334,15 +346,16 @@ def _own_target_only(local: VocabPartials, in_shard, local_targets, shard_rows: 
     return parts
 
 
-def _merge_over_ranks(local: VocabPartials, group) -> VocabPartials:
+def gather_partials(local: VocabPartials, group) -> VocabPartials:
+    """Every rank's partials of the same rows, stacked in rank order ([ranks, rows] each): one all-gather."""
     fields = [f for f in local if f is not None]
     stacked = torch.stack(fields)  # [fields, rows]
     device = _collective_device(group, stacked.device)
     gathered = _all_gather(stacked.to(device), group).to(stacked.device)  # [ranks, fields, rows]
-    return merge(VocabPartials(*gathered.unbind(1)))
+    return VocabPartials(*gathered.unbind(1))
 
 
-def _remove_borrowed_onehot(hidden_2d, weight, bias, rows, targets, grad, borrowed, transform: LogitTransform,
+def _remove_borrowed_onehot(hidden_2d, weight, bias, rows, targets, grad, borrowed, torch_transform: chunked.Transform,
                             dx, dw, db) -> None:
     """Subtract g * d z_y'/d(x, W, b) of the rows that borrowed a shard row y' as their target."""
     index = borrowed.nonzero().squeeze(1)
@@ -354,7 +367,6 @@ def _remove_borrowed_onehot(hidden_2d, weight, bias, rows, targets, grad, borrow
     raw = (xs * ws).sum(1)
     if bias is not None:
         raw = raw + bias.index_select(0, borrowed_targets).to(grad.dtype)
-    torch_transform = chunked.Transform(transform)
     z = torch_transform(raw)
     d_raw = torch_transform.scale_gradient_(grad[index].clone(), z)
     if dx is not None:
@@ -363,6 +375,73 @@ def _remove_borrowed_onehot(hidden_2d, weight, bias, rows, targets, grad, borrow
         dw.index_add_(0, borrowed_targets, xs * d_raw[:, None], alpha=-1)
     if db is not None:
         db.index_add_(0, borrowed_targets, d_raw, alpha=-1)
+
+
+class ShardStoredLogits(StoredLogits):
+    """The fused pass's workspace on a vocab-parallel shard (fastdpo.fused_pass's trainable route, PyTorch path).
+
+    `x` holds the global targets. Each token block runs TorchShardHead's forward (the same tiles: a row whose target
+    lies in another shard borrows a shard row, clamped), its tiles kept in a slot, and the block's partials are
+    merged over the ranks by one all-gather, as VocabParallelLogProbs merges the whole forward's: the same bits.
+
+    The tiles stay relative to the shard's own shift (the own or borrowed target logit t' on the shifted path, the
+    shard's running maximum online). StoredLogits.backward_rows normalises them by partials[k] and sets each row's
+    stored target entry to g * target_gap[k]; after the merge both describe the whole vocabulary (lse: the global one):
+        partials[k]      shifted: sum_exp = e^{lse - t'} (p = e / sum_exp), online: max = lse, sum_exp = 1
+        target_gap[k]    own target:  1 - p_y = (excl e^{shift - lse} + sum_{r != me} s_r e^{m_r - lse}), excl the
+                                      shard's target-free sum: the gathered partials give the other shards' sums
+                         borrowed:    -p_{y'} = -e^{t' - lse} (an ordinary column of this shard: no one-hot)
+    Rows that the shifted forward hands to the online one are recomputed with the global lse (their borrowed
+    one-hot taken back out). dX is this shard's share; sum_dx() all-reduces it, once per pass.
+    """
+
+    def __init__(self, x: chunked.Rows, weight, bias, transform: chunked.Transform, with_stats: bool, n_slots: int, *,
+                 shard: VocabShard, need_dx: bool, need_dw: bool, need_db: bool):
+        self.local_targets, self.group = x.targets - shard.vocab_start, shard.group
+        self.in_shard = (self.local_targets >= 0) & (self.local_targets < weight.shape[0])
+        borrowed = chunked.Rows(x.hidden, x.rows, self.local_targets.clamp(0, weight.shape[0] - 1))
+        super().__init__(borrowed, weight, bias, transform, with_stats, n_slots, need_dx=need_dx, need_dw=need_dw,
+                         need_db=need_db)
+        self.merged: dict[int, VocabPartials] = {}
+
+    def forward(self, k: int) -> VocabPartials:
+        """Block k's partials merged over the ranks (one all-gather), the shard's tiles kept."""
+        local = super().forward(k)
+        r0, r1 = self.blocks[k]
+        in_shard = self.in_shard[r0:r1]
+        everyone = gather_partials(_own_target_only(local, in_shard, self.local_targets[r0:r1], self.weight.shape[0]),
+                                   self.group)
+        merged = self.merged[k] = merge(everyone)
+        lse = logsumexp(merged)
+        excl, row_max, _ = combine_parts(self.buffers.parts)
+        shift = local.max if self.shifted else row_max
+        others = (everyone.sum_exp * torch.exp(everyone.max - lse)).index_fill_(0, _rank_index(self.group, lse), 0)
+        gap = excl * torch.exp(shift - lse) + others.sum(0)
+        self.target_gap[k] = torch.where(in_shard, gap, -torch.exp(local.target_logit - lse))
+        # The rows that the parent recomputes (self.rerun) read logsumexp(partials[k]): exactly lse for them.
+        recomputed = self.rerun[k] if self.shifted else torch.ones_like(in_shard)
+        self.partials[k] = local._replace(max=torch.where(recomputed, lse, local.max),
+                                          sum_exp=torch.where(recomputed, 1.0, torch.exp(lse - local.max)))
+        return merged
+
+    def merged_partials(self) -> VocabPartials:
+        return chunked._cat([self.merged[k] for k in range(len(self.blocks))])
+
+    def _recompute_rows(self, k: int, a: int, b: int, which: torch.Tensor, grad: torch.Tensor) -> None:
+        super()._recompute_rows(k, a, b, which, grad)
+        index = which + self.blocks[k][0] + a
+        rows = self.x.subset(index)
+        _remove_borrowed_onehot(self.x.hidden, self.weight, self.bias, rows.rows, rows.targets, grad[which],
+                                ~self.in_shard[index], self.transform, self.dx, self.dw, self.db)
+
+    def sum_dx(self) -> None:
+        """dX summed over the ranks (the input is replicated): the pass's one all-reduce."""
+        if self.dx is not None:
+            dist.all_reduce(self.dx, group=self.group)
+
+
+def _rank_index(group, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([dist.get_rank(group)], device=like.device)
 
 
 # --------------------------------------------------------------------------------------------------------------------
