@@ -30,12 +30,15 @@ ZeRO-3 head is gathered here around the local computation.
   gradient, not the parameter's values. The frozen route (a frozen head) gathers it for the forward alone.
 
 The vocab-parallel head runs each shard through the backend's own head (fastdpo.torch_head or fastdpo.triton_head:
-the same forward and backward as a local head, on the shard's rows with shard-local targets).
+the same forward and backward as a local head, on the shard's rows with shard-local targets). FastDPOLoss's fused
+route (fastdpo.fused_pass) keeps the shard's tiles instead (`shard_stored_logits`): the same forward block by block,
+each block's partials merged by one all-gather, dW local and dX all-reduced once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.distributed as dist
@@ -377,8 +380,38 @@ def _remove_borrowed_onehot(hidden_2d, weight, bias, rows, targets, grad, borrow
         db.index_add_(0, borrowed_targets, d_raw, alpha=-1)
 
 
-class ShardStoredLogits(StoredLogits):
-    """The fused pass's workspace on a vocab-parallel shard (fastdpo.fused_pass's trainable route, PyTorch path).
+class _ShardBlocks:
+    """What the fused pass on a shard adds to a backend's StoredLogits (fastdpo.torch_fused, fastdpo.triton_fused):
+    the shard-local targets, each token block's partials merged over the ranks, and dX summed over them."""
+
+    def _shard_rows(self, x: chunked.Rows, weight, shard: VocabShard, *, clamp: bool) -> chunked.Rows:
+        """x with shard-local targets: clamped into the shard (borrowed rows) or as they are (matching no column)."""
+        self.local_targets, self.group, self.merged = x.targets - shard.vocab_start, shard.group, {}
+        self.in_shard = (self.local_targets >= 0) & (self.local_targets < weight.shape[0])
+        targets = self.local_targets.clamp(0, weight.shape[0] - 1) if clamp else self.local_targets
+        return chunked.Rows(x.hidden, x.rows, targets)
+
+    def _merge_block(self, k: int, local: VocabPartials):
+        """Block k's partials (own target logits only) merged over the ranks by one all-gather, in rank order as
+        VocabParallelLogProbs merges: (merged, lse, sum_{r != me} s_r e^{m_r - lse})."""
+        everyone = gather_partials(local, self.group)
+        merged = self.merged[k] = merge(everyone)
+        lse = logsumexp(merged)
+        me = torch.tensor([dist.get_rank(self.group)], device=lse.device)
+        others = (everyone.sum_exp * torch.exp(everyone.max - lse)).index_fill_(0, me, 0).sum(0)
+        return merged, lse, others
+
+    def merged_partials(self) -> VocabPartials:
+        return chunked._cat([self.merged[k] for k in range(len(self.blocks))])
+
+    def sum_dx(self) -> None:
+        """dX summed over the ranks (the input is replicated): the pass's one all-reduce."""
+        if self.dx is not None:
+            dist.all_reduce(self.dx, group=self.group)
+
+
+class ShardStoredLogits(_ShardBlocks, StoredLogits):
+    """The fused pass's workspace on a vocab-parallel shard, PyTorch path (fastdpo.fused_pass's trainable route).
 
     `x` holds the global targets. Each token block runs TorchShardHead's forward (the same tiles: a row whose target
     lies in another shard borrows a shard row, clamped), its tiles kept in a slot, and the block's partials are
@@ -388,8 +421,8 @@ class ShardStoredLogits(StoredLogits):
     shard's running maximum online). StoredLogits.backward_rows normalises them by partials[k] and sets each row's
     stored target entry to g * target_gap[k]; after the merge both describe the whole vocabulary (lse: the global one):
         partials[k]      shifted: sum_exp = e^{lse - t'} (p = e / sum_exp), online: max = lse, sum_exp = 1
-        target_gap[k]    own target:  1 - p_y = (excl e^{shift - lse} + sum_{r != me} s_r e^{m_r - lse}), excl the
-                                      shard's target-free sum: the gathered partials give the other shards' sums
+        target_gap[k]    own target:  1 - p_y = excl e^{shift - lse} + sum_{r != me} s_r e^{m_r - lse}, excl the
+                                      shard's target-free sum: the gathered partials hold the other shards' sums
                          borrowed:    -p_{y'} = -e^{t' - lse} (an ordinary column of this shard: no one-hot)
     Rows that the shifted forward hands to the online one are recomputed with the global lse (their borrowed
     one-hot taken back out). dX is this shard's share; sum_dx() all-reduces it, once per pass.
@@ -397,35 +430,25 @@ class ShardStoredLogits(StoredLogits):
 
     def __init__(self, x: chunked.Rows, weight, bias, transform: chunked.Transform, with_stats: bool, n_slots: int, *,
                  shard: VocabShard, need_dx: bool, need_dw: bool, need_db: bool):
-        self.local_targets, self.group = x.targets - shard.vocab_start, shard.group
-        self.in_shard = (self.local_targets >= 0) & (self.local_targets < weight.shape[0])
-        borrowed = chunked.Rows(x.hidden, x.rows, self.local_targets.clamp(0, weight.shape[0] - 1))
-        super().__init__(borrowed, weight, bias, transform, with_stats, n_slots, need_dx=need_dx, need_dw=need_dw,
-                         need_db=need_db)
-        self.merged: dict[int, VocabPartials] = {}
+        super().__init__(self._shard_rows(x, weight, shard, clamp=True), weight, bias, transform, with_stats, n_slots,
+                         need_dx=need_dx, need_dw=need_dw, need_db=need_db)
 
     def forward(self, k: int) -> VocabPartials:
         """Block k's partials merged over the ranks (one all-gather), the shard's tiles kept."""
         local = super().forward(k)
         r0, r1 = self.blocks[k]
         in_shard = self.in_shard[r0:r1]
-        everyone = gather_partials(_own_target_only(local, in_shard, self.local_targets[r0:r1], self.weight.shape[0]),
-                                   self.group)
-        merged = self.merged[k] = merge(everyone)
-        lse = logsumexp(merged)
+        own = _own_target_only(local, in_shard, self.local_targets[r0:r1], self.weight.shape[0])
+        merged, lse, others = self._merge_block(k, own)
         excl, row_max, _ = combine_parts(self.buffers.parts)
         shift = local.max if self.shifted else row_max
-        others = (everyone.sum_exp * torch.exp(everyone.max - lse)).index_fill_(0, _rank_index(self.group, lse), 0)
-        gap = excl * torch.exp(shift - lse) + others.sum(0)
+        gap = excl * torch.exp(shift - lse) + others
         self.target_gap[k] = torch.where(in_shard, gap, -torch.exp(local.target_logit - lse))
         # The rows that the parent recomputes (self.rerun) read logsumexp(partials[k]): exactly lse for them.
         recomputed = self.rerun[k] if self.shifted else torch.ones_like(in_shard)
         self.partials[k] = local._replace(max=torch.where(recomputed, lse, local.max),
                                           sum_exp=torch.where(recomputed, 1.0, torch.exp(lse - local.max)))
         return merged
-
-    def merged_partials(self) -> VocabPartials:
-        return chunked._cat([self.merged[k] for k in range(len(self.blocks))])
 
     def _recompute_rows(self, k: int, a: int, b: int, which: torch.Tensor, grad: torch.Tensor) -> None:
         super()._recompute_rows(k, a, b, which, grad)
@@ -434,14 +457,38 @@ class ShardStoredLogits(StoredLogits):
         _remove_borrowed_onehot(self.x.hidden, self.weight, self.bias, rows.rows, rows.targets, grad[which],
                                 ~self.in_shard[index], self.transform, self.dx, self.dw, self.db)
 
-    def sum_dx(self) -> None:
-        """dX summed over the ranks (the input is replicated): the pass's one all-reduce."""
-        if self.dx is not None:
-            dist.all_reduce(self.dx, group=self.group)
 
+@functools.cache
+def shard_stored_logits(backend: str):
+    """The fused pass's StoredLogits on a shard for `backend` ('torch' or 'triton'; the latter imports Triton)."""
+    if backend == "torch":
+        return ShardStoredLogits
+    from . import triton_fused
 
-def _rank_index(group, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor([dist.get_rank(group)], device=like.device)
+    class TritonShardStoredLogits(_ShardBlocks, triton_fused.StoredLogits):
+        """The Triton backend's counterpart of ShardStoredLogits: the forward kernel (TritonShardHead's) takes the
+        shard-local targets as they are, so a target in another shard matches no stored column (no target logit, no
+        target-free exclusion, no one-hot). The stored z are absolute, so only lse and 1 - p_y change after the merge:
+        partials[k] becomes (max = lse, sum_exp = 1), and gap[k] (this shard's target-free mass relative to the local
+        lse) is rescaled to the global one and gets the other shards' sums added."""
+
+        def __init__(self, x: chunked.Rows, weight, bias, transform: LogitTransform, with_stats: bool, n_slots: int,
+                     *, shard: VocabShard, need_dx: bool, need_dw: bool, need_db: bool):
+            super().__init__(self._shard_rows(x, weight, shard, clamp=False), weight, bias, transform, with_stats,
+                             n_slots, need_dx=need_dx, need_dw=need_dw, need_db=need_db)
+
+        def forward(self, k: int) -> VocabPartials:
+            local = super().forward(k)
+            r0, r1 = self.blocks[k]
+            in_shard = self.in_shard[r0:r1]
+            # The kernel writes the target logit only where the target is in the shard (TritonShardHead.forward).
+            own = local._replace(target_logit=torch.where(in_shard, local.target_logit, 0.0))
+            merged, lse, others = self._merge_block(k, own)
+            self.gap[k] = self.gap[k] * torch.exp(logsumexp(local) - lse) + others
+            self.partials[k] = VocabPartials(lse, torch.ones_like(lse), own.target_logit)
+            return merged
+
+    return TritonShardStoredLogits
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ With n scored tokens and P = n·H·V, one pass over the head is a GEMM of 2P FLO
 - **fused** (FastDPOLoss, trainable head: the weight or bias requires grad; 3 passes): taken when
   `fused=True` (the default), gradients are being recorded, the backend is 'torch' or 'triton'
   (fastdpo.torch_fused or fastdpo.triton_fused computes the tiles), grad_tolerance is 0,
-  the head is a local tensor or a ZeRO-3 partition, or a vocab-parallel head on 'torch' (see "Heads split
-  across processes"), not under torch.compile,
+  the head is a local tensor, a ZeRO-3 partition or a vocab-parallel head (see "Heads split across
+  processes"), not under torch.compile,
   every loss type is pair-local (fastdpo.losses.PAIR_COUPLED_LOSS_TYPES: 'aot' and 'aot_unpaired' sort the
   batch), and the pair schedule below fits `workspace_bytes` (default DEFAULT_WORKSPACE_BYTES; on a GPU,
   triton_fused.default_workspace_bytes). On the PyTorch path, rows whose target logit lies more than ~41
@@ -33,14 +33,15 @@ Heads split across processes (fastdpo.distributed), on the trainable route:
   `param.grad`, which its post-accumulate-grad hook reduce-scatters; the backward gives the partitioned
   parameter a stride-0 full-shape placeholder for that (distributed.full_shape_for_accumulation).
 - VocabShard and DTensor heads split by vocabulary (tensor parallel: Shard(0) on a 1-D mesh, or on the tp dimension
-  of a (dp, tp) mesh), backend 'torch' (on 'triton' they take the two-pass path): every rank of the group runs the
-  pass over its shard (fastdpo.distributed.ShardStoredLogits) in the same schedule. Per token block: the shard's
-  forward (the two-pass vocab-parallel head's own tiles: a row whose target lies in another shard borrows a shard
-  row, so the tiles stay relative to a logit the shard holds) into its slot, then one all-gather of the block's
-  partials (m, s, t and the statistics), merged in rank order as the two-pass path merges its one all-gather: the
-  log-probs are its bits, and the loss and g the same on every rank. The tiles are then normalised by the global
-  lse; the own target's entry is g (1 - p_y), 1 - p_y = the shard's target-free sum plus the other shards' sums
-  (the gathered partials hold them: nothing more is gathered); a borrowed target's column is an ordinary one.
+  of a (dp, tp) mesh): every rank of the group runs the pass over its shard in the same schedule
+  (fastdpo.distributed.shard_stored_logits: the backend's StoredLogits on the shard). Per token block: the shard's
+  forward (the two-pass vocab-parallel head's own: on the PyTorch path a row whose target lies in another shard
+  borrows a shard row, so the shifted tiles stay relative to a logit the shard holds; Triton stores z and its
+  kernels take the shard-local target as it is) into its slot, then one all-gather of the block's partials (m, s,
+  t and the statistics), merged in rank order as the two-pass path merges its one all-gather: the log-probs are
+  its bits, and the loss and g the same on every rank. The tiles are then normalised by the global lse; the own
+  target's entry is g (1 - p_y), 1 - p_y = the shard's target-free sum plus the other shards' sums (the gathered
+  partials hold them: nothing more is gathered); a borrowed or foreign target's column is an ordinary one.
   dW and db stay local; dX is the shard's share, all-reduced once at the end (as the two-pass backward does).
   Per step: 3 passes over the shard's n·H·V/tp (the two-pass path: 4), ceil(n / block_rows) all-gathers of a
   block's partials and one all-reduce of dX [N, H] (the two-pass path: one all-gather, one all-reduce), beside
@@ -84,7 +85,7 @@ from typing import NamedTuple
 import torch
 
 from . import chunked, ops
-from .distributed import ShardStoredLogits, checked_shard, full_shape_for_accumulation, gathered, local_head
+from .distributed import checked_shard, full_shape_for_accumulation, gathered, local_head, shard_stored_logits
 from .heads import DTENSOR, LOCAL, ZERO3, VocabShard, autocast_head, head_kind, is_dtensor, is_zero3
 from .losses import LossConfig, LossTerms, preference_loss_from_token_logps
 from .ops import DOUBLE_BACKWARD_MESSAGE
@@ -134,8 +135,9 @@ def frozen_route(hidden, weight, bias, *, fused: bool, backend: str, grad_tolera
 def trainable_route(config: LossConfig, hidden, weight, bias, *, fused: bool, backend: str,
                     grad_tolerance: float) -> bool:
     """Whether FastDPOLoss takes the fused route; `pair_schedule_fits` is checked by fused_preference_loss."""
-    if _vocab_parallel(weight):  # the shard's tiles on the PyTorch path (distributed.ShardStoredLogits)
-        rule, weight = _enabled(fused, grad_tolerance) and backend == "torch", getattr(weight, "weight", weight)
+    if _vocab_parallel(weight):  # the shard's tiles (distributed.shard_stored_logits)
+        rule = _enabled(fused, grad_tolerance) and backend in ("torch", "triton")
+        weight = getattr(weight, "weight", weight)
     else:
         rule = _common_rule(fused, backend, grad_tolerance, hidden, weight, bias)
     return rule and config.pair_local and (weight.requires_grad or (bias is not None and bias.requires_grad))
@@ -416,7 +418,7 @@ def _scheduled_pass(config, x: chunked.Rows, positions, weight, bias, mask, tran
     head_class, head_transform, default_budget = _stored_logits(backend, weight.device)
     extra = {} if shard is None else {"shard": shard.head}
     if shard is not None:
-        head_class = ShardStoredLogits
+        head_class = shard_stored_logits(backend)
     schedule = PairSchedule(positions, mask.shape[1], mask.shape[0] // 2, head_class.block_rows(x))
     budget = default_budget if workspace_bytes is None else workspace_bytes
     if schedule.slots * head_class.slot_bytes(x, weight.shape[0] if shard is None else shard.widest) > budget:

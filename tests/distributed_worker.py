@@ -409,7 +409,7 @@ def run_dpo_loss(hidden, head, labels, bias, ref, *, fused, **options):
     """FastDPOLoss forward and backward: (output, the fused passes completed, the recorded per-token log-probs)."""
     import fastdpo
 
-    loss = fastdpo.FastDPOLoss(beta=0.2, backend="torch", fused=fused, **options)
+    loss = fastdpo.FastDPOLoss(beta=0.2, fused=fused, **{"backend": "torch", **options})
     with counting_fused_passes() as passes, recording_token_logps() as record:
         out = loss(hidden, head, labels, bias, ref_chosen_logps=ref[0], ref_rejected_logps=ref[1])
         out.loss.backward()
@@ -440,11 +440,12 @@ def vocab_parallel_head(layout, hidden, shard, bias, whole_shape):
 
 
 def compare_fused_vocab_parallel(dtype, *, with_bias=False, transform=None, layout="shard", split=None,
-                                 spread=1.0, **loss_options):
+                                 spread=1.0, backend="torch", **loss_options):
     """FastDPOLoss on a vocab-parallel head, fused and two-pass (fused=False), against one process with the whole head
     in float64: the loss, dX, the shard's rows of dW (and db), and the bits of the two routes' per-token log-probs,
     sequence log-probs and token metrics. `layout`: see vocab_parallel_head; `split`: rank 0's rows of a VocabShard
-    (default: torch.chunk's, as Shard(0)); loss_options: FastDPOLoss's."""
+    (default: torch.chunk's, as Shard(0)); backend: the vocab-parallel runs' (the oracle's is 'torch');
+    loss_options: FastDPOLoss's."""
     options = dict(**loss_options, **(transform or {}))
     if layout == "mesh_2d":  # each dp rank its own batch, one head
         mesh = mesh_2d()
@@ -466,7 +467,8 @@ def compare_fused_vocab_parallel(dtype, *, with_bias=False, transform=None, layo
             inputs = hidden, VocabShard(shard, start, w.shape[0]), bias
         else:
             inputs = vocab_parallel_head(layout, hidden, shard, bias, w.shape)
-        out, passes, record = run_dpo_loss(inputs[0], inputs[1], labels, inputs[2], ref, fused=fused, **options)
+        out, passes, record = run_dpo_loss(inputs[0], inputs[1], labels, inputs[2], ref, fused=fused,
+                                           backend=backend, **options)
         errors = {"loss": relative_error(out.loss, expected.loss),
                   "d_hidden": relative_error(hidden.grad, whole[0].grad),
                   "d_weight_shard": relative_error(shard.grad, whole[1].grad[start:end]),
@@ -527,6 +529,19 @@ def fused_vocab_parallel_suite():
                                             spread=0.05)
 
     fused_dtensor_checks("dtensor", "fused_vp_dtensor")
+
+    @check
+    def fused_vp_triton_fp32_metrics():
+        return compare_fused_vocab_parallel(torch.float32, backend="triton", token_metrics=True)
+
+    @check
+    def fused_vp_triton_fp32_uneven_split_bias_softcap():
+        return compare_fused_vocab_parallel(torch.float32, backend="triton", split=230, with_bias=True,
+                                            transform=curved)
+
+    @check
+    def fused_vp_triton_dtensor_fp32_bias():
+        return compare_fused_vocab_parallel(torch.float32, backend="triton", layout="dtensor", with_bias=True)
 
 
 def fused_dtensor_checks(layout: str, prefix: str) -> None:
@@ -738,6 +753,11 @@ def mesh_2d_suite():
         return compare_mesh_2d(torch.float32, True, False, curved, "triton")
 
     fused_dtensor_checks("mesh_2d", "mesh_2d_fused")
+
+    @check
+    def mesh_2d_fused_triton_fp32_bias_softcap():
+        return compare_fused_vocab_parallel(torch.float32, backend="triton", layout="mesh_2d", with_bias=True,
+                                            transform=curved)
 
     @check
     def mesh_2d_fsdp_dp_tp_submesh():

@@ -117,14 +117,12 @@ def test_matches_single_process_oracle(heads, name, tol):
     assert_errors_below(heads, name, tol)
 
 
-@pytest.mark.parametrize("name,tol,fused_passes", [("dpo_loss_vocab_parallel", FP64, 1),
-                                                   ("dpo_loss_vocab_parallel_triton", FP32, 0)])
-def test_dpo_loss_on_a_vocab_parallel_head(heads, name, tol, fused_passes):
-    """FastDPOLoss on a VocabShard matches the oracle: on the fused route with backend='torch', on the two-pass route
-    with 'triton' (the fused pass on a shard runs on the PyTorch path only: fastdpo.fused_pass)."""
+@pytest.mark.parametrize("name,tol", [("dpo_loss_vocab_parallel", FP64), ("dpo_loss_vocab_parallel_triton", FP32)])
+def test_dpo_loss_on_a_vocab_parallel_head(heads, name, tol):
+    """FastDPOLoss on a VocabShard takes the fused route (fastdpo.fused_pass) and matches the oracle."""
     for r, entry in enumerate(result(heads, name)):
         entry = dict(entry)
-        assert entry.pop("fused_passes") == fused_passes, (r, name)
+        assert entry.pop("fused_passes") == 1, (r, name)
         assert_errors_below([{name: entry}], name, tol)
 
 
@@ -161,15 +159,19 @@ def assert_fused_matches_two_pass_and_oracle(ranks, name, tol, *, rows=None, rec
     ("fused_vp_fp64_wpo", FP64),
     ("fused_vp_dtensor_fp64_metrics", FP64),
     ("fused_vp_dtensor_fp32_bias_softcap", FP32),
+    ("fused_vp_triton_fp32_metrics", FP32),
+    ("fused_vp_triton_dtensor_fp32_bias", FP32),
 ])
 def test_fused_pass_on_a_vocab_parallel_head(fused_vocab_parallel, name, tol):
     """FastDPOLoss on a VocabShard or a Shard(0) DTensor head (vocabulary 301: shards of 151 and 150 rows) takes the
-    fused route: each token block's partials merged over the ranks by one all-gather, dW local, dX all-reduced once."""
+    fused route, on the PyTorch path or the Triton backend (its interpreter here): each token block's partials merged
+    over the ranks by one all-gather, dW local, dX all-reduced once."""
     assert_fused_matches_two_pass_and_oracle(fused_vocab_parallel, name, tol)
 
 
 @pytest.mark.parametrize("name,tol,rows", [("fused_vp_fp64_uneven_split", FP64, (40, 261)),
-                                           ("fused_vp_fp32_uneven_split_bias", FP32, (230, 71))])
+                                           ("fused_vp_fp32_uneven_split_bias", FP32, (230, 71)),
+                                           ("fused_vp_triton_fp32_uneven_split_bias_softcap", FP32, (230, 71))])
 def test_fused_pass_on_an_uneven_vocab_split(fused_vocab_parallel, name, tol, rows):
     assert_fused_matches_two_pass_and_oracle(fused_vocab_parallel, name, tol, rows=rows)
 
@@ -255,7 +257,8 @@ def test_head_sharded_on_the_tp_dimension_of_a_2d_mesh(mesh_2d, name, tol):
     assert_errors_below(mesh_2d, name, tol)
 
 
-@pytest.mark.parametrize("name,tol", [("mesh_2d_fused_fp64_metrics", FP64), ("mesh_2d_fused_fp32_bias_softcap", FP32)])
+@pytest.mark.parametrize("name,tol", [("mesh_2d_fused_fp64_metrics", FP64), ("mesh_2d_fused_fp32_bias_softcap", FP32),
+                                      ("mesh_2d_fused_triton_fp32_bias_softcap", FP32)])
 def test_fused_pass_on_a_head_sharded_on_the_tp_dimension_of_a_2d_mesh(mesh_2d, name, tol):
     """FastDPOLoss on a Replicate() x Shard(0) head, each dp rank its own batch: the fused route, the two-pass
     route's log-probs bit for bit, and the oracle of the rank's batch (the all-gathers and dX's all-reduce over tp)."""
