@@ -307,19 +307,21 @@ def fused_preference_loss(config: LossConfig, hidden, weight, bias, targets, mas
     scored or the pair schedule does not fit workspace_bytes: the caller then takes the two-pass path.
     Under autocast the head runs in the autocast dtype, as on the two-pass path (heads.autocast_head).
     A ZeRO-3 head is gathered for the pass and checked here (FastDPOLoss leaves a partition's checks to the
-    gathered head); where the schedule does not fit, the two-pass path gathers it again, twice."""
+    gathered head); where the schedule does not fit, the two-pass path gathers it again, twice. A vocab-parallel
+    head (a VocabShard, or a DTensor head: its local tensors) is checked here as the two-pass path checks it."""
     if head_kind(hidden, weight) == DTENSOR:  # a tensor-parallel DTensor head: its local tensors and a VocabShard
         hidden, weight, targets, bias = local_head(hidden, weight, targets, bias)
-    shard = weight if isinstance(weight, VocabShard) else None
+    shard = None  # a vocab-parallel head's _Shard
     zero3_params = tuple(p for p in (weight, bias) if p is not None and is_zero3(p))
     with gathered(weight, bias):  # a ZeRO-3 head: once, for the forward that forms dW (nothing for the backward)
         if zero3_params:  # FastDPOLoss leaves a partition's checks to the gathered head
             hidden, weight, targets, bias, _ = checked_local_head(hidden, weight, targets, bias, ignore_index, backend,
                                                                   transform, 0.0, workspace_bytes)
-        elif shard is not None:  # and a shard's to fastdpo.distributed
-            hidden, weight, bias, backend, widest = checked_shard(hidden, shard, targets, bias, ignore_index, transform,
-                                                                  backend, 0.0)
-            shard = _Shard(shard, widest)
+        elif isinstance(weight, VocabShard):  # and a shard's to fastdpo.distributed
+            vocab_shard = weight
+            hidden, weight, bias, backend, widest = checked_shard(hidden, vocab_shard, targets, bias, ignore_index,
+                                                                  transform, backend, 0.0)
+            shard = _Shard(vocab_shard, widest)
         else:
             hidden, weight, bias = autocast_head(hidden, weight, bias)
         # The gradients are formed here, by hand; only the loss's own are recorded (LossGradients).
