@@ -540,6 +540,14 @@ def fused_vocab_parallel_suite():
                                             transform=curved)
 
     @check
+    def fused_vp_bf16_bias_softcap():  # 16-bit inputs: fp32 tiles and accumulators, one rounding at the end
+        return compare_fused_vocab_parallel(torch.bfloat16, with_bias=True, transform=curved)
+
+    @check
+    def fused_vp_triton_fp16_metrics():  # 16-bit d_logits for the GEMMs, an fp32 dW accumulator
+        return compare_fused_vocab_parallel(torch.float16, backend="triton", token_metrics=True)
+
+    @check
     def fused_vp_triton_dtensor_fp32_bias():
         return compare_fused_vocab_parallel(torch.float32, backend="triton", layout="dtensor", with_bias=True)
 

@@ -22,6 +22,7 @@ dist = pytest.importorskip("torch.distributed")
 WORKER = Path(__file__).with_name("distributed_worker.py")
 WORLD = 2
 FP64, FP32 = 1e-12, 1e-5
+BF16, FP16 = 1e-2, 2e-3  # the gradients' one rounding to the input dtype (2^-9, 2^-11 relative)
 
 
 def gloo_available() -> bool:
@@ -161,6 +162,8 @@ def assert_fused_matches_two_pass_and_oracle(ranks, name, tol, *, rows=None, rec
     ("fused_vp_dtensor_fp32_bias_softcap", FP32),
     ("fused_vp_triton_fp32_metrics", FP32),
     ("fused_vp_triton_dtensor_fp32_bias", FP32),
+    ("fused_vp_bf16_bias_softcap", BF16),
+    ("fused_vp_triton_fp16_metrics", FP16),
 ])
 def test_fused_pass_on_a_vocab_parallel_head(fused_vocab_parallel, name, tol):
     """FastDPOLoss on a VocabShard or a Shard(0) DTensor head (vocabulary 301: shards of 151 and 150 rows) takes the
