@@ -492,6 +492,18 @@ def compare_fused_vocab_parallel(dtype, *, with_bias=False, transform=None, layo
             "gradient_scale": float(whole[0].grad.abs().max())}  # a saturated loss would check nothing
 
 
+def workspace_for_rows(vocab_rows: int) -> int:
+    """The fused pass's workspace for dpo_batch's schedule over a shard of `vocab_rows` rows, in fp32."""
+    from fastdpo import chunked
+    from fastdpo.fused_pass import PairSchedule
+    from fastdpo.sequences import shifted_targets
+
+    _, _, _, labels, _ = dpo_batch(torch.float32)
+    positions = (shifted_targets(labels, -100) != -100).reshape(-1).nonzero().squeeze(1)
+    schedule = PairSchedule(positions, labels.shape[1], labels.shape[0] // 2, chunked.TOKEN_BLOCK)
+    return schedule.slots * min(chunked.TOKEN_BLOCK, positions.numel()) * vocab_rows * 4
+
+
 def fused_vocab_parallel_suite():
     curved = dict(softcap=4.0, temperature=0.7, logit_scale=1.3)
 
@@ -518,6 +530,10 @@ def fused_vocab_parallel_suite():
     @check
     def fused_vp_fp32_uneven_split_bias():
         return compare_fused_vocab_parallel(torch.float32, split=230, with_bias=True)
+
+    @check
+    def fused_vp_fp32_budget_between_the_shards():  # fits rank 0's 40 rows, not rank 1's 261: two-pass on both
+        return compare_fused_vocab_parallel(torch.float32, split=40, workspace_bytes=workspace_for_rows(100))
 
     @check
     def fused_vp_fp64_peaked_logits():  # logits over ~200 nats: rows the shifted forward hands to the online one

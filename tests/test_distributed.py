@@ -179,6 +179,16 @@ def test_fused_pass_on_an_uneven_vocab_split(fused_vocab_parallel, name, tol, ro
     assert_fused_matches_two_pass_and_oracle(fused_vocab_parallel, name, tol, rows=rows)
 
 
+def test_vocab_parallel_ranks_decide_the_route_together(fused_vocab_parallel):
+    """A workspace that would fit rank 0's shard (40 rows) but not rank 1's (261): every rank decides by the widest
+    shard, so both take the two-pass route (one rank fused and one not would wait on each other's collectives)."""
+    name = "fused_vp_fp32_budget_between_the_shards"
+    for r, entry in enumerate(result(fused_vocab_parallel, name)):
+        assert (entry["fused_passes"], entry["two_pass_fused_passes"]) == (0, 0), (r, name)
+        assert entry["rows"] == (40, 261)[r] and all(entry["bits_equal_two_pass"].values()), (r, entry)
+        assert_errors_below([{name: entry["errors"]}], name, FP32)
+
+
 def test_fused_pass_on_a_vocab_parallel_head_recomputes_far_targets(fused_vocab_parallel):
     """Logits spread over ~200 nats: rows whose (own or borrowed) target logit lies far below the shard's maximum
     leave the shifted forward; the fused pass recomputes their gradients with the global lse."""
