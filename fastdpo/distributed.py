@@ -30,12 +30,15 @@ ZeRO-3 head is gathered here around the local computation.
   gradient, not the parameter's values. The frozen route (a frozen head) gathers it for the forward alone.
 
 The vocab-parallel head runs each shard through the backend's own head (fastdpo.torch_head or fastdpo.triton_head:
-the same forward and backward as a local head, on the shard's rows with shard-local targets).
+the same forward and backward as a local head, on the shard's rows with shard-local targets). FastDPOLoss's fused
+route (fastdpo.fused_pass) keeps the shard's tiles instead (`shard_stored_logits`): the same forward block by block,
+each block's partials merged by one all-gather, dW local and dX all-reduced once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.distributed as dist
@@ -43,7 +46,8 @@ import torch.distributed as dist
 from . import chunked, ops, torch_head
 from .backends import resolve_backend
 from .heads import VocabShard, autocast_head, is_dtensor, is_zero3
-from .softmax_stats import VocabPartials, merge
+from .softmax_stats import VocabPartials, logsumexp, merge
+from .torch_fused import StoredLogits, combine_parts
 from .transform import LogitTransform
 from .types import TokenStats
 from .validation import check_logprob_inputs, check_targets_in_range
@@ -148,14 +152,22 @@ def vocab_parallel_logprobs(hidden, shard: VocabShard, targets, bias, ignore_ind
                             with_stats: bool, backend: str | None, grad_tolerance: float,
                             workspace_bytes: int | None = None):
     """fastdpo.linear_logprobs for a vocab-parallel head (same outputs), on the PyTorch or the Triton head."""
-    weight = shard.weight
-    hidden, weight, bias = autocast_head(hidden, weight, bias)
-    backend = _shard_backend(backend, hidden)
-    _check_shard(hidden, shard, weight, targets, bias, ignore_index, transform, grad_tolerance, backend)
+    hidden, weight, bias, backend, _ = checked_shard(hidden, shard, targets, bias, ignore_index, transform, backend,
+                                                     grad_tolerance)
     with torch.autocast(hidden.device.type, enabled=False):
         out = VocabParallelLogProbs.apply(hidden, weight, bias, targets, shard, ignore_index, transform, with_stats,
                                           SHARD_HEADS[backend], workspace_bytes)
     return TokenStats(*out) if with_stats else out
+
+
+def checked_shard(hidden, shard: VocabShard, targets, bias, ignore_index, transform: LogitTransform,
+                  backend: str | None, grad_tolerance: float):
+    """(hidden, the shard's weight, bias) in the autocast dtype, the resolved backend, and the most rows any rank of
+    the group holds (what every rank sizes a shared decision by); a ValueError for a bad head (see _check_shard)."""
+    hidden, weight, bias = autocast_head(hidden, shard.weight, bias)
+    backend = _shard_backend(backend, hidden)
+    widest = _check_shard(hidden, shard, weight, targets, bias, ignore_index, transform, grad_tolerance, backend)
+    return hidden, weight, bias, backend, widest
 
 
 def _shard_backend(backend: str | None, hidden) -> str:
@@ -180,11 +192,12 @@ def _check_shard(hidden, shard, weight, targets, bias, ignore_index, transform, 
     check_logprob_inputs(hidden, weight, local_probe, bias, ignore_index, backend, transform=transform,
                          grad_tolerance=grad_tolerance)
     check_targets_in_range(targets, shard.vocab_size, ignore_index)
-    _check_shards_agree(shard, weight.shape[0], hidden, targets)
+    return _check_shards_agree(shard, weight.shape[0], hidden, targets)
 
 
-def _check_shards_agree(shard: VocabShard, rows: int, hidden, targets) -> None:
-    """One small all-gather: the shards must tile [0, V) in rank order, over the same targets everywhere.
+def _check_shards_agree(shard: VocabShard, rows: int, hidden, targets) -> int:
+    """One small all-gather: the shards must tile [0, V) in rank order, over the same targets everywhere. Returns the
+    most rows a shard holds.
 
     A gap, an overlap or different labels on different ranks would otherwise give a finite, wrong loss.
     """
@@ -205,6 +218,7 @@ def _check_shards_agree(shard: VocabShard, rows: int, hidden, targets) -> None:
     if not bool((everyone[:, 3:] == everyone[0, 3:]).all()):
         raise ValueError("a vocab-parallel head needs the same hidden states and targets on every rank of its group; "
                          "the targets differ between ranks")
+    return int(sizes.max())
 
 
 def _collective_device(group, fallback: torch.device) -> torch.device:
@@ -236,7 +250,7 @@ class VocabParallelLogProbs(torch.autograd.Function):
             merged = ops.no_partials(hidden, with_stats)
         else:
             local = head.forward(hidden_2d, weight, bias, rows, local_targets, in_shard, transform, with_stats)
-            merged = _merge_over_ranks(local, shard.group)
+            merged = merge(gather_partials(local, shard.group))
         *stats, lse = ops.token_outputs(merged, rows, targets, shard.vocab_size, with_stats)
 
         ctx.save_for_backward(hidden_2d, weight, bias, rows, local_targets, in_shard,
@@ -288,7 +302,8 @@ class TorchShardHead:
         dx, dw, db = torch_head.backward(hidden_2d, weight, bias, rows, clamped, lse, grad_rows, transform,
                                          need_dx=need[0], need_dw=need[1], need_db=need[2], grad_tolerance=0.0,
                                          backward_plan=_NO_PLAN, workspace_bytes=None)
-        _remove_borrowed_onehot(hidden_2d, weight, bias, rows, clamped, grad_rows, ~in_shard, transform, dx, dw, db)
+        _remove_borrowed_onehot(hidden_2d, weight, bias, rows, clamped, grad_rows, ~in_shard,
+                                chunked.Transform(transform), dx, dw, db)
         return dx, dw, db
 
 
@@ -334,15 +349,16 @@ def _own_target_only(local: VocabPartials, in_shard, local_targets, shard_rows: 
     return parts
 
 
-def _merge_over_ranks(local: VocabPartials, group) -> VocabPartials:
+def gather_partials(local: VocabPartials, group) -> VocabPartials:
+    """Every rank's partials of the same rows, stacked in rank order ([ranks, rows] each): one all-gather."""
     fields = [f for f in local if f is not None]
     stacked = torch.stack(fields)  # [fields, rows]
     device = _collective_device(group, stacked.device)
     gathered = _all_gather(stacked.to(device), group).to(stacked.device)  # [ranks, fields, rows]
-    return merge(VocabPartials(*gathered.unbind(1)))
+    return VocabPartials(*gathered.unbind(1))
 
 
-def _remove_borrowed_onehot(hidden_2d, weight, bias, rows, targets, grad, borrowed, transform: LogitTransform,
+def _remove_borrowed_onehot(hidden_2d, weight, bias, rows, targets, grad, borrowed, torch_transform: chunked.Transform,
                             dx, dw, db) -> None:
     """Subtract g * d z_y'/d(x, W, b) of the rows that borrowed a shard row y' as their target."""
     index = borrowed.nonzero().squeeze(1)
@@ -354,7 +370,6 @@ def _remove_borrowed_onehot(hidden_2d, weight, bias, rows, targets, grad, borrow
     raw = (xs * ws).sum(1)
     if bias is not None:
         raw = raw + bias.index_select(0, borrowed_targets).to(grad.dtype)
-    torch_transform = chunked.Transform(transform)
     z = torch_transform(raw)
     d_raw = torch_transform.scale_gradient_(grad[index].clone(), z)
     if dx is not None:
@@ -363,6 +378,117 @@ def _remove_borrowed_onehot(hidden_2d, weight, bias, rows, targets, grad, borrow
         dw.index_add_(0, borrowed_targets, xs * d_raw[:, None], alpha=-1)
     if db is not None:
         db.index_add_(0, borrowed_targets, d_raw, alpha=-1)
+
+
+class _ShardBlocks:
+    """What the fused pass on a shard adds to a backend's StoredLogits (fastdpo.torch_fused, fastdpo.triton_fused):
+    the shard-local targets, each token block's partials merged over the ranks, and dX summed over them."""
+
+    def _shard_rows(self, x: chunked.Rows, weight, shard: VocabShard, *, clamp: bool) -> chunked.Rows:
+        """x with shard-local targets: clamped into the shard (borrowed rows) or as they are (matching no column)."""
+        self.local_targets, self.group, self.merged = x.targets - shard.vocab_start, shard.group, {}
+        self.in_shard = (self.local_targets >= 0) & (self.local_targets < weight.shape[0])
+        targets = self.local_targets.clamp(0, weight.shape[0] - 1) if clamp else self.local_targets
+        return chunked.Rows(x.hidden, x.rows, targets)
+
+    def _merge_block(self, k: int, local: VocabPartials):
+        """Block k's partials (own target logits only) merged over the ranks by one all-gather, in rank order as
+        VocabParallelLogProbs merges: (merged, lse, sum_{r != me} s_r e^{m_r - lse})."""
+        everyone = gather_partials(local, self.group)
+        merged = self.merged[k] = merge(everyone)
+        lse = logsumexp(merged)
+        me = torch.tensor([dist.get_rank(self.group)], device=lse.device)
+        others = (everyone.sum_exp * torch.exp(everyone.max - lse)).index_fill_(0, me, 0).sum(0)
+        return merged, lse, others
+
+    def merged_partials(self) -> VocabPartials:
+        return chunked._cat([self.merged[k] for k in range(len(self.blocks))])
+
+    def sum_dx(self) -> None:
+        """dX summed over the ranks (the input is replicated): the pass's one all-reduce."""
+        if self.dx is not None:
+            dist.all_reduce(self.dx, group=self.group)
+
+
+class ShardStoredLogits(_ShardBlocks, StoredLogits):
+    """The fused pass's workspace on a vocab-parallel shard, PyTorch path (fastdpo.fused_pass's trainable route).
+
+    `x` holds the global targets. Each token block runs TorchShardHead's forward (the same tiles: a row whose target
+    lies in another shard borrows a shard row, clamped), its tiles kept in a slot, and the block's partials are
+    merged over the ranks by one all-gather, as VocabParallelLogProbs merges the whole forward's: the same bits.
+
+    The tiles stay relative to the shard's own shift (the own or borrowed target logit t' on the shifted path, the
+    shard's running maximum online). StoredLogits.backward_rows normalises them by partials[k] and sets each row's
+    stored target entry to g * target_gap[k]; after the merge both describe the whole vocabulary (lse: the global one):
+        partials[k]      shifted: sum_exp = e^{lse - t'} (p = e / sum_exp), online: max = lse, sum_exp = 1
+        target_gap[k]    own target:  1 - p_y = excl e^{shift - lse} + sum_{r != me} s_r e^{m_r - lse}, excl the
+                                      shard's target-free sum: the gathered partials hold the other shards' sums
+                         borrowed:    -p_{y'} = -e^{t' - lse} (an ordinary column of this shard: no one-hot)
+    Rows that the shifted forward hands to the online one are recomputed with the global lse (their borrowed
+    one-hot taken back out). dX is this shard's share; sum_dx() all-reduces it, once per pass.
+    """
+
+    def __init__(self, x: chunked.Rows, weight, bias, transform: chunked.Transform, with_stats: bool, n_slots: int, *,
+                 shard: VocabShard, need_dx: bool, need_dw: bool, need_db: bool):
+        super().__init__(self._shard_rows(x, weight, shard, clamp=True), weight, bias, transform, with_stats, n_slots,
+                         need_dx=need_dx, need_dw=need_dw, need_db=need_db)
+
+    def forward(self, k: int) -> VocabPartials:
+        """Block k's partials merged over the ranks (one all-gather), the shard's tiles kept."""
+        local = super().forward(k)
+        r0, r1 = self.blocks[k]
+        in_shard = self.in_shard[r0:r1]
+        own = _own_target_only(local, in_shard, self.local_targets[r0:r1], self.weight.shape[0])
+        merged, lse, others = self._merge_block(k, own)
+        excl, row_max, _ = combine_parts(self.buffers.parts)
+        shift = local.max if self.shifted else row_max
+        gap = excl * torch.exp(shift - lse) + others
+        self.target_gap[k] = torch.where(in_shard, gap, -torch.exp(local.target_logit - lse))
+        # The rows that the parent recomputes (self.rerun) read logsumexp(partials[k]): exactly lse for them.
+        recomputed = self.rerun[k] if self.shifted else torch.ones_like(in_shard)
+        self.partials[k] = local._replace(max=torch.where(recomputed, lse, local.max),
+                                          sum_exp=torch.where(recomputed, 1.0, torch.exp(lse - local.max)))
+        return merged
+
+    def _recompute_rows(self, k: int, a: int, b: int, which: torch.Tensor, grad: torch.Tensor) -> None:
+        super()._recompute_rows(k, a, b, which, grad)
+        index = which + self.blocks[k][0] + a
+        rows = self.x.subset(index)
+        _remove_borrowed_onehot(self.x.hidden, self.weight, self.bias, rows.rows, rows.targets, grad[which],
+                                ~self.in_shard[index], self.transform, self.dx, self.dw, self.db)
+
+
+@functools.cache
+def shard_stored_logits(backend: str):
+    """The fused pass's StoredLogits on a shard for `backend` ('torch' or 'triton'; the latter imports Triton)."""
+    if backend == "torch":
+        return ShardStoredLogits
+    from . import triton_fused
+
+    class TritonShardStoredLogits(_ShardBlocks, triton_fused.StoredLogits):
+        """The Triton backend's counterpart of ShardStoredLogits: the forward kernel (TritonShardHead's) takes the
+        shard-local targets as they are, so a target in another shard matches no stored column (no target logit, no
+        target-free exclusion, no one-hot). The stored z are absolute, so only lse and 1 - p_y change after the merge:
+        partials[k] becomes (max = lse, sum_exp = 1), and gap[k] (this shard's target-free mass relative to the local
+        lse) is rescaled to the global one and gets the other shards' sums added."""
+
+        def __init__(self, x: chunked.Rows, weight, bias, transform: LogitTransform, with_stats: bool, n_slots: int,
+                     *, shard: VocabShard, need_dx: bool, need_dw: bool, need_db: bool):
+            super().__init__(self._shard_rows(x, weight, shard, clamp=False), weight, bias, transform, with_stats,
+                             n_slots, need_dx=need_dx, need_dw=need_dw, need_db=need_db)
+
+        def forward(self, k: int) -> VocabPartials:
+            local = super().forward(k)
+            r0, r1 = self.blocks[k]
+            in_shard = self.in_shard[r0:r1]
+            # The kernel writes the target logit only where the target is in the shard (TritonShardHead.forward).
+            own = local._replace(target_logit=torch.where(in_shard, local.target_logit, 0.0))
+            merged, lse, others = self._merge_block(k, own)
+            self.gap[k] = self.gap[k] * torch.exp(logsumexp(local) - lse) + others
+            self.partials[k] = VocabPartials(lse, torch.ones_like(lse), own.target_logit)
+            return merged
+
+    return TritonShardStoredLogits
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ With n scored tokens and P = n·H·V, one pass over the head is a GEMM of 2P FLO
 - **fused** (FastDPOLoss, trainable head: the weight or bias requires grad; 3 passes): taken when
   `fused=True` (the default), gradients are being recorded, the backend is 'torch' or 'triton'
   (fastdpo.torch_fused or fastdpo.triton_fused computes the tiles), grad_tolerance is 0,
-  the head is a local tensor or a ZeRO-3 partition (see "Heads split across processes"), not under torch.compile,
+  the head is a local tensor, a ZeRO-3 partition or a vocab-parallel head (see "Heads split across
+  processes"), not under torch.compile,
   every loss type is pair-local (fastdpo.losses.PAIR_COUPLED_LOSS_TYPES: 'aot' and 'aot_unpaired' sort the
   batch), and the pair schedule below fits `workspace_bytes` (default DEFAULT_WORKSPACE_BYTES; on a GPU,
   triton_fused.default_workspace_bytes). On the PyTorch path, rows whose target logit lies more than ~41
@@ -33,11 +34,22 @@ Heads split across processes (fastdpo.distributed), on the trainable route:
   two-pass path gathers twice). ZeRO-3 takes the gradient as autograd accumulates it into the full-size
   `param.grad`, which its post-accumulate-grad hook reduce-scatters; the backward gives the partitioned
   parameter a stride-0 full-shape placeholder for that (distributed.full_shape_for_accumulation).
-- VocabShard and DTensor heads (tensor parallel): two-pass. The fused pass would apply (a shard's d_logits need
-  the global lse and the loss gradient g, which each block's all-gather of the partials gives; dW stays local
-  and dX is summed over the ranks once), but its stored tiles are relative to the row's target logit (the
-  shifted forward's e = exp(z - t), the target-free sum for 1 - p_y, the rows handed to the online forward),
-  which a shard without the target does not hold; that, and one all-gather per token block, is not built.
+- VocabShard and DTensor heads split by vocabulary (tensor parallel: Shard(0) on a 1-D mesh, or on the tp dimension
+  of a (dp, tp) mesh): every rank of the group runs the pass over its shard in the same schedule
+  (fastdpo.distributed.shard_stored_logits: the backend's StoredLogits on the shard). Per token block: the shard's
+  forward (the two-pass vocab-parallel head's own: on the PyTorch path a row whose target lies in another shard
+  borrows a shard row, so the shifted tiles stay relative to a logit the shard holds; Triton stores z and its
+  kernels take the shard-local target as it is) into its slot, then one all-gather of the block's partials (m, s,
+  t and the statistics), merged in rank order as the two-pass path merges its one all-gather: the log-probs are
+  its bits, and the loss and g the same on every rank. The tiles are then normalised by the global lse; the own
+  target's entry is g (1 - p_y), 1 - p_y = the shard's target-free sum plus the other shards' sums (the gathered
+  partials hold them: nothing more is gathered); a borrowed or foreign target's column is an ordinary one.
+  dW and db stay local; dX is the shard's share, all-reduced once at the end (as the two-pass backward does).
+  Per step: 3 passes over the shard's n·H·V/tp (the two-pass path: 4), ceil(n / block_rows) all-gathers of a
+  block's partials and one all-reduce of dX [N, H] (the two-pass path: one all-gather, one all-reduce), beside
+  the shards' consistency check (one small all-gather, both routes). Every rank decides the workspace fit by the
+  widest shard, so all take the same route. Rows whose own or borrowed target logit lies ~41 nats below the
+  shard's maximum leave the shifted forward here too, and are recomputed as above (one more pass each).
 
 Patched TRL's loss route (fastdpo.trl_patch) runs the same pass through `fused_token_pass` on the
 compact tokens TRL's head receives, when `token_pass_route` holds (the fused rule, backend 'torch' or
@@ -70,12 +82,13 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from . import chunked, ops
-from .distributed import full_shape_for_accumulation, gathered
-from .heads import LOCAL, ZERO3, autocast_head, head_kind, is_zero3
+from .distributed import checked_shard, full_shape_for_accumulation, gathered, local_head, shard_stored_logits
+from .heads import DTENSOR, LOCAL, ZERO3, VocabShard, autocast_head, head_kind, is_dtensor, is_zero3
 from .losses import LossConfig, LossTerms, preference_loss_from_token_logps
 from .ops import DOUBLE_BACKWARD_MESSAGE
 from .softmax_stats import logsumexp, token_stats
@@ -100,11 +113,19 @@ def _plain_tensors(*tensors) -> bool:
     return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
 
+def _enabled(fused: bool, grad_tolerance: float) -> bool:
+    return fused and grad_tolerance == 0 and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def _common_rule(fused: bool, backend: str, grad_tolerance: float, hidden, weight, bias) -> bool:
-    # A VocabShard or DTensor head (tensor parallel) takes the two-pass path: see the module docstring.
-    return (fused and backend in ("torch", "triton") and grad_tolerance == 0 and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and _plain_tensors(hidden, weight, bias)
+    # A VocabShard or DTensor head (tensor parallel) has a rule of its own (trainable_route).
+    return (_enabled(fused, grad_tolerance) and backend in ("torch", "triton") and _plain_tensors(hidden, weight, bias)
             and head_kind(hidden, weight) in (LOCAL, ZERO3))
+
+
+def _vocab_parallel(weight) -> bool:
+    """A VocabShard, or a DTensor head split by vocabulary (Shard(0) on a mesh dimension)."""
+    return isinstance(weight, VocabShard) or (is_dtensor(weight) and any(p.is_shard(0) for p in weight.placements))
 
 
 def frozen_route(hidden, weight, bias, *, fused: bool, backend: str, grad_tolerance: float) -> bool:
@@ -116,8 +137,12 @@ def frozen_route(hidden, weight, bias, *, fused: bool, backend: str, grad_tolera
 def trainable_route(config: LossConfig, hidden, weight, bias, *, fused: bool, backend: str,
                     grad_tolerance: float) -> bool:
     """Whether FastDPOLoss takes the fused route; `pair_schedule_fits` is checked by fused_preference_loss."""
-    return (_common_rule(fused, backend, grad_tolerance, hidden, weight, bias) and config.pair_local
-            and (weight.requires_grad or (bias is not None and bias.requires_grad)))
+    if _vocab_parallel(weight):  # the shard's tiles (distributed.shard_stored_logits)
+        rule = _enabled(fused, grad_tolerance) and backend in ("torch", "triton")
+        weight = getattr(weight, "weight", weight)
+    else:
+        rule = _common_rule(fused, backend, grad_tolerance, hidden, weight, bias)
+    return rule and config.pair_local and (weight.requires_grad or (bias is not None and bias.requires_grad))
 
 
 def token_pass_route(hidden, weight, bias, *, backend: str) -> bool:
@@ -283,12 +308,21 @@ def fused_preference_loss(config: LossConfig, hidden, weight, bias, targets, mas
     scored or the pair schedule does not fit workspace_bytes: the caller then takes the two-pass path.
     Under autocast the head runs in the autocast dtype, as on the two-pass path (heads.autocast_head).
     A ZeRO-3 head is gathered for the pass and checked here (FastDPOLoss leaves a partition's checks to the
-    gathered head); where the schedule does not fit, the two-pass path gathers it again, twice."""
+    gathered head); where the schedule does not fit, the two-pass path gathers it again, twice. A vocab-parallel
+    head (a VocabShard, or a DTensor head: its local tensors) is checked here as the two-pass path checks it."""
+    if head_kind(hidden, weight) == DTENSOR:  # a tensor-parallel DTensor head: its local tensors and a VocabShard
+        hidden, weight, targets, bias = local_head(hidden, weight, targets, bias)
+    shard = None  # a vocab-parallel head's _Shard
     zero3_params = tuple(p for p in (weight, bias) if p is not None and is_zero3(p))
     with gathered(weight, bias):  # a ZeRO-3 head: once, for the forward that forms dW (nothing for the backward)
         if zero3_params:  # FastDPOLoss leaves a partition's checks to the gathered head
             hidden, weight, targets, bias, _ = checked_local_head(hidden, weight, targets, bias, ignore_index, backend,
                                                                   transform, 0.0, workspace_bytes)
+        elif isinstance(weight, VocabShard):  # and a shard's to fastdpo.distributed
+            vocab_shard = weight
+            hidden, weight, bias, backend, widest = checked_shard(hidden, vocab_shard, targets, bias, ignore_index,
+                                                                  transform, backend, 0.0)
+            shard = _Shard(vocab_shard, widest)
         else:
             hidden, weight, bias = autocast_head(hidden, weight, bias)
         # The gradients are formed here, by hand; only the loss's own are recorded (LossGradients).
@@ -296,7 +330,7 @@ def fused_preference_loss(config: LossConfig, hidden, weight, bias, targets, mas
             result = _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, transform, with_stats,
                                  workspace_bytes, dict(ref_token_logps=ref_token_logps,
                                                        ref_chosen_logps=ref_chosen_logps,
-                                                       ref_rejected_logps=ref_rejected_logps), backend)
+                                                       ref_rejected_logps=ref_rejected_logps), backend, shard)
         if result is None:
             return None
         terms, policy, (dx, dw, db) = result
@@ -316,18 +350,21 @@ def _stored_logits(backend: str, device: torch.device):
 
 
 def _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, transform, with_stats, workspace_bytes,
-                reference, backend="torch"):
+                reference, backend="torch", shard=None):
+    """shard: a vocab-parallel head's _Shard, else None."""
     hidden_2d, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     rows = ops.scored_rows(flat_targets, ignore_index)
     if rows.numel() == 0:
         return None  # nothing scored: the two-pass path's forward alone
     x = chunked.Rows(hidden_2d, rows, flat_targets[rows])
     result = _scheduled_pass(config, x, rows, weight, bias, mask, transform, with_stats, workspace_bytes, reference,
-                             need_dx=hidden.requires_grad, backend=backend)
+                             need_dx=hidden.requires_grad, backend=backend, shard=shard)
     if result is None:
         return None
     merged, _, head = result
-    outputs = ops.token_outputs(merged, rows, targets, weight.shape[0], with_stats)
+    if shard is not None:
+        head.sum_dx()
+    outputs = ops.token_outputs(merged, rows, targets, _vocab_size(weight, shard), with_stats)
     policy = TokenStats(*outputs[:ops.STAT_FIELDS]) if with_stats else outputs[0]
     terms = preference_loss_from_token_logps(config, policy.logps if with_stats else policy, mask, **reference,
                                              log_sum_sq_probs=policy.log_sum_sq_probs if with_stats else None)
@@ -367,16 +404,31 @@ def _gradients(head: StoredLogits, hidden, weight, bias):
     return dx, dw, db
 
 
+class _Shard(NamedTuple):
+    """A vocab-parallel head's VocabShard, and the most rows a rank of its group holds (the workspace bound)."""
+
+    head: VocabShard
+    widest: int
+
+
+def _vocab_size(weight, shard: _Shard | None) -> int:
+    return weight.shape[0] if shard is None else shard.head.vocab_size
+
+
 def _scheduled_pass(config, x: chunked.Rows, positions, weight, bias, mask, transform, with_stats, workspace_bytes,
-                    reference, *, need_dx: bool, backend: str = "torch"):
+                    reference, *, need_dx: bool, backend: str = "torch", shard=None):
     """The pass over the scored rows x (row r is position positions[r] of mask's [2B, T]): (merged partials,
-    each row's loss gradient, the StoredLogits holding dX, dW, db), or None if the schedule does not fit."""
+    each row's loss gradient, the StoredLogits holding dX, dW, db), or None if the schedule does not fit.
+    shard: as _fused_pass's; every rank of its group then decides the fit by the widest shard."""
     head_class, head_transform, default_budget = _stored_logits(backend, weight.device)
+    extra = {} if shard is None else {"shard": shard.head}
+    if shard is not None:
+        head_class = shard_stored_logits(backend)
     schedule = PairSchedule(positions, mask.shape[1], mask.shape[0] // 2, head_class.block_rows(x))
     budget = default_budget if workspace_bytes is None else workspace_bytes
-    if schedule.slots * head_class.slot_bytes(x, weight.shape[0]) > budget:
+    if schedule.slots * head_class.slot_bytes(x, weight.shape[0] if shard is None else shard.widest) > budget:
         return None
-    head = head_class(x, weight, bias, head_transform(transform), with_stats, schedule.slots,
+    head = head_class(x, weight, bias, head_transform(transform), with_stats, schedule.slots, **extra,
                       need_dx=need_dx, need_dw=weight.requires_grad, need_db=bias is not None and bias.requires_grad)
     grads = LossGradients(config, mask, x.dtype, with_stats, **reference)
     row_grads = torch.zeros(len(x), dtype=x.dtype, device=positions.device)
@@ -384,7 +436,7 @@ def _scheduled_pass(config, x: chunked.Rows, positions, weight, bias, mask, tran
         if step.block is not None:
             partials = head.forward(step.block)
             r0, r1 = head.blocks[step.block]
-            stats = token_stats(partials, logsumexp(partials), weight.shape[0])
+            stats = token_stats(partials, logsumexp(partials), _vocab_size(weight, shard))
             grads.record(positions[r0:r1], stats.logps, stats.log_sum_sq_probs if with_stats else None)
         if step.ready > step.done:
             token_grads = grads.token_grads()

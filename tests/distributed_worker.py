@@ -353,6 +353,237 @@ def triton_checks():
                 "d_weight_vs_torch_path": relative_error(first[2], torch_path[2])}
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# FastDPOLoss's fused pass on a vocab-parallel head
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def recording_token_logps():
+    """The per-token log-probs of every fastdpo.ops.token_outputs call inside the block (both vocab-parallel routes
+    form their outputs there), and how many rows the fused pass recomputed (distributed.ShardStoredLogits)."""
+    from fastdpo import distributed, ops
+
+    record, original, recompute = {"logps": [], "recomputed": 0}, ops.token_outputs, \
+        distributed.ShardStoredLogits._recompute_rows
+
+    def spy(*args, **kwargs):
+        outputs = original(*args, **kwargs)
+        record["logps"].append(outputs[0].detach().clone())
+        return outputs
+
+    def recompute_spy(self, k, a, b, which, grad):
+        record["recomputed"] += which.numel()
+        return recompute(self, k, a, b, which, grad)
+
+    ops.token_outputs, distributed.ShardStoredLogits._recompute_rows = spy, recompute_spy
+    try:
+        yield record
+    finally:
+        ops.token_outputs, distributed.ShardStoredLogits._recompute_rows = original, recompute
+
+
+def dpo_batch(dtype, *, vocab=301, hidden=31, pairs=3, length=11, with_bias=False, spread=1.0, seed=7):
+    """Hidden states [2 pairs, length, hidden], a head (and bias), labels (prompt, padding, both ends of the
+    vocabulary) and reference log-probs near the policy's, so that the loss is not saturated (its gradient is not 0).
+    spread scales the hidden states, and so the logits."""
+    h, w, b, _, _ = head_inputs(dtype, vocab=vocab, hidden=hidden, shape=(2 * pairs, length), with_bias=with_bias,
+                                seed=seed)
+    h = h * spread
+    gen = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, vocab, (2 * pairs, length), generator=gen)
+    labels[:, :3] = -100  # the prompt
+    labels[1, 6:] = -100  # padding
+    labels[0, 4], labels[pairs, 5], labels[2, 7] = 0, vocab - 1, 0  # both ends of the vocabulary
+    from fastdpo import reference
+    from fastdpo.sequences import shifted_targets
+
+    targets = shifted_targets(labels, -100)
+    policy = reference.sequence_logprobs(reference.token_logprobs(h.double(), w.double(), targets,
+                                                                  None if b is None else b.double()), targets)
+    ref = policy.view(2, pairs) + torch.randn(2, pairs, generator=gen, dtype=torch.float64) * 2
+    return h, w, b, labels, ref
+
+
+def run_dpo_loss(hidden, head, labels, bias, ref, *, fused, **options):
+    """FastDPOLoss forward and backward: (output, the fused passes completed, the recorded per-token log-probs)."""
+    import fastdpo
+
+    loss = fastdpo.FastDPOLoss(beta=0.2, fused=fused, **{"backend": "torch", **options})
+    with counting_fused_passes() as passes, recording_token_logps() as record:
+        out = loss(hidden, head, labels, bias, ref_chosen_logps=ref[0], ref_rejected_logps=ref[1])
+        out.loss.backward()
+    return out, passes["completed"], record
+
+
+def vocab_parallel_head(layout, hidden, shard, bias, whole_shape):
+    """(hidden, head, bias) as FastDPOLoss takes them: a VocabShard ('shard'), a Shard(0) DTensor head ('dtensor'), or
+    one Replicate() x Shard(0) on the (dp, tp) mesh with each dp rank's own batch replicated on mesh["tp"]
+    ('mesh_2d')."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, init_device_mesh
+
+    from fastdpo.distributed import VocabShard
+
+    if layout == "shard":
+        start = shard_rows(whole_shape[0])[0]
+        return hidden, VocabShard(shard, start, whole_shape[0]), bias
+    if layout == "dtensor":
+        mesh, head_placements, hidden_placements = init_device_mesh("cpu", (dist.get_world_size(),)), [Shard(0)], \
+            [Replicate()]
+    else:
+        mesh, head_placements, hidden_placements = mesh_2d(), [Replicate(), Shard(0)], [Replicate()]
+    head = DTensor.from_local(shard, mesh, head_placements, shape=whole_shape, stride=(whole_shape[1], 1))
+    head_bias = None if bias is None else DTensor.from_local(bias, mesh, head_placements, shape=whole_shape[:1],
+                                                             stride=(1,))
+    hidden_mesh = mesh if mesh.ndim == 1 else mesh["tp"]
+    return DTensor.from_local(hidden, hidden_mesh, hidden_placements), head, head_bias
+
+
+def compare_fused_vocab_parallel(dtype, *, with_bias=False, transform=None, layout="shard", split=None,
+                                 spread=1.0, backend="torch", **loss_options):
+    """FastDPOLoss on a vocab-parallel head, fused and two-pass (fused=False), against one process with the whole head
+    in float64: the loss, dX, the shard's rows of dW (and db), and the bits of the two routes' per-token log-probs,
+    sequence log-probs and token metrics. `layout`: see vocab_parallel_head; `split`: rank 0's rows of a VocabShard
+    (default: torch.chunk's, as Shard(0)); backend: the vocab-parallel runs' (the oracle's is 'torch');
+    loss_options: FastDPOLoss's."""
+    options = dict(**loss_options, **(transform or {}))
+    if layout == "mesh_2d":  # each dp rank its own batch, one head
+        mesh = mesh_2d()
+        _, w, b, _, _ = dpo_batch(dtype, with_bias=with_bias, spread=spread)
+        h, _, _, labels, ref = dpo_batch(dtype, spread=spread, seed=20 + mesh.get_local_rank("dp"))
+        start, end = tp_rows(w.shape[0], mesh)
+    else:
+        h, w, b, labels, ref = dpo_batch(dtype, with_bias=with_bias, spread=spread)
+        start, end = shard_rows(w.shape[0]) if split is None else ((0, split) if rank() == 0 else (split, w.shape[0]))
+    whole = [t.double().clone().requires_grad_() if t is not None else None for t in (h, w, b)]
+    expected, _, _ = run_dpo_loss(whole[0], whole[1], labels, whole[2], ref, fused=False, **options)
+
+    def vocab_parallel(fused):
+        hidden, shard = h.clone().requires_grad_(), w[start:end].clone().requires_grad_()
+        bias = b[start:end].clone().requires_grad_() if with_bias else None
+        if layout == "shard" and split is not None:
+            from fastdpo.distributed import VocabShard
+
+            inputs = hidden, VocabShard(shard, start, w.shape[0]), bias
+        else:
+            inputs = vocab_parallel_head(layout, hidden, shard, bias, w.shape)
+        out, passes, record = run_dpo_loss(inputs[0], inputs[1], labels, inputs[2], ref, fused=fused,
+                                           backend=backend, **options)
+        errors = {"loss": relative_error(out.loss, expected.loss),
+                  "d_hidden": relative_error(hidden.grad, whole[0].grad),
+                  "d_weight_shard": relative_error(shard.grad, whole[1].grad[start:end]),
+                  "chosen_logps": relative_error(out.chosen_logps, expected.chosen_logps),
+                  "rejected_logps": relative_error(out.rejected_logps, expected.rejected_logps)}
+        if with_bias:
+            errors["d_bias_shard"] = relative_error(bias.grad, whole[2].grad[start:end])
+        return out, passes, record, errors
+
+    (out, passes, record, errors), (two_pass, two_pass_passes, two_pass_record, two_pass_errors) = \
+        vocab_parallel(True), vocab_parallel(False)
+    bits = {"token_logps": torch.equal(record["logps"][-1], two_pass_record["logps"][-1]),
+            "loss": torch.equal(out.loss, two_pass.loss),
+            "sequence_logps": torch.equal(out.chosen_logps, two_pass.chosen_logps)
+            and torch.equal(out.rejected_logps, two_pass.rejected_logps),
+            "token_metrics": out.token_metrics.keys() == two_pass.token_metrics.keys()
+            and all(torch.equal(out.token_metrics[k], two_pass.token_metrics[k]) for k in out.token_metrics)}
+    return {"errors": errors, "two_pass_errors": two_pass_errors, "bits_equal_two_pass": bits,
+            "fused_passes": passes, "two_pass_fused_passes": two_pass_passes,
+            "recomputed_rows": record["recomputed"], "rows": end - start,
+            "gradient_scale": float(whole[0].grad.abs().max())}  # a saturated loss would check nothing
+
+
+def workspace_for_rows(vocab_rows: int) -> int:
+    """The fused pass's workspace for dpo_batch's schedule over a shard of `vocab_rows` rows, in fp32."""
+    from fastdpo import chunked
+    from fastdpo.fused_pass import PairSchedule
+    from fastdpo.sequences import shifted_targets
+
+    _, _, _, labels, _ = dpo_batch(torch.float32)
+    positions = (shifted_targets(labels, -100) != -100).reshape(-1).nonzero().squeeze(1)
+    schedule = PairSchedule(positions, labels.shape[1], labels.shape[0] // 2, chunked.TOKEN_BLOCK)
+    return schedule.slots * min(chunked.TOKEN_BLOCK, positions.numel()) * vocab_rows * 4
+
+
+def fused_vocab_parallel_suite():
+    curved = dict(softcap=4.0, temperature=0.7, logit_scale=1.3)
+
+    @check
+    def fused_vp_fp64_linear_metrics():
+        return compare_fused_vocab_parallel(torch.float64, token_metrics=True)
+
+    @check
+    def fused_vp_fp32_linear():  # the shifted forward's tiles, no statistics: the common case
+        return compare_fused_vocab_parallel(torch.float32)
+
+    @check
+    def fused_vp_fp64_bias_softcap_metrics():
+        return compare_fused_vocab_parallel(torch.float64, with_bias=True, transform=curved, token_metrics=True)
+
+    @check
+    def fused_vp_fp32_bias_softcap():
+        return compare_fused_vocab_parallel(torch.float32, with_bias=True, transform=curved)
+
+    @check
+    def fused_vp_fp64_uneven_split():  # 40 rows against 261
+        return compare_fused_vocab_parallel(torch.float64, split=40, transform=dict(temperature=0.8))
+
+    @check
+    def fused_vp_fp32_uneven_split_bias():
+        return compare_fused_vocab_parallel(torch.float32, split=230, with_bias=True)
+
+    @check
+    def fused_vp_fp32_budget_between_the_shards():  # fits rank 0's 40 rows, not rank 1's 261: two-pass on both
+        return compare_fused_vocab_parallel(torch.float32, split=40, workspace_bytes=workspace_for_rows(100))
+
+    @check
+    def fused_vp_fp64_peaked_logits():  # logits over ~200 nats: rows the shifted forward hands to the online one
+        return compare_fused_vocab_parallel(torch.float64, spread=8.0)
+
+    @check
+    def fused_vp_fp64_wpo():  # WPO's weights need log sum p^2 from the merged statistics (flat logits: weights ~1)
+        return compare_fused_vocab_parallel(torch.float64, with_bias=True, transform=curved, use_weighting=True,
+                                            spread=0.05)
+
+    fused_dtensor_checks("dtensor", "fused_vp_dtensor")
+
+    @check
+    def fused_vp_triton_fp32_metrics():
+        return compare_fused_vocab_parallel(torch.float32, backend="triton", token_metrics=True)
+
+    @check
+    def fused_vp_triton_fp32_uneven_split_bias_softcap():
+        return compare_fused_vocab_parallel(torch.float32, backend="triton", split=230, with_bias=True,
+                                            transform=curved)
+
+    @check
+    def fused_vp_bf16_bias_softcap():  # 16-bit inputs: fp32 tiles and accumulators, one rounding at the end
+        return compare_fused_vocab_parallel(torch.bfloat16, with_bias=True, transform=curved)
+
+    @check
+    def fused_vp_triton_fp16_metrics():  # 16-bit d_logits for the GEMMs, an fp32 dW accumulator
+        return compare_fused_vocab_parallel(torch.float16, backend="triton", token_metrics=True)
+
+    @check
+    def fused_vp_triton_dtensor_fp32_bias():
+        return compare_fused_vocab_parallel(torch.float32, backend="triton", layout="dtensor", with_bias=True)
+
+
+def fused_dtensor_checks(layout: str, prefix: str) -> None:
+    """The fused pass on a DTensor head laid out as `layout` (see vocab_parallel_head): in float64 with the token
+    metrics, and in float32 with a bias and softcap."""
+    curved = dict(softcap=4.0, temperature=0.7, logit_scale=1.3)
+
+    def fp64_metrics():
+        return compare_fused_vocab_parallel(torch.float64, layout=layout, token_metrics=True)
+
+    def fp32_bias_softcap():
+        return compare_fused_vocab_parallel(torch.float32, layout=layout, with_bias=True, transform=curved)
+
+    for scenario in (fp64_metrics, fp32_bias_softcap):
+        scenario.__name__ = f"{prefix}_{scenario.__name__}"
+        check(scenario)
+
+
 class TinyLM(torch.nn.Module):
     """A toy causal LM whose forward returns FastDPOLoss's output: the pattern DDP and FSDP2 need."""
 
@@ -544,6 +775,13 @@ def mesh_2d_suite():
     @check
     def mesh_2d_triton_fp32_bias_softcap():
         return compare_mesh_2d(torch.float32, True, False, curved, "triton")
+
+    fused_dtensor_checks("mesh_2d", "mesh_2d_fused")
+
+    @check
+    def mesh_2d_fused_triton_fp32_bias_softcap():
+        return compare_fused_vocab_parallel(torch.float32, backend="triton", layout="mesh_2d", with_bias=True,
+                                            transform=curved)
 
     @check
     def mesh_2d_fsdp_dp_tp_submesh():
@@ -883,7 +1121,7 @@ def trl_fsdp2_suite():
         check(scenario)
 
 
-SUITES = {"heads": heads_suite, "mesh_2d": mesh_2d_suite, "zero3": zero3_suite, "trl_ddp": trl_ddp_suite, "trl_fsdp2": trl_fsdp2_suite, "trl_zero3": trl_zero3_suite}
+SUITES = {"heads": heads_suite, "fused_vocab_parallel": fused_vocab_parallel_suite, "mesh_2d": mesh_2d_suite, "zero3": zero3_suite, "trl_ddp": trl_ddp_suite, "trl_fsdp2": trl_fsdp2_suite, "trl_zero3": trl_zero3_suite}
 
 
 def main():

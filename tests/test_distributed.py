@@ -22,6 +22,7 @@ dist = pytest.importorskip("torch.distributed")
 WORKER = Path(__file__).with_name("distributed_worker.py")
 WORLD = 2
 FP64, FP32 = 1e-12, 1e-5
+BF16, FP16 = 1e-2, 2e-3  # the gradients' one rounding to the input dtype (2^-9, 2^-11 relative)
 
 
 def gloo_available() -> bool:
@@ -118,12 +119,81 @@ def test_matches_single_process_oracle(heads, name, tol):
 
 
 @pytest.mark.parametrize("name,tol", [("dpo_loss_vocab_parallel", FP64), ("dpo_loss_vocab_parallel_triton", FP32)])
-def test_dpo_loss_on_a_vocab_parallel_head_takes_the_two_pass_route(heads, name, tol):
-    """FastDPOLoss on a VocabShard runs no fused pass (fastdpo.fused_pass says why) and matches the oracle."""
+def test_dpo_loss_on_a_vocab_parallel_head(heads, name, tol):
+    """FastDPOLoss on a VocabShard takes the fused route (fastdpo.fused_pass) and matches the oracle."""
     for r, entry in enumerate(result(heads, name)):
         entry = dict(entry)
-        assert entry.pop("fused_passes") == 0, (r, name)
+        assert entry.pop("fused_passes") == 1, (r, name)
         assert_errors_below([{name: entry}], name, tol)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# FastDPOLoss's fused pass on vocab-parallel heads
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fused_vocab_parallel(tmp_path_factory):
+    return run_suite("fused_vocab_parallel", tmp_path_factory)
+
+
+def assert_fused_matches_two_pass_and_oracle(ranks, name, tol, *, rows=None, recomputed=False):
+    """The fused route ran (and fused=False did not), its log-probs, loss and token metrics are the two-pass
+    vocab-parallel path's bits, and both routes' loss, dX and the shard's dW (db) match the single-process oracle."""
+    for r, entry in enumerate(result(ranks, name)):
+        assert (entry["fused_passes"], entry["two_pass_fused_passes"]) == (1, 0), (r, name, "routes")
+        assert entry["gradient_scale"] > 1e-2, (r, name, "a saturated loss checks nothing")
+        assert all(entry["bits_equal_two_pass"].values()), (r, name, entry["bits_equal_two_pass"])
+        assert_errors_below([{name: entry["errors"]}], name, tol)
+        assert_errors_below([{name: entry["two_pass_errors"]}], name, tol)
+        if rows is not None:
+            assert entry["rows"] == rows[r], (r, name, entry["rows"])
+        if recomputed:  # rows the shifted forward handed to the online one, on every rank
+            assert entry["recomputed_rows"] > 0, (r, name)
+
+
+@pytest.mark.parametrize("name,tol", [
+    ("fused_vp_fp64_linear_metrics", FP64),
+    ("fused_vp_fp32_linear", FP32),
+    ("fused_vp_fp64_bias_softcap_metrics", FP64),
+    ("fused_vp_fp32_bias_softcap", FP32),
+    ("fused_vp_fp64_wpo", FP64),
+    ("fused_vp_dtensor_fp64_metrics", FP64),
+    ("fused_vp_dtensor_fp32_bias_softcap", FP32),
+    ("fused_vp_triton_fp32_metrics", FP32),
+    ("fused_vp_triton_dtensor_fp32_bias", FP32),
+    ("fused_vp_bf16_bias_softcap", BF16),
+    ("fused_vp_triton_fp16_metrics", FP16),
+])
+def test_fused_pass_on_a_vocab_parallel_head(fused_vocab_parallel, name, tol):
+    """FastDPOLoss on a VocabShard or a Shard(0) DTensor head (vocabulary 301: shards of 151 and 150 rows) takes the
+    fused route, on the PyTorch path or the Triton backend (its interpreter here): each token block's partials merged
+    over the ranks by one all-gather, dW local, dX all-reduced once."""
+    assert_fused_matches_two_pass_and_oracle(fused_vocab_parallel, name, tol)
+
+
+@pytest.mark.parametrize("name,tol,rows", [("fused_vp_fp64_uneven_split", FP64, (40, 261)),
+                                           ("fused_vp_fp32_uneven_split_bias", FP32, (230, 71)),
+                                           ("fused_vp_triton_fp32_uneven_split_bias_softcap", FP32, (230, 71))])
+def test_fused_pass_on_an_uneven_vocab_split(fused_vocab_parallel, name, tol, rows):
+    assert_fused_matches_two_pass_and_oracle(fused_vocab_parallel, name, tol, rows=rows)
+
+
+def test_vocab_parallel_ranks_decide_the_route_together(fused_vocab_parallel):
+    """A workspace that would fit rank 0's shard (40 rows) but not rank 1's (261): every rank decides by the widest
+    shard, so both take the two-pass route (one rank fused and one not would wait on each other's collectives)."""
+    name = "fused_vp_fp32_budget_between_the_shards"
+    for r, entry in enumerate(result(fused_vocab_parallel, name)):
+        assert (entry["fused_passes"], entry["two_pass_fused_passes"]) == (0, 0), (r, name)
+        assert entry["rows"] == (40, 261)[r] and all(entry["bits_equal_two_pass"].values()), (r, entry)
+        assert_errors_below([{name: entry["errors"]}], name, FP32)
+
+
+def test_fused_pass_on_a_vocab_parallel_head_recomputes_far_targets(fused_vocab_parallel):
+    """Logits spread over ~200 nats: rows whose (own or borrowed) target logit lies far below the shard's maximum
+    leave the shifted forward; the fused pass recomputes their gradients with the global lse."""
+    assert_fused_matches_two_pass_and_oracle(fused_vocab_parallel, "fused_vp_fp64_peaked_logits", FP64,
+                                             recomputed=True)
 
 
 @pytest.mark.parametrize("name,fused_passes", [
@@ -200,14 +270,23 @@ def test_head_sharded_on_the_tp_dimension_of_a_2d_mesh(mesh_2d, name, tol):
     assert_errors_below(mesh_2d, name, tol)
 
 
+@pytest.mark.parametrize("name,tol", [("mesh_2d_fused_fp64_metrics", FP64), ("mesh_2d_fused_fp32_bias_softcap", FP32),
+                                      ("mesh_2d_fused_triton_fp32_bias_softcap", FP32)])
+def test_fused_pass_on_a_head_sharded_on_the_tp_dimension_of_a_2d_mesh(mesh_2d, name, tol):
+    """FastDPOLoss on a Replicate() x Shard(0) head, each dp rank its own batch: the fused route, the two-pass
+    route's log-probs bit for bit, and the oracle of the rank's batch (the all-gathers and dX's all-reduce over tp)."""
+    assert_fused_matches_two_pass_and_oracle(mesh_2d, name, tol)
+
+
 @pytest.mark.parametrize("name,head_mesh_dims", [("mesh_2d_fsdp_dp_tp_submesh", 1), ("mesh_2d_fsdp_spmd_mesh", 2)])
 def test_fsdp2_over_dp_with_a_tensor_parallel_head(mesh_2d, name, head_mesh_dims):
     """FSDP2 on dp, the head Shard(0) on tp, the loss in the root's forward (where FSDP2 hands out the head as a
-    DTensor on the tp submesh, or with dp_mesh_dims on the whole 2-D mesh): the head's gradient comes back sharded,
-    and every reduced gradient equals the single-process oracle's mean over the dp batches."""
+    DTensor on the tp submesh, or with dp_mesh_dims on the whole 2-D mesh): FastDPOLoss takes the fused route, the
+    head's gradient comes back sharded, and every reduced gradient equals the single-process oracle's mean over the
+    dp batches."""
     for r, entry in enumerate(result(mesh_2d, name)):
         assert entry.pop("head_mesh_dims") == head_mesh_dims, (r, entry)
-        assert entry.pop("fused_passes") == 0, (r, entry)  # a tensor-parallel head: the two-pass route
+        assert entry.pop("fused_passes") == 1, (r, entry)  # a tensor-parallel head: the fused route
         assert "Shard(dim=0)" in entry.pop("head_grad_placements"), (r, entry)
     assert_errors_below(mesh_2d, name, FP64)
 
