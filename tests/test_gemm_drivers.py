@@ -70,3 +70,17 @@ def test_persistent_driver_matches_the_reference(monkeypatch):
     block_v = config.gemm_config(torch.float16, None)["BLOCK_V"]
     tile_max = torch.stack([z[:, c:c + block_v].max(1).values for c in range(0, VOCAB, block_v)])
     assert torch.allclose(out["table"][0].double(), tile_max, atol=1e-5)
+
+
+def test_operands_that_tma_cannot_read_give_the_same_bits(monkeypatch):
+    """A weight whose rows are not 16-byte strided (a column slice) is copied for the descriptors:
+    the driver, and so the bits, never depend on where the operands lie in memory."""
+    hidden, weight, bias, rows, targets = args = operands()
+    padded = torch.zeros(VOCAB, HIDDEN + 1, device=DEVICE, dtype=weight.dtype)
+    padded[:, :HIDDEN] = weight
+    strided = padded[:, :HIDDEN]
+    assert (strided.stride(0) * strided.element_size()) % 16
+    expected = run(monkeypatch, "persistent2", args, aligned_slot=True)
+    got = run(monkeypatch, "persistent2", (hidden, strided, bias, rows, targets), aligned_slot=True)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
