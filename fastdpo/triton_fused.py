@@ -31,7 +31,9 @@ Cost at Llama-3-8B (n = 16,384 scored tokens, H = 4096, V = 128,256, bf16; block
             = 16 dW GEMMs: 67 GB (~14 ms at 4.8 TB/s). This, not the FLOPs, is the route's largest
             overhead; larger blocks halve it per doubling (at twice the slot), a bf16 accumulator
             halves it at ~sqrt(k) 2^-9 relative error (fastdpo.fused_pass's docstring).
-    memory  slots + D + dW fp32 (2.1 GB for a bf16 weight; none extra for fp32) + dX fp32 [N, H].
+    memory  slots (rows padded to 16 bytes for the forward's TMA store of z) + each live block's X rows
+            (block_rows x H, gathered once for its forward and its dW) + D + dW fp32 (2.1 GB for a bf16
+            weight; none extra for fp32) + dX fp32 [N, H].
 
 Frozen head (FrozenStoredLogits; fastdpo.fused_pass's frozen route, FastDPOLoss and linear_logprobs alike):
 2 passes (4P FLOPs; the two-pass route 6P), U_i = dlogp_i/dh_i formed in the forward, g ⊙ U in the backward.
@@ -92,12 +94,14 @@ class StoredLogits:
         vocab_size, device = weight.shape[0], weight.device
         rows = self.block_rows(x)
         self.blocks = [(r0, min(r0 + rows, len(x))) for r0 in range(0, len(x), rows)]
-        self.slots = torch.empty(n_slots, min(rows, len(x)), vocab_size, dtype=torch.float32, device=device)
+        # Rows padded to 16 bytes: the persistent forward stores z through a tensor descriptor (TMA).
+        self.slots = torch.empty(n_slots, min(rows, len(x)), padded_vocab(vocab_size), dtype=torch.float32,
+                                 device=device)[:, :, :vocab_size]
         # fp32 inputs: D overwrites the slot; 16-bit: a buffer of its own (the GEMMs take the input dtype).
         self.d_logits = None if weight.dtype == torch.float32 else torch.empty(
             self.slots.shape[1:], dtype=weight.dtype, device=device)
         self.free, self.slot_of = list(range(n_slots - 1, -1, -1)), {}
-        self.partials, self.tables, self.gap = {}, {}, {}
+        self.partials, self.tables, self.gap, self.x_scored = {}, {}, {}, {}
         self.dx, self.dw, self.db = zero_gradients(x.hidden, weight, torch.float32, need_dx, need_dw,
                                                    need_db and bias is not None)
 
@@ -110,7 +114,7 @@ class StoredLogits:
 
     @classmethod
     def slot_bytes(cls, x: Rows, vocab_size: int) -> int:
-        return max(1, min(cls.block_rows(x), len(x))) * vocab_size * 4
+        return max(1, min(cls.block_rows(x), len(x))) * padded_vocab(vocab_size) * 4
 
     def forward(self, k: int) -> VocabPartials:
         """Block k's merged partials (the two-pass route's per-tile bits), its z kept in a slot."""
@@ -118,9 +122,12 @@ class StoredLogits:
 
         self.slot_of[k] = self.free.pop()
         r0, r1 = self.blocks[k]
+        # The block's scored rows, gathered once: the persistent forward's operand and the dW GEMM's.
+        self.x_scored[k] = self.hidden.index_select(0, self.x.rows[r0:r1])
         table, target_logit, excl = logprob_forward(
             self.hidden, self.weight, self.bias, self.x.rows[r0:r1], self.x.targets[r0:r1],
-            transform=self.transform, with_stats=self.with_stats, slot=self.slots[self.slot_of[k]])
+            transform=self.transform, with_stats=self.with_stats, slot=self.slots[self.slot_of[k]],
+            x_scored=self.x_scored[k])
         self.tables[k] = (table, target_logit)
         partials = merge(VocabPartials(table[0], table[1], target_logit[None], *table[2:]))
         self.partials[k] = partials
@@ -137,6 +144,7 @@ class StoredLogits:
 
     def release(self, k: int) -> None:
         self.free.append(self.slot_of.pop(k))
+        del self.x_scored[k]
 
     def d_logits_rows(self, k: int, a: int, b: int, grad: torch.Tensor) -> torch.Tensor:
         """D of rows [a, b) of block k (kernels/stored_logits.py; grad: their dloss/dlogp), in the input dtype:
@@ -161,7 +169,7 @@ class StoredLogits:
             accumulate_product(dx_rows, d, self.weight)
             self.dx.index_copy_(0, rows, dx_rows)
         if self.dw is not None:
-            accumulate_weight_product(self.dw, d.T, self.hidden.index_select(0, rows))
+            accumulate_weight_product(self.dw, d.T, self.x_scored[k][a:b])
         if self.db is not None:
             self.db += d.sum(0, dtype=torch.float32)
 
@@ -185,6 +193,11 @@ class FrozenStoredLogits(StoredLogits):
             accumulate_product(u[r0:r1], self.d_logits_rows(k, 0, r1 - r0, ones[: r1 - r0]), self.weight)
             self.release(k)
         return self.merged_partials(), u
+
+
+def padded_vocab(vocab_size: int) -> int:
+    """A slot row's length: the vocabulary rounded up to 16 bytes of fp32."""
+    return -(-vocab_size // 4) * 4
 
 
 def accumulate_weight_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -20,8 +20,9 @@ The workspace D is the only tile-sized buffer; its width comes from `workspace_b
 n x H) and is scattered into the hidden states' shape at the end. No atomics: each dW row is written
 once, dX is summed over chunks in a fixed order, so the gradients are bitwise reproducible (cuBLAS
 picks a deterministic algorithm for a fixed shape; set CUBLAS_WORKSPACE_CONFIG as torch documents
-when several streams run GEMMs at once). A frozen head skips the dW GEMM and X_scored; frozen hidden
-states skip the dX GEMM.
+when several streams run GEMMs at once). A frozen head skips the dW GEMM (and X_scored, unless the
+recompute's persistent driver reads it: kernels/config.persistent_config); frozen hidden states skip
+the dX GEMM. X_scored is gathered once per backward and serves both.
 
 Cost at the Llama-3-8B head (n = 16,384, H = 4096, V = 128,256, bf16, 1 GiB workspace: 4 chunks of
 32,768 columns): recompute 2nVH + dX 2nVH + dW 2nVH = 51.6 TFLOP (64.5 ms at 800 TFLOP/s); beyond
@@ -33,7 +34,8 @@ from __future__ import annotations
 
 import torch
 
-from .kernels.config import default_workspace_bytes, device_capability, gemm_config, vocab_chunk_width
+from .kernels.config import (default_workspace_bytes, device_capability, gemm_config, persistent_config,
+                             vocab_chunk_width)
 from .softmax_stats import VocabPartials, merge
 from .sparse_plan import kept_pairs, pair_lists, tile_chunks
 from .transform import LogitTransform
@@ -142,13 +144,16 @@ def _dense_backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform
     from .kernels.logprob_backward import logits_grad
 
     n_rows, vocab_size = rows.numel(), weight.shape[0]
-    x_scored = hidden_2d.index_select(0, rows) if dw is not None else None  # the dW GEMM's operand, [n, H]
+    # X's scored rows, [n, H], gathered once: the dW GEMM's operand and the persistent recompute's.
+    persistent = persistent_config(hidden_2d.dtype, device_capability(hidden_2d.device), hidden_2d.shape[1])
+    x_scored = hidden_2d.index_select(0, rows) if dw is not None or persistent is not None else None
     width = chunk_width(n_rows, weight, workspace_bytes)
     workspace = torch.empty((n_rows, width), dtype=weight.dtype, device=weight.device)
     for c0 in range(0, vocab_size, width):
         c1 = min(c0 + width, vocab_size)
         d_logits = workspace[:, : c1 - c0]
-        logits_grad(hidden_2d, weight, bias, rows, targets, lse, grad, d_logits, c0, transform=transform)
+        logits_grad(hidden_2d, weight, bias, rows, targets, lse, grad, d_logits, c0, transform=transform,
+                    x_scored=x_scored)
         if dx is not None:
             accumulate_product(dx, d_logits, weight[c0:c1])
         if dw is not None:

@@ -9,6 +9,9 @@ tests/test_compile.py builds every configuration for sm_80 and sm_90 and checks 
 memory, wgmma and the absence of atomics; tools/cost_model.py reads the same functions.
 """
 
+import importlib.util
+import os
+
 import torch
 import triton
 
@@ -40,6 +43,7 @@ def gemm_config(dtype: torch.dtype, capability: int | None, hidden_size: int | N
     - fp32 inputs (FMA, or tf32 MMA): 64 x 64 x 16 with 4 warps and 2 stages; fp32 operands take
       twice the registers of 16-bit ones (K=32, 8 warps or 3 stages spill in some fp32 variant).
     Every choice is the largest that tests/test_compile.py builds without spills for sm_80 and sm_90.
+    On sm_90 the 16-bit aligned tiles run in persistent_config's driver, two tiles per accumulator.
     The tile depends on nothing that differs between a policy and its reference (never on pointer
     alignment): equal inputs give equal bits. GROUP_M token blocks sweep the vocabulary together
     (Triton's grouped matmul order), so a W tile comes from HBM once per group and from L2 after.
@@ -51,6 +55,53 @@ def gemm_config(dtype: torch.dtype, capability: int | None, hidden_size: int | N
     if hidden_size is not None and hidden_size % 16:
         return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4 if capability >= 90 else 3)
+
+
+# The one switch between the two GEMM drivers of the dense kernels (forward, d_logits recompute):
+# FASTDPO_PERSISTENT_TMA=0 runs the one-program-per-tile pointer kernels everywhere, so that a GPU run
+# can time both drivers on the same inputs; by default persistent_config decides.
+PERSISTENT_TMA = os.environ.get("FASTDPO_PERSISTENT_TMA", "1") != "0"
+HAS_TENSOR_DESCRIPTORS = importlib.util.find_spec("triton.tools.tensor_descriptor") is not None
+# The persistent driver's programs on CPU tensors (the interpreter, or a GPU configuration borrowed by a
+# test there): a few, so that each loops over several tiles.
+INTERPRETER_PROGRAMS = 3
+
+
+def persistent_config(dtype: torch.dtype, capability: int | None, hidden_size: int | None = None, *,
+                      widest_epilogue: bool = False) -> dict | None:
+    """The persistent, descriptor-fed driver of gemm_config's tile, or None where the pointer kernels run.
+
+    It reads the scored rows of X compacted into a contiguous [n, H] buffer and W through tensor
+    descriptors (TMA on sm_90: `cp.async.bulk.tensor`, no address arithmetic in registers), runs
+    NUM_SMS programs that claim GEMM tiles in grouped order (the tutorial's persistent matmul), and
+    computes SUBTILES adjacent BLOCK_V tiles per K loop: BLOCK_M x (SUBTILES x BLOCK_V) in one
+    accumulator, then the epilogue tile by tile (column halves, tl.split), so each BLOCK_V tile gets
+    exactly the epilogue, the table entries and the d_logits it gets from the pointer driver.
+    - sm_90, 16-bit, hidden size a multiple of 16: 128 x 256 x 64 (SUBTILES = 2) with 8 warps, two
+      warpgroups of wgmma m64n256k16 (Liger's Hopper tile); 3 stages of 48 KiB (128 + 256
+      rows x 64 x 2 B; a 4th, 192 KiB, leaves no room for STORE_LOGITS's 64 KiB staging of z). Each loaded X
+      element feeds 256 multiply-adds, each W element 128: a quarter fewer operand bytes per FLOP than
+      128 x 128. FLATTEN: the tile loop and the K loop are pipelined as one, so the next tile's first
+      loads are in flight during this tile's epilogue (unflattened, more variants spill).
+    - Interpreter, 16-bit: gemm_config's 16 x 32 tile, SUBTILES = 2, 3 programs, so that the tests run
+      the persistent loop, both column halves and the half past the vocabulary's end (descriptors run
+      in the interpreter).
+    - widest_epilogue (the forward with STORE_LOGITS, statistics and a softcap) on sm_90: SUBTILES = 1,
+      128 x 128: its epilogue beside the second half's accumulator spills 16 bytes (tests/aot_check.py).
+    - sm_80 (no TMA), fp32, other hidden sizes: None.
+    The partition into BLOCK_M x BLOCK_V tiles, the K order and the epilogue are the pointer driver's:
+    only who loads the operands and how many tiles one accumulator holds change. Each logit is the same
+    K-ordered chain of k16 MMA steps whatever the accumulator's width, so every variant and both drivers
+    give the same z (equal bits in the interpreter's tests; FASTDPO_PERSISTENT_TMA=0 runs the pointer
+    driver on a GPU for the same comparison).
+    """
+    if not (PERSISTENT_TMA and HAS_TENSOR_DESCRIPTORS) or dtype == torch.float32 or (hidden_size or 0) % 16:
+        return None
+    if capability is None:
+        return dict(SUBTILES=2, NUM_SMS=INTERPRETER_PROGRAMS, FLATTEN=False)
+    if capability < 90:
+        return None
+    return dict(SUBTILES=1 if widest_epilogue else 2, NUM_SMS=None, FLATTEN=True, num_warps=8, num_stages=3)
 
 
 # The backward's d_logits workspace, [scored tokens, chunk] in the input dtype. 1 GiB holds 32,768

@@ -1,6 +1,7 @@
 """Compile every fastdpo kernel ahead of time for a GPU target, without a GPU, and report resources.
 
-    python tests/aot_check.py 90      # prints one JSON line per kernel configuration
+    python tests/aot_check.py 90            # prints one JSON line per kernel configuration
+    python tests/aot_check.py 90 --table    # the same as benchmarks/results/compile/resources.txt's lines
 
 Run in a process without TRITON_INTERPRET (the interpreter replaces kernels by Python functions).
 For each default launch configuration (kernels/config.py) it reports registers, spills (cuobjdump's
@@ -24,8 +25,8 @@ from triton.compiler import ASTSource
 from triton.backends.nvidia.compiler import get_ptxas
 
 from fastdpo.kernels import config
-from fastdpo.kernels.logprob_backward import logits_grad_kernel
-from fastdpo.kernels.logprob_forward import logprob_forward_kernel
+from fastdpo.kernels.logprob_backward import logits_grad_kernel, logits_grad_tma_kernel
+from fastdpo.kernels.logprob_forward import logprob_forward_kernel, logprob_forward_tma_kernel
 from fastdpo.kernels.stored_logits import DEVICE_BLOCKS, stored_logits_grad_kernel
 from fastdpo.kernels.sparse_backward import (
     sparse_dw_kernel,
@@ -35,6 +36,7 @@ from fastdpo.kernels.sparse_backward import (
 )
 
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}  # bytes of dynamic shared memory per block (opt-in max)
+SM_COUNT = {80: 108, 90: 132}  # A100, H100/H200: the persistent driver's NUM_SMS
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -67,27 +69,48 @@ def _operand_types(t: str) -> dict:
             "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32"}
 
 
+def gemm_driver(kernels, dtype, capability: int, hidden_size: int, t: str, widest_epilogue: bool = False):
+    """The default driver of a dense GEMM kernel family (config.persistent_config), its block sizes,
+    launch options, operand types and a name suffix: the persistent TMA kernel where config picks it
+    (descriptors in place of X/W pointers, rows and strides), else the pointer kernel."""
+    pointer_kernel, tma_kernel = kernels
+    blocks, options = _launch_options(config.gemm_config(dtype, capability, hidden_size))
+    persistent = config.persistent_config(dtype, capability, hidden_size, widest_epilogue=widest_epilogue)
+    if persistent is None:
+        return pointer_kernel, blocks, options, _operand_types(t), ""
+    tma_blocks, tma_options = _launch_options(dict(persistent, NUM_SMS=SM_COUNT[capability]))
+    types = dict(_operand_types(t), x_desc=f"tensordesc<{t}[{blocks['BLOCK_M']},{blocks['BLOCK_K']}]>",
+                 w_desc=f"tensordesc<{t}[{blocks['BLOCK_V'] * persistent['SUBTILES']},{blocks['BLOCK_K']}]>")
+    return tma_kernel, dict(blocks, **tma_blocks), dict(options, **tma_options), types, f" tma{persistent['SUBTILES']}"
+
+
 def forward_variants(capability: int, hidden_size: int):
     for dtype, t in TRITON_TYPES.items():
-        blocks, options = _launch_options(config.gemm_config(dtype, capability, hidden_size))
         for store in (False, True):  # STORE_LOGITS: the fused route's forward (z into a workspace slot)
             for with_stats in (False, True):
                 for softcap in (False, True):
-                    types = dict(_operand_types(t), table_ptr="*fp32", target_logit_ptr="*fp32", slot_ptr="*fp32",
+                    kernel, blocks, options, operands, driver = gemm_driver(
+                        (logprob_forward_kernel, logprob_forward_tma_kernel), dtype, capability, hidden_size, t,
+                        widest_epilogue=store and with_stats and softcap)
+                    types = dict(operands, table_ptr="*fp32", target_logit_ptr="*fp32", slot_ptr="*fp32",
                                  excl_ptr="*fp32")
                     constexprs = dict(blocks, HAS_BIAS=True, HAS_SOFTCAP=softcap, WITH_STATS=with_stats,
                                       STORE_LOGITS=store, INPUT_PRECISION=config.input_precision(dtype))
-                    name = f"forward {t} stats={with_stats} softcap={softcap}" + (" store" if store else "")
-                    yield logprob_forward_kernel, types, constexprs, options, name
+                    if driver:  # the slot behind a descriptor too (triton_fused pads its rows to 16 bytes)
+                        types["slot_ptr"] = f"tensordesc<fp32[{blocks['BLOCK_M']},{blocks['BLOCK_V']}]>"
+                        constexprs["SLOT_DESCRIPTOR"] = True
+                    name = f"forward {t} stats={with_stats} softcap={softcap}" + (" store" if store else "") + driver
+                    yield kernel, types, constexprs, options, name
 
 
 def backward_variants(capability: int, hidden_size: int):
     for dtype, t in TRITON_TYPES.items():
-        blocks, options = _launch_options(config.gemm_config(dtype, capability, hidden_size))
+        kernel, blocks, options, operands, driver = gemm_driver(
+            (logits_grad_kernel, logits_grad_tma_kernel), dtype, capability, hidden_size, t)
         for softcap in (False, True):
-            types = dict(_operand_types(t), lse_ptr="*fp32", grad_ptr="*fp32", out_ptr=f"*{t}")
+            types = dict(operands, lse_ptr="*fp32", grad_ptr="*fp32", out_ptr=f"*{t}")
             constexprs = dict(blocks, HAS_BIAS=True, HAS_SOFTCAP=softcap, INPUT_PRECISION=config.input_precision(dtype))
-            yield logits_grad_kernel, types, constexprs, options, f"logits_grad {t} softcap={softcap}"
+            yield kernel, types, constexprs, options, f"logits_grad {t} softcap={softcap}{driver}"
 
 
 def stored_logits_variants(capability: int, hidden_size: int):
@@ -128,6 +151,10 @@ def sparse_variants(capability: int, hidden_size: int):
                    f"sparse_dw {t} dW={compute_dw} db={compute_db}")
 
 
+# Loads the software pipeliner issues ahead of their use: cp.async copies, TMA copies (descriptor loads).
+PIPELINED_LOADS = ("async_copy_global_to_local", "async_tma_copy_global_to_local")
+
+
 def _resources(ptx: str, capability: int) -> dict:
     """ptxas's own account: registers, stack frame and spill stores/loads (cuobjdump shows no spills)."""
     ptxas = get_ptxas(capability).path  # the ptxas Triton itself used for this target
@@ -159,10 +186,17 @@ def compile_all(capability: int):
             res = _resources(ptx, capability)
             yield dict(name=f"{name} {'aligned' if aligned else 'unaligned'}", capability=capability, **res,
                        shared=compiled.metadata.shared, shared_limit=SHARED_MEMORY_LIMIT[capability],
-                       wgmma="wgmma" in ptx, pipelined="async_copy_global_to_local" in compiled.asm["ttgir"],
+                       wgmma="wgmma" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                       pipelined=any(op in compiled.asm["ttgir"] for op in PIPELINED_LOADS),
                        atomics=sorted(set(re.findall(r"\b(?:atom|red)\.[\w.]+", ptx))))
+
+
+def table_line(row: dict) -> str:
+    flags = " ".join(flag if row[flag] else "-" for flag in ("wgmma", "tma", "pipelined"))
+    return (f"{row['capability']} {row['name']} regs {row['registers']} spills {row['spill_stores']} "
+            f"smem {row['shared']} {flags} atomics {' '.join(row['atomics']) or 'none'}")
 
 
 if __name__ == "__main__":
     for row in compile_all(int(sys.argv[1])):
-        print(json.dumps(row), flush=True)
+        print(table_line(row) if "--table" in sys.argv[2:] else json.dumps(row), flush=True)

@@ -1,6 +1,7 @@
 """The kernels build ahead of time for sm_80 and sm_90 without a GPU, in every default configuration:
-no register spills, shared memory within one block's limit, wgmma for 16-bit inputs on Hopper, and
-no atomic instruction at all (every output element has one writer)."""
+no register spills, shared memory within one block's limit, wgmma for 16-bit inputs on Hopper, TMA
+(`cp.async.bulk.tensor`) in Hopper's 16-bit dense GEMM kernels (the persistent driver of
+kernels/config.persistent_config), and no atomic instruction at all (every output element has one writer)."""
 
 import json
 import os
@@ -34,7 +35,8 @@ def test_every_variant_compiles(compiled):
     names = {row["name"].split()[0] for row in rows}
     assert names == {"forward", "logits_grad", "sparse_logits_grad", "sparse_dx", "sparse_dw", "stored_logits_grad"}
     assert len(rows) == 2 * (24 + 6 + 21 + 6)  # aligned and unaligned launches
-    assert sum(row["name"].endswith("store aligned") for row in rows) == 12  # the fused route's forward
+    stored = [row for row in rows if " store" in row["name"] and row["name"].endswith(" aligned")]
+    assert len(stored) == 12  # the fused route's forward
 
 
 def test_no_atomics(compiled):
@@ -73,3 +75,17 @@ def test_hopper_uses_wgmma_for_16bit_inputs(compiled):
         pytest.skip("wgmma is a Hopper instruction")
     sixteen_bit = [r for r in rows if ("bf16" in r["name"] or "fp16" in r["name"]) and has_matrix_product(r)]
     assert sixteen_bit and all(r["wgmma"] for r in sixteen_bit)
+
+
+def test_hopper_dense_16bit_kernels_read_through_tma(compiled):
+    """The forward (every epilogue, the fused route's STORE_LOGITS included) and the d_logits recompute
+    take the persistent descriptor driver for aligned 16-bit inputs on sm_90, the pointer driver elsewhere."""
+    capability, rows = compiled
+    dense = [r for r in rows if r["name"].split()[0] in ("forward", "logits_grad") and r["name"].endswith(" aligned")
+             and ("bf16" in r["name"] or "fp16" in r["name"])]
+    assert len(dense) == 2 * (8 + 2)
+    if capability == 90:
+        assert all(r["tma"] and " tma" in r["name"] for r in dense), [r["name"] for r in dense if not r["tma"]]
+        assert sum(" tma2" in r["name"] for r in dense) == len(dense) - 2  # 128 x 256 but the widest epilogue
+    else:
+        assert not any(r["tma"] for r in dense)

@@ -6,6 +6,9 @@ For each candidate (BLOCK_M, BLOCK_V, BLOCK_K, GROUP_M, num_warps, num_stages) i
 gemm_config, checks that the forward's log-probs still agree with the default's (same math, other
 summation order), and reports do_bench times next to cuBLAS for the same GEMM (X W^T in bf16). A
 candidate only earns a place in config.py after tests/test_compile.py builds it without spills.
+Candidates run on the pointer driver (one program per tile); the last row, "persistent", is the
+default configuration on config.persistent_config's driver (on sm_90: TMA, 128 x 256 accumulators),
+so one run compares the two drivers.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+PERSISTENT = "persistent"  # the default tiles on the persistent driver
+
 CANDIDATES = [
     dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),  # the default on sm_90
     dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
@@ -28,6 +33,7 @@ CANDIDATES = [
     dict(BLOCK_M=128, BLOCK_V=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     dict(BLOCK_M=256, BLOCK_V=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     dict(BLOCK_M=64, BLOCK_V=256, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    PERSISTENT,
 ]
 
 
@@ -45,6 +51,7 @@ def main() -> int:
     # the modules (the package exports functions of the same names)
     logprob_forward = importlib.import_module("fastdpo.kernels.logprob_forward")
     logprob_backward = importlib.import_module("fastdpo.kernels.logprob_backward")
+    config = importlib.import_module("fastdpo.kernels.config")
 
     n, hidden, vocab = args.tokens, args.hidden, args.vocab
     h = torch.randn(n, hidden, device="cuda").bfloat16()
@@ -66,9 +73,11 @@ def main() -> int:
     print(f"cuBLAS logits {results['cublas_ms']:.2f} ms", flush=True)
     reference = None
     for cfg in CANDIDATES:
-        row = dict(cfg)
+        row = dict(driver=PERSISTENT) if cfg == PERSISTENT else dict(cfg, driver="pointer")
+        config.PERSISTENT_TMA = cfg == PERSISTENT
+        patched = config.gemm_config if cfg == PERSISTENT else (lambda *_a, cfg=cfg, **_k: dict(cfg))
         for module in (logprob_forward, logprob_backward):
-            module.gemm_config = lambda *_a, cfg=cfg, **_k: dict(cfg)
+            module.gemm_config = patched
         try:
             table, target = logprob_forward.logprob_forward(h, w, None, rows, targets)
             lse_now = torch.logsumexp(table[0] + table[1].log(), 0)
@@ -79,7 +88,8 @@ def main() -> int:
             def grads():
                 for c0 in range(0, vocab, width):
                     c1 = min(vocab, c0 + width)
-                    logprob_backward.logits_grad(h, w, None, rows, targets, lse, grad, ws[:, : c1 - c0], c0)
+                    logprob_backward.logits_grad(h, w, None, rows, targets, lse, grad, ws[:, : c1 - c0], c0,
+                                                 x_scored=h)  # rows = all of h: the backward's X_scored
 
             row["logits_grad_ms"] = triton.testing.do_bench(grads)
         except Exception as exc:  # noqa: BLE001 - a candidate that does not compile or fit is a row, not a crash
