@@ -11,7 +11,7 @@ With n scored tokens and P = n·H·V, 3 passes (6P FLOPs; the two-pass route 8P)
     once the loss has given g for all of the block's rows (fastdpo.fused_pass):
             kernels/stored_logits.py: D = g (onehot - exp(z - lse)) transform'(z) in the input dtype,
             the target entry g (1 - p_y) t'_y with 1 - p_y = sum_{v != y} p_v (as the torch route does)
-    pass 2  dX rows = D W             torch.mm: cuBLAS, fp32 output (triton_head.accumulate_product)
+    pass 2  dX rows = D W             cuBLAS, fp32 output (triton_head.accumulate_product)
     pass 3  dW += D^T X, db += colsum(D)    into fp32 accumulators for 16-bit weights (the torch route's
             rule: one rounding to the weight's dtype at the end); for fp32 weights they are the gradients.
 
@@ -71,6 +71,17 @@ from .triton_head import accumulate_product, row_major
 # The fused route's workspace bound on a GPU when the caller gives none: 1/32 of the device's memory, at
 # most 4 GiB (8 slots of 1,024 rows at V = 128,256). Total, not free, memory: the bound decides the route,
 # and the same inputs must take the same route.
+# By the two-pass workspace's arithmetic (kernels/config.py, MIN_CHUNK_GEMM_OUTPUT): a slot is one grouped
+# launch of block_rows = BLOCK_M x GROUP_M = 1,024 rows, and its GEMMs (dX [1024, H] with K = V, dW [V, H]
+# with K = 1024) write 2^22 and V x H >= 2^28 elements: the slot's size is already set by the forward's
+# launch, not by GEMM efficiency, and the bound only caps how many slots the pair schedule may hold. It
+# allocates what the schedule needs (slots x block_rows x V x 4 B: 501 MiB per slot at V = 128,256; 2-4 slots
+# for pairs of a few hundred to ~1,000 scored tokens per sequence), never the bound itself; a smaller bound
+# would send long pairs to the two-pass path, which needs less memory but a fourth GEMM pass. So the bound
+# stays. What the route costs beside the gradients (README, "Memory"): the slots, D [block_rows, V] in the
+# input dtype, the fp32 dW [V, H] (twice a bf16 gradient) and dX [N, H] accumulators, and the per-block
+# forward tables until the end: about 4x the two-pass route's memory at Llama-3-8B 16k (3 slots), for 3
+# passes instead of 4. fused=False is the smallest-memory setting.
 MAX_DEFAULT_WORKSPACE = 4 << 30
 
 
@@ -198,16 +209,3 @@ class FrozenStoredLogits(StoredLogits):
 def padded_vocab(vocab_size: int) -> int:
     """A slot row's length: the vocabulary rounded up to 16 bytes of fp32."""
     return -(-vocab_size // 4) * 4
-
-
-def accumulate_weight_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32 [V, H]) += a @ b without a second [V, H]: cuBLAS adds the 16-bit product into the fp32
-    accumulator in its epilogue (beta = 1, fp32 output); fp32 operands: addmm_."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:
-        # CPU tensors (Triton's interpreter): torch has no 16-bit -> fp32 addmm here; the 16-bit product is
-        # accumulated in fp32 inside the GEMM and rounded once per block.
-        acc.add_(torch.mm(a, b))

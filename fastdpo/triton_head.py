@@ -11,12 +11,14 @@ For each chunk [c0, c1) of the vocabulary (C columns, a multiple of the forward'
 
     D        = logits_grad(X, W[c0:c1])        Triton: recompute the forward's tiles, write
                                               g (onehot - softmax) transform' into D [n, C]
-    dX      += D @ W[c0:c1]                   cuBLAS, fp32 output, fp32 accumulator [n, H]
+    dX      += D @ W[c0:c1]                   cuBLAS, added into the fp32 accumulator [n, H] in its
+                                              epilogue (accumulate_product)
     dW[c0:c1] = D^T @ X_scored                cuBLAS, written once in the weight's dtype
     db[c0:c1] = colsum(D)                     fp32
 
 The workspace D is the only tile-sized buffer; its width comes from `workspace_bytes`
-(config.vocab_chunk_width), never [tokens x vocab]. dX exists for the scored rows only (fp32,
+(config.vocab_chunk_width; by default config.default_chunk_width: C * min(n, H) >= 2^24), never
+[tokens x vocab]. dX exists for the scored rows only (fp32,
 n x H) and is scattered into the hidden states' shape at the end. No atomics: each dW row is written
 once, dX is summed over chunks in a fixed order, so the gradients are bitwise reproducible (cuBLAS
 picks a deterministic algorithm for a fixed shape; set CUBLAS_WORKSPACE_CONFIG as torch documents
@@ -24,13 +26,17 @@ when several streams run GEMMs at once). A frozen head skips the dW GEMM (and X_
 recompute's persistent driver reads it: kernels/config.persistent_config); frozen hidden states skip
 the dX GEMM. X_scored is gathered once per backward and serves both.
 
-Cost at the Llama-3-8B head (n = 16,384, H = 4096, V = 128,256, bf16, 1 GiB workspace: 4 chunks of
-32,768 columns): recompute 2nVH + dX 2nVH + dW 2nVH = 51.6 TFLOP (64.5 ms at 800 TFLOP/s); beyond
-the GEMMs' own traffic, 3 x 4.2 GB of workspace writes and reads and 4 x 3 x 268 MB of fp32 dX
-partials; memory beyond the gradients: the 1 GiB workspace, X_scored (134 MB) and dX (268 MB).
+Cost at the Llama-3-8B head (n = 16,384, H = 4096, V = 128,256, bf16, the default chunk of 4,096
+columns: 32 chunks, a 128 MiB workspace): recompute 2nVH + dX 2nVH + dW 2nVH = 51.6 TFLOP (64.5 ms at
+800 TFLOP/s); beyond the GEMMs' own traffic, 3 x 4.2 GB of workspace writes and reads and 32 x 2 x
+268 MB of fp32 dX reads and writes in the GEMMs' epilogues. Memory above the inputs (README, "Memory"):
+dW, then the workspace, X_scored (128 MiB) and the fp32 dX of the scored rows (256 MiB) during the
+chunks, then dX itself.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -73,8 +79,22 @@ def backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform: Logit
         tile_lse=backward_plan.index_select(1, rows) if backward_plan.numel() else None)
     if dx_rows is None:
         return None, dw, db
+    return scatter_rows(dx_rows, rows, hidden_2d), dw, db
+
+
+# Rows cast at once when the fp32 dX rows are scattered into dX: a bounded temporary, not a second [n, H].
+SCATTER_ELEMENTS = 1 << 22
+
+
+def scatter_rows(dx_rows: torch.Tensor, rows: torch.Tensor, hidden_2d: torch.Tensor) -> torch.Tensor:
+    """dX [N, H] in the hidden states' dtype: dx_rows (fp32 [n, H]) at `rows`, zero elsewhere."""
     dx = torch.zeros(hidden_2d.shape, dtype=hidden_2d.dtype, device=hidden_2d.device)
-    return dx.index_copy_(0, rows, dx_rows.to(hidden_2d.dtype)), dw, db
+    if dx_rows.dtype == dx.dtype:
+        return dx.index_copy_(0, rows, dx_rows)
+    step = max(1, SCATTER_ELEMENTS // max(1, dx.shape[1]))
+    for r0 in range(0, rows.numel(), step):
+        dx.index_copy_(0, rows[r0:r0 + step], dx_rows[r0:r0 + step].to(dx.dtype))
+    return dx
 
 
 def row_major(t: torch.Tensor) -> torch.Tensor:
@@ -100,7 +120,7 @@ def scored_rows_backward(hidden_2d, weight, bias, rows, targets, lse, grad, tran
     dw = torch.empty_like(weight) if need_dw else None
     db = torch.empty(vocab_size, dtype=torch.float32, device=weight.device) if need_db else None
     if workspace_bytes is None:
-        workspace_bytes = default_workspace_bytes(weight.device)
+        workspace_bytes = default_workspace_bytes(weight.device, n_rows, vocab_size, hidden_size, weight.dtype)
     if tolerance > 0:
         cfg = gemm_config(weight.dtype, device_capability(weight.device), hidden_size)
         kept = kept_pairs(tile_lse, lse, targets, cfg["BLOCK_M"], cfg["BLOCK_V"], tolerance)
@@ -163,14 +183,29 @@ def _dense_backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform
 
 
 def accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b with fp32 accumulation, for 16-bit or fp32 a and b."""
+    """acc (fp32) += a @ b with fp32 accumulation, for 16-bit or fp32 a and b, without a temporary of acc's size.
+
+    One helper for every fp32 accumulator: dX of the two-pass chunks and of the fused blocks, dW of the fused
+    blocks (fastdpo.triton_fused)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
+    elif acc.is_cuda and addmm_accumulates_16bit_into_fp32():
+        # cuBLAS adds the 16-bit product into the fp32 accumulator in its epilogue (beta = 1, fp32 output):
+        # the product is never rounded to 16 bits, and no [acc]-sized temporary exists.
+        torch.addmm(acc, a, b, beta=1, out_dtype=acc.dtype, out=acc)
     elif acc.is_cuda:
-        # cuBLAS with 16-bit operands and an fp32 output (torch >= 2.8): the chunk's product is never
-        # rounded to 16 bits before it meets the accumulator.
+        # A torch with mm's out_dtype but no such addmm: an fp32 product, then one add.
         acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
     else:
         # CPU tensors (Triton's interpreter): torch has no 16-bit -> fp32 mm here; the 16-bit product is
         # accumulated in fp32 inside the GEMM and rounded once per chunk.
         acc.add_(torch.mm(a, b))
+
+
+@functools.cache
+def addmm_accumulates_16bit_into_fp32() -> bool:
+    """Whether this torch has a CUDA kernel for addmm(..., out_dtype=, out=) (aten::addmm.dtype_out)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("aten::addmm.dtype_out", "CUDA")
+    except RuntimeError:  # no such operator in this torch
+        return False

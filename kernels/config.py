@@ -104,22 +104,42 @@ def persistent_config(dtype: torch.dtype, capability: int | None, hidden_size: i
     return dict(SUBTILES=1 if widest_epilogue else 2, NUM_SMS=None, FLATTEN=True, num_warps=8, num_stages=3)
 
 
-# The backward's d_logits workspace, [scored tokens, chunk] in the input dtype. 1 GiB holds 32,768
-# vocabulary columns of 16,384 bf16 rows (a quarter of Llama 3's vocabulary): chunk GEMMs of
-# 16k x 32k x 4k, large enough for cuBLAS to run at full speed, in 4 chunks.
-MAX_DEFAULT_WORKSPACE = 1 << 30
+# The two-pass backward's d_logits workspace, [n scored rows, C columns] in the input dtype, sized by
+# arithmetic rather than as a share of the device's memory. Per chunk of C vocabulary columns the backward
+# runs three GEMMs: the recompute [n, C] (K = H), dX [n, H] += D W_c (K = C) and dW_c [C, H] = D^T X (K = n).
+# dX's output does not depend on C; the recompute's and dW's outputs do, and a GEMM runs at its large-size
+# speed once its output fills a few waves of tiles: 2^24 elements are 512 cuBLAS tiles of 128 x 256, 3.9
+# waves on a 132-SM H100/H200 (two or more on any GPU of up to 256 SMs), where the last partial wave and the
+# launch's ramp cost a few percent (a model; tools/cost_model.py puts it beside the GPU measurements). So
+# C is the smallest whole number of BLOCK_V tiles with C * min(n, H) >= 2^24: ~4k columns at H = 4096, 8k at
+# H = 2048, and never more than the vocabulary. The workspace is then n * C * element bytes: 78 MiB for
+# 10,000 bf16 rows at H = 4096, about 32 MiB (2^24 bf16 values) whenever n <= H. It depends on the
+# shapes, the dtype and the device kind (through BLOCK_V) alone, never on free memory: the chunking
+# decides how dX's chunk products are summed, and the same inputs must give the same bits.
+MIN_CHUNK_GEMM_OUTPUT = 1 << 24
+# What default_workspace_bytes answers a caller that gives no shapes.
+UNKNOWN_SHAPE_WORKSPACE = 1 << 30
 INTERPRETER_WORKSPACE = 64 << 20
 
 
-def default_workspace_bytes(device: torch.device) -> int:
-    """1/64 of the device's memory, at most 1 GiB (64 MiB off CUDA).
+def default_chunk_width(n_rows: int, vocab_size: int, hidden_size: int, block_v: int) -> int:
+    """The default chunk: the fewest whole BLOCK_V tiles whose recompute and dW GEMMs each write at least
+    MIN_CHUNK_GEMM_OUTPUT elements (C * min(n, H) >= 2^24), at most the (tile-rounded) vocabulary."""
+    columns = triton.cdiv(MIN_CHUNK_GEMM_OUTPUT, max(1, min(n_rows, hidden_size)))
+    return min(triton.cdiv(columns, block_v), triton.cdiv(vocab_size, block_v)) * block_v
 
-    Total memory, not free memory: the chunking decides how dX's chunk products are summed, and free
-    memory changes from step to step, while the same inputs must give the same bits.
-    """
-    if device.type != "cuda":
-        return INTERPRETER_WORKSPACE
-    return min(MAX_DEFAULT_WORKSPACE, torch.cuda.get_device_properties(device).total_memory // 64)
+
+def default_workspace_bytes(device: torch.device, n_rows: int | None = None, vocab_size: int | None = None,
+                            hidden_size: int | None = None, dtype: torch.dtype = torch.bfloat16) -> int:
+    """The workspace of default_chunk_width: n * C * element bytes (see MIN_CHUNK_GEMM_OUTPUT).
+
+    Without the shapes (a caller that only wants a bound, as benchmarks/gpu_check.py did): the former
+    fixed bound, UNKNOWN_SHAPE_WORKSPACE on CUDA, INTERPRETER_WORKSPACE off it. fastdpo passes the shapes."""
+    if n_rows is None or vocab_size is None or hidden_size is None:
+        return UNKNOWN_SHAPE_WORKSPACE if device.type == "cuda" else INTERPRETER_WORKSPACE
+    block_v = gemm_config(dtype, device_capability(device), hidden_size)["BLOCK_V"]
+    width = default_chunk_width(n_rows, vocab_size, hidden_size, block_v)
+    return max(1, n_rows) * width * dtype.itemsize
 
 
 def vocab_chunk_width(n_rows: int, vocab_size: int, element_bytes: int, block_v: int, workspace_bytes: int) -> int:

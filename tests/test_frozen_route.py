@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_close, relative_error
-from test_fused_pass import (  # noqa: F401  (one_thread is a fixture)
+from test_fused_pass import (
     GemmPasses,
     LargestTensors,
     assert_peaked_rows_exact,
@@ -16,7 +16,6 @@ from test_fused_pass import (  # noqa: F401  (one_thread is a fixture)
     head_inputs,
     leaves,
     make_batch,
-    one_thread,
     oracle,
     outputs,
     precomputed_reference,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, relative_error
+from helpers import assert_close, relative_error, run_custom_op_inside
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -432,9 +432,9 @@ class GemmPasses(TorchDispatchMode):
         self.flops, self.unit = 0, 2 * n * hidden * vocab
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "fastdpo":  # the two-pass path's custom ops: count what runs inside them
-            with self:
-                return getattr(fastdpo.ops, func._opname)._init_fn(*args, **(kwargs or {}))
+        inside = run_custom_op_inside(self, func, args, kwargs)  # fastdpo's custom ops: the ops inside them
+        if inside is not None:
+            return inside
         name = func.__name__.split(".")[0].rstrip("_")
         if name in self.PRODUCTS:
             a, b = (args[1], args[2]) if name.startswith(("addm", "baddb")) else (args[0], args[1])
@@ -449,15 +449,6 @@ class GemmPasses(TorchDispatchMode):
     @property
     def passes(self) -> float:
         return self.flops / self.unit
-
-
-@pytest.fixture
-def one_thread():
-    """Dispatch modes are per thread: with one thread the CPU path's workers run on the caller's."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def count_passes(step, n, hidden, vocab) -> float:

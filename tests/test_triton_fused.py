@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_close, relative_error
-from test_fused_pass import (  # noqa: F401  (spy and one_thread are fixtures)
+from test_fused_pass import (  # noqa: F401  (spy is a fixture)
     GemmPasses,
     LargestTensors,
     assert_as_close_as_two_pass,
@@ -16,7 +16,6 @@ from test_fused_pass import (  # noqa: F401  (spy and one_thread are fixtures)
     assert_two_pass_bits_and_repeat,
     head_inputs,
     make_batch,
-    one_thread,
     oracle,
     outputs,
     peaked_rows,

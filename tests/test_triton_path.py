@@ -3,7 +3,7 @@ its reproducibility, and log-probs that do not depend on what else the call comp
 
 import pytest
 import torch
-from helpers import DEVICE, leaf, random_targets
+from helpers import DEVICE, leaf, random_targets, run_custom_op_inside
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -25,9 +25,9 @@ class RecordOutputs(TorchDispatchMode):
         self.outputs = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "fastdpo":  # fastdpo's custom ops (fastdpo.ops) are opaque: record the ops inside
-            with self:
-                return getattr(fastdpo.ops, func.name().split("::")[1])._init_fn(*args, **(kwargs or {}))
+        inside = run_custom_op_inside(self, func, args, kwargs)  # fastdpo's custom ops: the ops inside them
+        if inside is not None:
+            return inside
         out = func(*args, **(kwargs or {}))
         if func.__name__.startswith("set_"):
             return out

@@ -16,7 +16,7 @@ import types
 import warnings
 
 import pytest
-from test_fused_pass import GemmPasses, one_thread  # noqa: F401  (a fixture used below)
+from test_fused_pass import GemmPasses
 from test_triton_fused import DotTiles
 from test_trl_patch import assert_logs_close, make_trainer, train_logs
 

@@ -9,15 +9,16 @@ the HBM bytes, the bytes moved by atomics or locked read-modify-writes, the work
 then totals and the peak memory above the inputs. With --kept-fraction F < 1 the table adds fastdpo with
 grad_tolerance at that kept fraction of (token block, vocabulary tile) pairs; --markdown always shows
 its dense-vs-sparse table over F. fastdpo's phases follow the launch configurations the code
-would use: `gemm_config`, `vocab_chunk_width`, `default_workspace_bytes` and MAX_DEFAULT_WORKSPACE are read
+would use: `gemm_config`, `vocab_chunk_width` and `default_workspace_bytes` are read
 from fastdpo.kernels.config at every call, never copied. The peers follow their published code (versions in
 each function's docstring); `OLD_FASTDPO` is fastdpo's earlier row-block design, which the current one replaced.
 
 How a phase's time is predicted (every number below is an assumption, stated once, here):
 - compute  = FLOPs / (device GEMM rate x efficiency). The rate is cuBLAS's measured bf16 rate (H100: 798
-  TFLOP/s on an 8192^3 product in this workplace), so cuBLAS GEMMs get efficiency 1.0, fastdpo's and CCE's
-  Triton GEMM-tiled kernels TRITON_EFFICIENCY (0.85: fused epilogue, no warp specialization), quack's CuTe
-  GEMMs 1.0. Elementwise and reduction passes have no compute term.
+  TFLOP/s on an 8192^3 product in this workplace; H200: what cuBLAS reached on the head's own GEMM shapes),
+  so cuBLAS GEMMs get efficiency 1.0, fastdpo's and CCE's Triton GEMM-tiled kernels the measured
+  TRITON_EFFICIENCY (0.74 of cuBLAS on the same shape; fastdpo's recompute TRITON_RECOMPUTE_EFFICIENCY, 0.69),
+  quack's CuTe GEMMs 1.0. Elementwise and reduction passes have no compute term.
 - memory   = HBM bytes / HBM bandwidth (H100: 3.0 TB/s device-to-device copy measured here).
 - atomics  = atomic bytes / ATOMIC_BYTES_PER_S (1 TB/s, 4 bytes per fp32 atomic add or per 16-bit locked
   read+write). Calibration: Cut Cross-Entropy's unfiltered backward, 8192 x 2304 x 256000 on an A100, is
@@ -75,7 +76,13 @@ GB = 1e9
 MiB = 1 << 20
 GiB = 1 << 30
 
-TRITON_EFFICIENCY = 0.85
+# Triton's GEMM-tiled kernels against cuBLAS on the same GEMM, measured on an H200 (torch 2.11, triton 3.6;
+# benchmarks/results/nvidia-h200/gpu_check.md, gpu_check-run2.md and tile_sweep.json): the forward kernel
+# (128 x 128 x 64, 4 stages) took 1.31-1.37x the chunked cuBLAS logits GEMM at three shapes in two runs and
+# 1.35x in the tile sweep, median 0.74 of cuBLAS's rate; the backward's recompute (logits_grad, which
+# also writes d_logits) 1.36-1.52x, median 0.69. Until these runs the model assumed 0.85 for both.
+TRITON_EFFICIENCY = 0.74
+TRITON_RECOMPUTE_EFFICIENCY = 0.69
 CUBLAS_EFFICIENCY = 1.0
 CUTE_EFFICIENCY = 1.0
 ATOMIC_BYTES_PER_S = 1.0e12
@@ -110,8 +117,11 @@ class Device:
 DEVICES = {
     # H100 SXM: 798 TFLOP/s (8192^3 bf16 mm) and 3.0 TB/s copy measured on this workplace's H100 (KINDS.md).
     "h100": Device("H100 80GB (model)", 800e12, 3.0e12, 50e6, 132, 80e9),
-    # H200: 769-798 TFLOP/s and 4.3 TB/s copy measured here (datasheet 4.8 TB/s), 60 MB L2 reported by torch.
-    "h200": Device("H200 141GB (model)", 790e12, 4.3e12, 60e6, 132, 141e9),
+    # H200: cuBLAS ran the head's chunk GEMMs (logits, dX, dW at 16k x 4096 x 128k, 4k x 4096 x 128k and
+    # 8k x 2304 x 256k, bf16) at 651-701 TFLOP/s, median 680, in benchmarks/results/nvidia-h200/gpu_check.md
+    # and gpu_check-run2.md, while the 8192^3 product read 793 and 702 in those runs: the model takes 680.
+    # 4.2 TB/s device copy measured in both runs (datasheet 4.8 TB/s), 60 MB L2 reported by torch.
+    "h200": Device("H200 141GB (model)", 680e12, 4.2e12, 60e6, 132, 141e9),
 }
 
 
@@ -299,10 +309,10 @@ INDEX_BYTES = 8  # int64 rows and targets
 
 
 def default_workspace(device: Device, shape: Shape) -> int:
-    """config.default_workspace_bytes as it would answer on `device` (it reads the device's total memory)."""
-    properties = SimpleNamespace(total_memory=int(device.memory_bytes))
-    with mock.patch.object(torch.cuda, "get_device_properties", lambda *_a, **_k: properties):
-        return kernel_config.default_workspace_bytes(torch.device("cuda"))
+    """config.default_workspace_bytes for the shape on `device` (it reads the shapes and the launch tile)."""
+    with mock.patch.object(torch.cuda, "get_device_capability", lambda *_a, **_k: divmod(device.capability, 10)):
+        return kernel_config.default_workspace_bytes(torch.device("cuda"), shape.n, shape.vocab, shape.hidden,
+                                                     shape.dtype)
 
 
 def fastdpo(shape: Shape, device: Device, options: Options = Options()) -> Prediction:
@@ -328,18 +338,17 @@ def fastdpo(shape: Shape, device: Device, options: Options = Options()) -> Predi
     chunk_phases = []
     for c in widths:
         chunk_phases.append(gemm_phase("logits_grad kernel (recompute)", n, c, H, e, e, n * c * e, tiling, device,
-                                       TRITON_EFFICIENCY, extra_bytes=row_io))
-        if need_dx:  # fp32 product into a temporary, then dX_scored += temporary (read 2, write 1)
-            chunk_phases.append(gemm_phase("dX GEMM (cuBLAS, fp32 out)", n, H, c, e, e, 4.0 * n * H,
+                                       TRITON_RECOMPUTE_EFFICIENCY, extra_bytes=row_io))
+        if need_dx:  # addmm(out_dtype=fp32, out=dX_scored): the epilogue reads and writes the fp32 accumulator
+            chunk_phases.append(gemm_phase("dX GEMM (cuBLAS, fp32 out)", n, H, c, e, e, 2 * 4.0 * n * H,
                                            cublas_tiling(device), device, CUBLAS_EFFICIENCY))
-            chunk_phases.append(memory_phase("dX_scored += product", 3 * 4.0 * n * H))
         if need_dw:
             chunk_phases.append(gemm_phase("dW GEMM (cuBLAS)", c, H, n, e, e, c * H * e, cublas_tiling(device), device,
                                            CUBLAS_EFFICIENCY))
         if options.bias:
             chunk_phases.append(memory_phase("db (ws.sum)", n * c * e + 4 * c))
     phases += merge_phases(chunk_phases)
-    if need_dx:  # zeros [tokens, H], cast fp32 -> dtype, index_copy
+    if need_dx:  # zeros [tokens, H], then fp32 -> dtype casts and index_copy in bounded row blocks
         phases.append(memory_phase("dX scatter", shape.positions * H * e + 4.0 * n * H + 3.0 * n * H * e, launches=3))
 
     workspace_used = n * max(widths) * e
@@ -366,15 +375,55 @@ def _forward_phases(shape: Shape, device: Device, options: Options, tiling: Tili
 
 def _fastdpo_peak(shape: Shape, fields: int, field_bytes: float, workspace: float, need_dx: bool,
                   need_dw: bool) -> float:
+    """README's "Memory" formula for the two-pass Triton route (tests/test_memory.py checks it on CPU), plus the
+    per-row vectors: max(forward, chunks, scatter)."""
     n, H, V, e = shape.n, shape.hidden, shape.vocab, shape.elem
     rows = n * (4 + 2 * INDEX_BYTES)  # lse, rows, targets
-    kept_lse = field_bytes  # per-tile lse, saved for the backward
-    forward = fields * field_bytes + kept_lse + 2 * field_bytes + rows  # + merge temporaries
+    forward = fields * field_bytes + 2 * field_bytes + rows  # the table and the merge's temporaries
     dw = V * H * e if need_dw else 0.0
     dx32 = 4.0 * n * H if need_dx else 0.0
-    chunk_loop = dw + workspace + (n * H * e if need_dw else 0.0) + 2 * dx32 + kept_lse + rows
-    scatter = dw + dx32 + (shape.positions * H * e + n * H * e if need_dx else 0.0) + kept_lse + rows
+    chunk_loop = dw + workspace + (n * H * e if need_dw else 0.0) + dx32 + rows
+    from fastdpo.triton_head import SCATTER_ELEMENTS  # looked up at every call, never copied
+
+    cast_rows = min(n, SCATTER_ELEMENTS // H) * H * e if e != 4 else 0.0
+    scatter = dw + dx32 + shape.positions * H * e + cast_rows + rows if need_dx else 0.0
     return max(forward, chunk_loop, scatter)
+
+
+# --- the model beside benchmarks/gpu_check.py's measured phases -----------------------------------------------------
+
+# gpu_check's measured phase -> the model's phases it covers (empty: the whole step).
+MEASURED_TO_MODEL = {
+    "cuBLAS logits (X W^T, chunked)": ("cuBLAS logits",),
+    "forward kernel": ("forward kernel",),
+    "forward (end to end)": ("forward kernel", "forward merge (torch)"),
+    "logits_grad kernel (recompute)": ("logits_grad kernel (recompute)",),
+    "backward chunks with dX": ("logits_grad kernel (recompute)", "dX_scored zeros", "dX GEMM (cuBLAS, fp32 out)"),
+    "backward chunks with dW": ("logits_grad kernel (recompute)", "X_scored gather", "dW GEMM (cuBLAS)"),
+    "dX GEMM + add (cuBLAS)": ("dX_scored zeros", "dX GEMM (cuBLAS, fp32 out)"),
+    "dW GEMM (cuBLAS)": ("X_scored gather", "dW GEMM (cuBLAS)"),
+    "forward + backward (end to end)": (),
+}
+
+
+def model_device(device_name: str) -> Device:
+    """The model device closest to a GPU's name (torch.cuda.get_device_name)."""
+    return DEVICES["h200" if "h200" in device_name.lower() else "h100"]
+
+
+def phase_rows(n: int, hidden: int, vocab: int, device_name: str = "h200", workspace_bytes: int | None = None,
+               dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+    """Modelled ms of every phase gpu_check measures (MEASURED_TO_MODEL's keys), for fastdpo's two-pass route at
+    (n scored rows, H, V) on the model device named like `device_name`; workspace_bytes None: the default.
+    The cuBLAS row is cuBLAS's logits GEMM alone (efficiency 1.0), the measured Triton rows' yardstick."""
+    device, shape = model_device(device_name), Shape(n, hidden, vocab, dtype)
+    p = fastdpo(shape, device, Options(workspace_bytes=workspace_bytes))
+    e = shape.elem
+    logits = gemm_phase("cuBLAS logits", n, vocab, hidden, e, e, n * vocab * e, cublas_tiling(device), device,
+                        CUBLAS_EFFICIENCY)
+    model = {ph.name: ph.time_s(device, dtype) * 1e3 for ph in [*p.phases, logits]}
+    return {phase: sum(model.get(k, 0.0) for k in keys) if keys else p.time_s * 1e3
+            for phase, keys in MEASURED_TO_MODEL.items()}
 
 
 # --- fastdpo with grad_tolerance: the plan, then the block-sparse backward ------------------------------
