@@ -485,7 +485,7 @@ SWEEP_FULL_SPEED_CH = 2**24
 DRY_PHASE_SHAPES = ((20, 16, 96),)
 DRY_SWEEP_WIDTHS = (32, 64)
 # tools/cost_model.py's per-phase model (ms), called as fn(cost_model.Shape, cost_model.Device) where present
-COST_MODEL_PHASE_FUNCTIONS = ("phase_ms", "modelled_phase_ms", "phases_ms")
+
 
 
 # Measured phase -> the cost model's phases it covers (empty: the whole step).
@@ -548,7 +548,7 @@ def measure_shape(n: int, hidden: int, vocab: int, bench, device_name: str, devi
     w = (torch.randn(vocab, hidden, device=dev) * hidden**-0.5 * 3).to(dtype)
     targets = torch.randint(0, vocab, (n,), device=dev)
     rows = torch.arange(n, device=dev)
-    workspace = config.default_workspace_bytes(dev)
+    workspace = config.default_workspace_bytes(dev, n, vocab, hidden, dtype)
     width = triton_head.chunk_width(n, w, workspace)
     chunks = [(s, min(s + width, vocab)) for s in range(0, vocab, width)]
     model_ms, model_peak = model_rows(n, hidden, vocab, device_name, workspace)
@@ -658,18 +658,14 @@ def _mm_fp32(a, b, out) -> None:
 
 
 def modelled_phases(n: int, hidden: int, vocab: int, device_name: str) -> dict:
-    """tools/cost_model.py's modelled ms per phase (the first of COST_MODEL_PHASE_FUNCTIONS it has), shown beside
-    the measured ones; {'unavailable': why} while it has none."""
+    """tools/cost_model.py's modelled ms per phase (cost_model.phase_rows), shown beside the measured ones;
+    {'unavailable': why} if the model does not fit the call."""
     from tools import cost_model as cm
 
-    name = next((f for f in COST_MODEL_PHASE_FUNCTIONS if hasattr(cm, f)), None)
-    if name is None:
-        return dict(unavailable=f"tools/cost_model.py has none of {', '.join(COST_MODEL_PHASE_FUNCTIONS)}")
-    device = cm.DEVICES["h200" if "h200" in device_name.lower() else "h100"]
     try:
-        return dict(function=name, ms=dict(getattr(cm, name)(cm.Shape(n, hidden, vocab), device)))
+        return dict(function="phase_rows", ms=cm.phase_rows(n, hidden, vocab, device_name=device_name))
     except Exception as exc:  # noqa: BLE001 - a model that does not fit the call is reported, not fatal
-        return dict(unavailable=f"cost_model.{name}: {type(exc).__name__}: {exc}"[:300])
+        return dict(unavailable=f"cost_model.phase_rows: {type(exc).__name__}: {exc}"[:300])
 
 
 def measure_sweep(n: int, hidden: int, vocab: int, widths, bench, device: str = "cuda",
@@ -909,7 +905,7 @@ def measure_sparse(n: int, hidden: int, vocab: int, bench, device_name: str, dev
         tile_lse, lse = forward_logsumexps(h, w, rows, row_targets)
         stats = kept_statistics(tile_lse, lse, row_targets, cfg["BLOCK_M"], cfg["BLOCK_V"], tolerance)
         kept = stats.pop("kept")
-        workspace = config.default_workspace_bytes(dev)
+        workspace = config.default_workspace_bytes(dev, rows.numel(), vocab, hidden, dtype)
         res = dict(inputs=kind, scored_rows=rows.numel(), tolerance=tolerance, **stats,
                    break_even=triton_head.SPARSE_BREAK_EVEN, workspace_bytes=workspace, rows=[], errors={},
                    model=sparse_model(rows.numel(), hidden, vocab, device_name, workspace, stats["kept_fraction"],

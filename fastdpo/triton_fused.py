@@ -180,7 +180,7 @@ class StoredLogits:
             accumulate_product(dx_rows, d, self.weight)
             self.dx.index_copy_(0, rows, dx_rows)
         if self.dw is not None:
-            accumulate_weight_product(self.dw, d.T, self.x_scored[k][a:b])
+            accumulate_product(self.dw, d.T, self.x_scored[k][a:b])
         if self.db is not None:
             self.db += d.sum(0, dtype=torch.float32)
 

@@ -117,9 +117,6 @@ def persistent_config(dtype: torch.dtype, capability: int | None, hidden_size: i
 # shapes, the dtype and the device kind (through BLOCK_V) alone, never on free memory: the chunking
 # decides how dX's chunk products are summed, and the same inputs must give the same bits.
 MIN_CHUNK_GEMM_OUTPUT = 1 << 24
-# What default_workspace_bytes answers a caller that gives no shapes.
-UNKNOWN_SHAPE_WORKSPACE = 1 << 30
-INTERPRETER_WORKSPACE = 64 << 20
 
 
 def default_chunk_width(n_rows: int, vocab_size: int, hidden_size: int, block_v: int) -> int:
@@ -129,14 +126,9 @@ def default_chunk_width(n_rows: int, vocab_size: int, hidden_size: int, block_v:
     return min(triton.cdiv(columns, block_v), triton.cdiv(vocab_size, block_v)) * block_v
 
 
-def default_workspace_bytes(device: torch.device, n_rows: int | None = None, vocab_size: int | None = None,
-                            hidden_size: int | None = None, dtype: torch.dtype = torch.bfloat16) -> int:
-    """The workspace of default_chunk_width: n * C * element bytes (see MIN_CHUNK_GEMM_OUTPUT).
-
-    Without the shapes (a caller that only wants a bound, as benchmarks/gpu_check.py did): the former
-    fixed bound, UNKNOWN_SHAPE_WORKSPACE on CUDA, INTERPRETER_WORKSPACE off it. fastdpo passes the shapes."""
-    if n_rows is None or vocab_size is None or hidden_size is None:
-        return UNKNOWN_SHAPE_WORKSPACE if device.type == "cuda" else INTERPRETER_WORKSPACE
+def default_workspace_bytes(device: torch.device, n_rows: int, vocab_size: int, hidden_size: int,
+                            dtype: torch.dtype) -> int:
+    """The workspace of default_chunk_width: n * C * element bytes (see MIN_CHUNK_GEMM_OUTPUT)."""
     block_v = gemm_config(dtype, device_capability(device), hidden_size)["BLOCK_V"]
     width = default_chunk_width(n_rows, vocab_size, hidden_size, block_v)
     return max(1, n_rows) * width * dtype.itemsize
