@@ -314,6 +314,7 @@ def _stored_logits(backend: str, device: torch.device):
     return StoredLogits, chunked.Transform, DEFAULT_WORKSPACE_BYTES
 
 
+@chunked.Workers.serial_caller()  # see there: the loss is evaluated on this thread per group of pairs
 def _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, transform, with_stats, workspace_bytes,
                 reference, backend="torch"):
     hidden_2d, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
@@ -333,6 +334,7 @@ def _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, trans
     return terms, policy, _gradients(head, hidden, weight, bias)
 
 
+@chunked.Workers.serial_caller()  # see there: the loss is evaluated on this thread per group of pairs
 def fused_token_pass(config: LossConfig, hidden, weight, bias, targets, mask, transform: LogitTransform, *,
                      with_stats: bool, workspace_bytes: int | None, ref_chosen_logps, ref_rejected_logps):
     """The fused pass for a caller that computes the loss itself (patched TRL's loss route).
