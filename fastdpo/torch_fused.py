@@ -15,6 +15,9 @@ Trainable head (StoredLogits), 3 passes (6P FLOPs; the two-pass path spends 8P):
             forward's tiles (_TargetFreePart): onehot - p_y would cancel when p_y -> 1
     pass 2  dX rows = D W          (each worker part's share, summed in a fixed order)
     pass 3  dW += D^T X, db += sum_rows D   (parts own disjoint vocabulary rows: no races).
+On the shifted path the stored tiles are not touched again: with E' the stored e, its target entry zeroed
+by the forward, and s = -c g / S per row, D = s E' + c g (1 - p_y) onehot_y, so dX rows = s (E' W) +
+c g (1 - p_y) W_y and dW += E'^T (s X) plus c g (1 - p_y) x into row y: a tile costs its two GEMMs.
 Rows the shifted forward hands to the online one (a target ~41 nats below the row's maximum: their stored
 e overflowed) take no part in the stored tiles' GEMMs; the two-pass backward recomputes theirs.
 
@@ -51,10 +54,10 @@ class _TargetFreePart(chunked.Part):
         super().__init__(part.slices, part.first, part.acc, part._tile)
         self.shifted, self.targets, self.excl, self.row_max = shifted, None, None, None
 
-    def reset(self, targets: torch.Tensor | None, slice_width: int = 0) -> None:
-        self.targets = targets
+    def reset(self, targets: torch.Tensor | None, hits: dict | None = None) -> None:
+        """A new block: its rows' targets and their target_hits (None: a block of other rows)."""
+        self.targets, self.hits = targets, hits
         if targets is not None:
-            self.hits = target_hits(targets, slice_width)
             self.excl = torch.zeros(targets.numel(), dtype=self.acc.dtype, device=self.acc.device)
             self.row_max = torch.full_like(self.excl, float("-inf"))
 
@@ -171,8 +174,9 @@ class StoredLogits:
         self.slot_of[k] = self.free.pop()
         self._use_slot(k)
         r0, r1 = self.blocks[k]
+        hits = target_hits(self.x.targets[r0:r1], self.buffers.slice_width)
         for part in self.buffers.parts:
-            part.reset(self.x.targets[r0:r1], self.buffers.slice_width)
+            part.reset(self.x.targets[r0:r1], hits)
         partials = chunked.forward_block(self.x, r0, r1, self.weight, self.bias, self.transform, self.with_stats,
                                          self.buffers, self.weight_sum)
         # Rows the shifted forward handed to the online path (a target far below its row's maximum, or
@@ -193,7 +197,6 @@ class StoredLogits:
     def backward_rows(self, k: int, a: int, b: int, grad: torch.Tensor) -> None:
         """d_logits of rows [a, b) of block k (grad: their dloss/dlogp), then their dX, dW and db."""
         r0, r1 = self.blocks[k]
-        n_block, partials = r1 - r0, self.partials[k]
         xr = self.x.block(r0 + a, r0 + b, self.buffers.rows)
         targets = self.x.targets[r0 + a: r0 + b]
         grad = grad_all = grad.to(self.x.dtype)
@@ -201,34 +204,64 @@ class StoredLogits:
         if rerun is not None and rerun.numel():
             grad = grad.index_fill(0, rerun, 0)  # the stored tiles of these rows take no part (see below)
         target_entry = grad * self.target_gap[k][a:b].nan_to_num(0, 0, 0)  # g (1 - p_y)
-        if self.shifted:  # p = e / S; the stored e_y is 0 (see _SlotPart.done)
-            factor = self.transform.linear_factor
-            row_scale, target_entry = -(factor * grad / partials.sum_exp[a:b])[:, None], factor * target_entry
-        else:
-            lse = logsumexp(partials)[a:b]
         self._use_slot(k)
+        if self.shifted:
+            dx_rows = self._shifted_backward(k, a, b, xr, targets, grad, target_entry, rerun)
+        else:
+            dx_rows = self._online_backward(k, a, b, xr, targets, grad, target_entry)
+        if self.dx is not None:
+            self.dx.index_copy_(0, self.x.rows[r0 + a: r0 + b], dx_rows)
+        if rerun is not None and rerun.numel():
+            self._recompute_rows(k, a, b, rerun, grad_all)
+
+    def _stored_tiles(self, part: "_SlotPart", k: int, a: int, b: int, rerun):
+        """(v0, v1, rows [a, b) of the part's stored tile) of block k, rows to recompute zeroed (their e overflowed)."""
+        n_block = self.blocks[k][1] - self.blocks[k][0]
+        for v0, v1 in part.slices:
+            tile = part.stored(n_block, v0, v1)[a:b]
+            if rerun is not None and rerun.numel():
+                tile.index_fill_(0, rerun, 0)
+            yield v0, v1, tile
+
+    def _shifted_backward(self, k, a, b, xr, targets, grad, target_entry, rerun):
+        """D = s E' + c g (1 - p_y) onehot, with s = -c g / S per row and E' the stored e without its target entry
+        (zeroed by the forward): the row scale goes onto X's rows and the sum's, the target entries are one
+        row each of dX and dW, so a stored tile costs its two GEMMs and nothing else. dX's rows are returned."""
+        factor = self.transform.linear_factor
+        row_scale = -(factor * grad / self.partials[k].sum_exp[a:b])[:, None]
+        target_entry = (factor * target_entry)[:, None]
+        scaled_x = xr * row_scale
+
+        def part_grads(part: _SlotPart):
+            share = part.acc[: b - a].zero_() if self.dx is not None else None
+            for v0, v1, tile in self._stored_tiles(part, k, a, b, rerun):
+                chunked.add_tile_gradients(tile, self.weight[v0:v1].to(xr.dtype), scaled_x, share, self.dw, None, v0, v1)
+            return share
+
+        shares = chunked.Workers.map(part_grads, self.buffers.parts)
+        if self.dw is not None:
+            self.dw.index_add_(0, targets, xr * target_entry)
+        if self.dx is None:
+            return None
+        w_target = chunked.gather_rows(self.weight, targets, torch.empty_like(xr))
+        return chunked._sum_in_order(shares).mul_(row_scale).add_(w_target.mul_(target_entry))
+
+    def _online_backward(self, k, a, b, xr, targets, grad, target_entry):
+        """Each stored tile of z becomes g (onehot - exp(z - lse)) t'(z), its target entry g (1 - p_y) t'_y."""
+        lse = logsumexp(self.partials[k])[a:b]
         hits = target_hits(targets, self.buffers.slice_width)
 
         def part_grads(part: _SlotPart):
             share = part.acc[: b - a].zero_() if self.dx is not None else None
-            for v0, v1 in part.slices:
-                tile = part.stored(n_block, v0, v1)[a:b]
-                if rerun is not None and rerun.numel():
-                    tile.index_fill_(0, rerun, 0)
-                if self.shifted:
-                    d_raw = _set_at_targets(tile.mul_(row_scale), hits.get(v0), target_entry)
-                else:
-                    d_z = _set_at_targets(chunked._logits_gradient(tile, targets - v0, lse, grad), hits.get(v0),
-                                          target_entry)
-                    d_raw = self.transform.scale_gradient_(d_z, tile)
+            for v0, v1, tile in self._stored_tiles(part, k, a, b, None):
+                d_z = _set_at_targets(chunked._logits_gradient(tile, targets - v0, lse, grad), hits.get(v0),
+                                      target_entry)
+                d_raw = self.transform.scale_gradient_(d_z, tile)
                 chunked.add_tile_gradients(d_raw, self.weight[v0:v1].to(xr.dtype), xr, share, self.dw, self.db, v0, v1)
             return share
 
         shares = chunked.Workers.map(part_grads, self.buffers.parts)
-        if self.dx is not None:
-            self.dx.index_copy_(0, self.x.rows[r0 + a: r0 + b], chunked._sum_in_order(shares))
-        if rerun is not None and rerun.numel():
-            self._recompute_rows(k, a, b, rerun, grad_all)
+        return chunked._sum_in_order(shares) if self.dx is not None else None
 
     def _recompute_rows(self, k: int, a: int, b: int, which: torch.Tensor, grad: torch.Tensor) -> None:
         """The two-pass backward (a recompute) for rows `which` of rows [a, b) of block k."""
@@ -243,14 +276,13 @@ class StoredLogits:
 def target_hits(targets: torch.Tensor, slice_width: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """For each vocabulary slice [v0, v0 + slice_width) holding some row's target: v0 -> (rows, columns in
     the slice). Found once per block, so that a tile without targets (most of them) costs no ops here."""
-    found: dict[int, tuple[list[int], list[int]]] = {}
-    for row, target in enumerate(targets.tolist()):
-        rows, cols = found.setdefault(target - target % slice_width, ([], []))
-        rows.append(row)
-        cols.append(target % slice_width)
-    device = targets.device
-    return {v0: (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
-            for v0, (rows, cols) in found.items()}
+    slices = torch.div(targets, slice_width, rounding_mode="floor")
+    order = torch.argsort(slices, stable=True)
+    first, counts = torch.unique_consecutive(slices[order], return_counts=True)
+    counts = counts.tolist()
+    columns = (targets - slices * slice_width)[order]
+    return {s * slice_width: (rows, cols)
+            for s, rows, cols in zip(first.tolist(), order.split(counts), columns.split(counts))}
 
 
 def _set_at_targets(tile: torch.Tensor, hit: tuple[torch.Tensor, torch.Tensor] | None,
@@ -270,8 +302,8 @@ class _FrozenPart(_TargetFreePart):
         super().__init__(part, owner.shifted)
         self.owner, self.a = owner, torch.empty_like(part.acc)
 
-    def reset(self, targets: torch.Tensor | None, slice_width: int = 0) -> None:
-        super().reset(targets, slice_width)
+    def reset(self, targets: torch.Tensor | None, hits: dict | None = None) -> None:
+        super().reset(targets, hits)
         if targets is not None:
             self.a[: targets.numel()].zero_()
 
@@ -307,8 +339,10 @@ class FrozenAccumulator(chunked.BlockBuffers):
     def start_block(self, x: Rows, r0: int, r1: int) -> None:
         self._flush()
         self.block = (r0, r1) if x is self.x else None
+        targets = None if self.block is None else x.targets[r0:r1]
+        hits = None if targets is None else target_hits(targets, self.slice_width)
         for part in self.parts:
-            part.reset(None if self.block is None else x.targets[r0:r1], self.slice_width)
+            part.reset(targets, hits)
 
     def _flush(self) -> None:
         """The current block's parts, combined in part order into its rows of A, excl and row_max."""
