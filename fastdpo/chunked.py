@@ -21,6 +21,7 @@ same inputs are the same bits with or without statistics, for the policy and the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -80,10 +81,39 @@ class Workers:
     _lock = threading.Lock()
     _pool: ThreadPoolExecutor | None = None
     _pool_key = None  # (size, pid) of _pool
+    _caller = threading.local()  # .threads: the caller's thread count while serial_caller holds it at 1
 
     @staticmethod
     def count(n_slices: int) -> int:
-        return max(1, min(torch.get_num_threads(), n_slices))
+        return max(1, min(Workers.threads(), n_slices))
+
+    @classmethod
+    def threads(cls) -> int:
+        """The caller's torch thread count (as it was outside serial_caller)."""
+        return getattr(cls._caller, "threads", None) or torch.get_num_threads()
+
+    @classmethod
+    @contextlib.contextmanager
+    def serial_caller(cls):
+        """The calling thread's own ops single-threaded for the duration of a pass (also a decorator).
+
+        Between token blocks the caller runs many ops on a few hundred values (merges, logs, the loss and its
+        gradient). Once any thread has called torch.set_num_threads (our workers do), MKL's dynamic
+        threading is off for the process and its vector math (exp, log) runs every such op as an OpenMP
+        region of all the caller's threads: 3.5 us instead of 1.3 on idle cores, and 20 ms per op measured
+        on 2 cores shared with other processes, whose scheduler must first run the region's second thread.
+        The workers meanwhile wait for the caller. Elementwise ops give the same bits on any thread count;
+        reductions may not, so every route computes the same values under the same rule (all inside)."""
+        if getattr(cls._caller, "threads", None) is not None or torch.get_num_threads() == 1:
+            yield
+            return
+        cls._caller.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(cls._caller.threads)
+            cls._caller.threads = None
 
     @classmethod
     def map(cls, fn, parts: list) -> list:
@@ -239,6 +269,7 @@ def _cat(parts: list[VocabPartials]) -> VocabPartials:
 # --- forward -------------------------------------------------------------------------------------
 
 
+@Workers.serial_caller()
 def forward_partials(x: Rows, weight, bias, transform: Transform, with_stats: bool,
                      buffers: BlockBuffers | None = None, tolerance: float = 0.0) -> VocabPartials:
     """Merged softmax partials of the scored rows over the whole vocabulary.
@@ -456,6 +487,7 @@ def _tile_partials(z: torch.Tensor, targets: torch.Tensor, col_start: int, with_
 # --- backward ------------------------------------------------------------------------------------
 
 
+@Workers.serial_caller()
 def backward(x: Rows, weight, bias, lse, grad, transform: Transform, *, dx, dw, db,
              buffers: BlockBuffers | None = None, kept: list[list[bool]] | None = None):
     """Accumulate into dx ([N, H], indexed by x.rows), dw ([V, H]) and db ([V]); each may be None.

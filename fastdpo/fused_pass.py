@@ -349,6 +349,7 @@ def _stored_logits(backend: str, device: torch.device):
     return StoredLogits, chunked.Transform, DEFAULT_WORKSPACE_BYTES
 
 
+@chunked.Workers.serial_caller()  # see there: the loss is evaluated on this thread per group of pairs
 def _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, transform, with_stats, workspace_bytes,
                 reference, backend="torch", shard=None):
     """shard: a vocab-parallel head's _Shard, else None."""
@@ -371,6 +372,7 @@ def _fused_pass(config, hidden, weight, bias, targets, mask, ignore_index, trans
     return terms, policy, _gradients(head, hidden, weight, bias)
 
 
+@chunked.Workers.serial_caller()  # see there: the loss is evaluated on this thread per group of pairs
 def fused_token_pass(config: LossConfig, hidden, weight, bias, targets, mask, transform: LogitTransform, *,
                      with_stats: bool, workspace_bytes: int | None, ref_chosen_logps, ref_rejected_logps,
                      backend: str):

@@ -51,10 +51,10 @@ class _TargetFreePart(chunked.Part):
         super().__init__(part.slices, part.first, part.acc, part._tile)
         self.shifted, self.targets, self.excl, self.row_max = shifted, None, None, None
 
-    def reset(self, targets: torch.Tensor | None, slice_width: int = 0) -> None:
-        self.targets = targets
+    def reset(self, targets: torch.Tensor | None, hits: dict | None = None) -> None:
+        """A new block: its rows' targets and their target_hits (None: a block of other rows)."""
+        self.targets, self.hits = targets, hits
         if targets is not None:
-            self.hits = target_hits(targets, slice_width)
             self.excl = torch.zeros(targets.numel(), dtype=self.acc.dtype, device=self.acc.device)
             self.row_max = torch.full_like(self.excl, float("-inf"))
 
@@ -108,9 +108,10 @@ class _SlotPart(_TargetFreePart):
     def tile_for(self, n_rows: int, v0: int, v1: int) -> torch.Tensor:
         return super().tile_for(n_rows, v0, v1) if self.scratch else self.stored(n_rows, v0, v1)
 
-    def stored(self, n_rows: int, v0: int, v1: int) -> torch.Tensor:
+    def stored(self, n_rows: int, v0: int, v1: int, slot: torch.Tensor | None = None) -> torch.Tensor:
         start = v0 * self.block_rows
-        return self.slot[start: start + n_rows * (v1 - v0)].view(n_rows, v1 - v0)
+        slot = self.slot if slot is None else slot
+        return slot[start: start + n_rows * (v1 - v0)].view(n_rows, v1 - v0)
 
     def done(self, v0: int, v1: int, tile: torch.Tensor) -> None:
         if not self.scratch:
@@ -135,7 +136,10 @@ class StoredLogits:
     """The trainable route's workspace and gradient accumulators for the scored rows `x`.
 
     forward(k) computes token block k into a free slot; backward_rows(k, a, b, grad) turns rows [a, b) of
-    block k into d_logits and adds their dX, dW and db; release(k) frees the block's slot.
+    block k into d_logits and adds their dX, dW and db; release(k) frees the block's slot. The backward of
+    the blocks released together (a chosen and a rejected block, mostly) runs at the next forward or
+    merged_partials, all at once: each vocabulary slice of W and dW is read from memory once for all of
+    them, not once per block (on shared cores memory bandwidth, not arithmetic, bounds these GEMMs).
     """
 
     def __init__(self, x: Rows, weight, bias, transform: Transform, with_stats: bool, n_slots: int, *,
@@ -150,6 +154,7 @@ class StoredLogits:
         self.slots = torch.empty(n_slots, block_rows * vocab_size, dtype=x.dtype, device=device)
         self.free, self.slot_of = list(range(n_slots - 1, -1, -1)), {}
         self.partials, self.target_gap, self.rerun = {}, {}, {}
+        self.pending, self.releasing = [], []  # backward_rows' (k, a, b, grad) and the released blocks, until _flush
 
         self.dx, self.dw, self.db = zero_gradients(x.hidden, weight, x.dtype, need_dx, need_dw,
                                                    need_db and bias is not None)
@@ -168,11 +173,13 @@ class StoredLogits:
 
     def forward(self, k: int) -> VocabPartials:
         """Block k's merged partials (the two-pass path's bits), its tiles kept."""
+        self._flush()
         self.slot_of[k] = self.free.pop()
         self._use_slot(k)
         r0, r1 = self.blocks[k]
+        hits = target_hits(self.x.targets[r0:r1], self.buffers.slice_width)
         for part in self.buffers.parts:
-            part.reset(self.x.targets[r0:r1], self.buffers.slice_width)
+            part.reset(self.x.targets[r0:r1], hits)
         partials = chunked.forward_block(self.x, r0, r1, self.weight, self.bias, self.transform, self.with_stats,
                                          self.buffers, self.weight_sum)
         # Rows the shifted forward handed to the online path (a target far below its row's maximum, or
@@ -184,51 +191,82 @@ class StoredLogits:
         return partials
 
     def merged_partials(self) -> VocabPartials:
-        """Every block's partials, in row order."""
+        """Every block's partials, in row order (and every queued backward done)."""
+        self._flush()
         return chunked._cat([self.partials[k] for k in range(len(self.blocks))])
 
     def release(self, k: int) -> None:
-        self.free.append(self.slot_of.pop(k))
+        self.releasing.append(k)  # its slot is free once its queued backward has run (_flush)
 
     def backward_rows(self, k: int, a: int, b: int, grad: torch.Tensor) -> None:
-        """d_logits of rows [a, b) of block k (grad: their dloss/dlogp), then their dX, dW and db."""
-        r0, r1 = self.blocks[k]
-        n_block, partials = r1 - r0, self.partials[k]
-        xr = self.x.block(r0 + a, r0 + b, self.buffers.rows)
-        targets = self.x.targets[r0 + a: r0 + b]
-        grad = grad_all = grad.to(self.x.dtype)
-        rerun = None if self.rerun[k] is None else self.rerun[k][a:b].nonzero().squeeze(1)
-        if rerun is not None and rerun.numel():
-            grad = grad.index_fill(0, rerun, 0)  # the stored tiles of these rows take no part (see below)
-        target_entry = grad * self.target_gap[k][a:b].nan_to_num(0, 0, 0)  # g (1 - p_y)
-        if self.shifted:  # p = e / S; the stored e_y is 0 (see _SlotPart.done)
-            factor = self.transform.linear_factor
-            row_scale, target_entry = -(factor * grad / partials.sum_exp[a:b])[:, None], factor * target_entry
-        else:
-            lse = logsumexp(partials)[a:b]
-        self._use_slot(k)
+        """Queues rows [a, b) of block k (grad: their dloss/dlogp) for their d_logits, dX, dW and db (_flush)."""
+        self.pending.append(_Rows(self, k, a, b, grad))
+
+    def _flush(self) -> None:
+        """The queued rows' backward, the shifted blocks' together, then their released slots freed."""
+        pending, self.pending = self.pending, []
+        if pending and self.shifted:
+            self._shifted_backward(pending)
+        for rows in pending:
+            if not self.shifted:
+                self._online_backward(rows)
+            if self.dx is not None:
+                self.dx.index_copy_(0, rows.rows, rows.dx)
+            if rows.rerun.numel():
+                self._recompute_rows(rows.k, rows.a, rows.b, rows.rerun, rows.grad_all)
+        for k in self.releasing:
+            self.free.append(self.slot_of.pop(k))
+        self.releasing = []
+
+    def _stored_tiles(self, part: "_SlotPart", v0: int, v1: int, rows: "_Rows") -> torch.Tensor:
+        """Rows [a, b) of the part's stored tile (v0, v1) of block k, rows to recompute zeroed (their e overflowed)."""
+        tile = part.stored(rows.n_block, v0, v1, self.slots[self.slot_of[rows.k]])[rows.a:rows.b]
+        return tile.index_fill_(0, rows.rerun, 0) if rows.rerun.numel() else tile
+
+    def _shifted_backward(self, pending: list["_Rows"]) -> None:
+        """D = c g (onehot - e / S) in place of each stored tile (the stored e_y is 0, see _SlotPart.done), its
+        target entry c g (1 - p_y); then the tile's two GEMMs. A part takes each of its slices for every
+        queued block in turn, while the slice's rows of W and dW are in cache."""
+        factor = self.transform.linear_factor
+        for rows in pending:
+            rows.row_scale = -(factor * rows.grad / self.partials[rows.k].sum_exp[rows.a:rows.b])[:, None]
+            rows.target_entry = factor * rows.target_entry
+            rows.hits = target_hits(rows.targets, self.buffers.slice_width)
+
+        def part_grads(part: _SlotPart):
+            shares = [part.acc.new_zeros(rows.x.shape) if self.dx is not None else None for rows in pending]
+            for v0, v1 in part.slices:
+                w = self.weight[v0:v1].to(part.acc.dtype)
+                for rows, share in zip(pending, shares):
+                    tile = self._stored_tiles(part, v0, v1, rows).mul_(rows.row_scale)
+                    d_raw = _set_at_targets(tile, rows.hits.get(v0), rows.target_entry)
+                    chunked.add_tile_gradients(d_raw, w, rows.x, share, self.dw, None, v0, v1)
+            return shares
+
+        shares = chunked.Workers.map(part_grads, self.buffers.parts)
+        if self.dx is not None:
+            for j, rows in enumerate(pending):
+                rows.dx = chunked._sum_in_order([part[j] for part in shares])
+
+    def _online_backward(self, rows: "_Rows") -> None:
+        """Each stored tile of z becomes g (onehot - exp(z - lse)) t'(z), its target entry g (1 - p_y) t'_y."""
+        k, a, b, xr, targets, grad, target_entry = (rows.k, rows.a, rows.b, rows.x, rows.targets, rows.grad,
+                                                    rows.target_entry)
+        lse = logsumexp(self.partials[k])[a:b]
         hits = target_hits(targets, self.buffers.slice_width)
 
         def part_grads(part: _SlotPart):
             share = part.acc[: b - a].zero_() if self.dx is not None else None
             for v0, v1 in part.slices:
-                tile = part.stored(n_block, v0, v1)[a:b]
-                if rerun is not None and rerun.numel():
-                    tile.index_fill_(0, rerun, 0)
-                if self.shifted:
-                    d_raw = _set_at_targets(tile.mul_(row_scale), hits.get(v0), target_entry)
-                else:
-                    d_z = _set_at_targets(chunked._logits_gradient(tile, targets - v0, lse, grad), hits.get(v0),
-                                          target_entry)
-                    d_raw = self.transform.scale_gradient_(d_z, tile)
+                tile = self._stored_tiles(part, v0, v1, rows)
+                d_z = _set_at_targets(chunked._logits_gradient(tile, targets - v0, lse, grad), hits.get(v0),
+                                      target_entry)
+                d_raw = self.transform.scale_gradient_(d_z, tile)
                 chunked.add_tile_gradients(d_raw, self.weight[v0:v1].to(xr.dtype), xr, share, self.dw, self.db, v0, v1)
             return share
 
         shares = chunked.Workers.map(part_grads, self.buffers.parts)
-        if self.dx is not None:
-            self.dx.index_copy_(0, self.x.rows[r0 + a: r0 + b], chunked._sum_in_order(shares))
-        if rerun is not None and rerun.numel():
-            self._recompute_rows(k, a, b, rerun, grad_all)
+        rows.dx = chunked._sum_in_order(shares) if self.dx is not None else None
 
     def _recompute_rows(self, k: int, a: int, b: int, which: torch.Tensor, grad: torch.Tensor) -> None:
         """The two-pass backward (a recompute) for rows `which` of rows [a, b) of block k."""
@@ -240,17 +278,34 @@ class StoredLogits:
                          db=self.db)
 
 
+class _Rows:
+    """Rows [a, b) of token block k queued for the backward: their gathered hidden rows, targets, loss gradient
+    (zero on the rows the two-pass backward recomputes, `rerun`), g (1 - p_y), and later their dX rows."""
+
+    def __init__(self, head: StoredLogits, k: int, a: int, b: int, grad: torch.Tensor):
+        r0, r1 = head.blocks[k]
+        self.k, self.a, self.b, self.n_block = k, a, b, r1 - r0
+        self.rows, self.targets = head.x.rows[r0 + a: r0 + b], head.x.targets[r0 + a: r0 + b]
+        self.x = head.x.hidden.index_select(0, self.rows).to(head.x.dtype)
+        self.grad = self.grad_all = grad.to(head.x.dtype)
+        rerun = head.rerun[k][a:b] if head.rerun[k] is not None else self.rows.new_zeros(b - a, dtype=torch.bool)
+        self.rerun = rerun.nonzero().squeeze(1)
+        if self.rerun.numel():
+            self.grad = self.grad.index_fill(0, self.rerun, 0)  # their stored tiles take no part
+        self.target_entry = self.grad * head.target_gap[k][a:b].nan_to_num(0, 0, 0)  # g (1 - p_y)
+        self.dx = None
+
+
 def target_hits(targets: torch.Tensor, slice_width: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """For each vocabulary slice [v0, v0 + slice_width) holding some row's target: v0 -> (rows, columns in
     the slice). Found once per block, so that a tile without targets (most of them) costs no ops here."""
-    found: dict[int, tuple[list[int], list[int]]] = {}
-    for row, target in enumerate(targets.tolist()):
-        rows, cols = found.setdefault(target - target % slice_width, ([], []))
-        rows.append(row)
-        cols.append(target % slice_width)
-    device = targets.device
-    return {v0: (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
-            for v0, (rows, cols) in found.items()}
+    slices = torch.div(targets, slice_width, rounding_mode="floor")
+    order = torch.argsort(slices, stable=True)
+    first, counts = torch.unique_consecutive(slices[order], return_counts=True)
+    counts = counts.tolist()
+    columns = (targets - slices * slice_width)[order]
+    return {s * slice_width: (rows, cols)
+            for s, rows, cols in zip(first.tolist(), order.split(counts), columns.split(counts))}
 
 
 def _set_at_targets(tile: torch.Tensor, hit: tuple[torch.Tensor, torch.Tensor] | None,
@@ -270,8 +325,8 @@ class _FrozenPart(_TargetFreePart):
         super().__init__(part, owner.shifted)
         self.owner, self.a = owner, torch.empty_like(part.acc)
 
-    def reset(self, targets: torch.Tensor | None, slice_width: int = 0) -> None:
-        super().reset(targets, slice_width)
+    def reset(self, targets: torch.Tensor | None, hits: dict | None = None) -> None:
+        super().reset(targets, hits)
         if targets is not None:
             self.a[: targets.numel()].zero_()
 
@@ -307,8 +362,10 @@ class FrozenAccumulator(chunked.BlockBuffers):
     def start_block(self, x: Rows, r0: int, r1: int) -> None:
         self._flush()
         self.block = (r0, r1) if x is self.x else None
+        targets = None if self.block is None else x.targets[r0:r1]
+        hits = None if targets is None else target_hits(targets, self.slice_width)
         for part in self.parts:
-            part.reset(None if self.block is None else x.targets[r0:r1], self.slice_width)
+            part.reset(targets, hits)
 
     def _flush(self) -> None:
         """The current block's parts, combined in part order into its rows of A, excl and row_max."""
