@@ -402,6 +402,7 @@ class _ShardBlocks:
         return merged, lse, others
 
     def merged_partials(self) -> VocabPartials:
+        self.complete()  # the backend's queued backward, before dX is summed over the ranks
         return chunked._cat([self.merged[k] for k in range(len(self.blocks))])
 
     def sum_dx(self) -> None:

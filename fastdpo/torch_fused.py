@@ -192,8 +192,12 @@ class StoredLogits:
 
     def merged_partials(self) -> VocabPartials:
         """Every block's partials, in row order (and every queued backward done)."""
-        self._flush()
+        self.complete()
         return chunked._cat([self.partials[k] for k in range(len(self.blocks))])
+
+    def complete(self) -> None:
+        """Runs the queued backward of every released block (the gradients are final after it)."""
+        self._flush()
 
     def release(self, k: int) -> None:
         self.releasing.append(k)  # its slot is free once its queued backward has run (_flush)

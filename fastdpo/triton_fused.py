@@ -153,6 +153,9 @@ class StoredLogits:
         target_logit = torch.cat([self.tables[k][1] for k in order])
         return merge(VocabPartials(table[0], table[1], target_logit[None], *table[2:]))
 
+    def complete(self) -> None:
+        """Nothing is queued here: backward_rows computes its rows at once (torch_fused.StoredLogits queues them)."""
+
     def release(self, k: int) -> None:
         self.free.append(self.slot_of.pop(k))
         del self.x_scored[k]
