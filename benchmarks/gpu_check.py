@@ -428,12 +428,6 @@ def shape_markdown(shape: dict) -> list[str]:
     if shape.get("checks"):
         verdicts = (f"{k}: {'ok' if ok else 'MISSED'}" for k, ok in shape["checks"].items())
         lines += ["", "Checks: " + "; ".join(verdicts)]
-    model = shape.get("cost_model_phases", {})
-    if model.get("ms"):
-        lines += ["", f"tools/cost_model.py:{model['function']} (ms): "
-                      + ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in model["ms"].items())]
-    elif model.get("unavailable"):
-        lines += ["", f"Per-phase cost model: {model['unavailable']}"]
     if shape.get("errors"):
         lines += ["", "Errors: " + "; ".join(f"{k}: {v}" for k, v in shape["errors"].items())]
     return lines
@@ -488,18 +482,6 @@ DRY_SWEEP_WIDTHS = (32, 64)
 
 
 
-# Measured phase -> the cost model's phases it covers (empty: the whole step).
-MEASURED_TO_MODEL = {
-    "forward kernel": ("forward kernel",),
-    "forward (end to end)": ("forward kernel", "forward merge (torch)"),
-    "logits_grad kernel (recompute)": ("logits_grad kernel (recompute)",),
-    "backward chunks with dX": ("logits_grad kernel (recompute)", "dX_scored zeros", "dX GEMM (cuBLAS, fp32 out)",
-                                "dX_scored += product"),
-    "backward chunks with dW": ("logits_grad kernel (recompute)", "X_scored gather", "dW GEMM (cuBLAS)"),
-    "dX GEMM + add (cuBLAS)": ("dX_scored zeros", "dX GEMM (cuBLAS, fp32 out)", "dX_scored += product"),
-    "dW GEMM (cuBLAS)": ("X_scored gather", "dW GEMM (cuBLAS)"),
-    "forward + backward (end to end)": (),
-}
 CUBLAS_LOGITS = "cuBLAS logits (X W^T, chunked)"
 CUBLAS_LOGITS_FP32 = "cuBLAS logits (X W^T, fp32 token blocks)"
 FUSED_LOGITS = "fused logits kernel (STORE_LOGITS)"
@@ -510,14 +492,13 @@ DIFFERENCES = (("dX GEMM + add (cuBLAS)", "backward chunks with dX", "logits_gra
 
 
 def model_rows(n: int, hidden: int, vocab: int, device_name: str, workspace_bytes: int) -> tuple[dict, float]:
-    """The cost model's per-phase prediction (ms) for the shape, on the model device closest to device_name."""
+    """The cost model's prediction for the shape on the model device closest to device_name: ms per measured
+    phase (tools/cost_model.phase_rows) and the peak bytes above the inputs."""
     from tools import cost_model as cm
 
-    device = cm.DEVICES["h200" if "h200" in device_name.lower() else "h100"]
-    p = cm.fastdpo(cm.Shape(n, hidden, vocab), device, cm.Options(workspace_bytes=workspace_bytes))
-    model = {ph.name: ph.time_s(device, p.shape.dtype) * 1e3 for ph in p.phases}
-    return {phase: sum(model.get(k, 0.0) for k in keys) if keys else p.time_s * 1e3
-            for phase, keys in MEASURED_TO_MODEL.items()}, p.peak_bytes
+    shape, options = cm.Shape(n, hidden, vocab), cm.Options(workspace_bytes=workspace_bytes)
+    return (cm.phase_rows(n, hidden, vocab, device_name, workspace_bytes),
+            cm.fastdpo(shape, cm.model_device(device_name), options).peak_bytes)
 
 
 def measure_ceilings(bench) -> dict:
@@ -607,7 +588,6 @@ def measure_shape(n: int, hidden: int, vocab: int, bench, device_name: str, devi
           note="cuBLAS column: 2 x logits + dX + dW products alone")
     out["peak_bytes"] = _peak_above_inputs(step, hg, wg) if dev.type == "cuda" else None
     out["checks"] = kernel_checks(out["rows"])
-    out["cost_model_phases"] = modelled_phases(n, hidden, vocab, device_name)
     return out
 
 
@@ -655,17 +635,6 @@ def _mm_fp32(a, b, out) -> None:
         torch.mm(a, b, out=out)
     else:
         torch.mm(a, b, out_dtype=torch.float32, out=out)
-
-
-def modelled_phases(n: int, hidden: int, vocab: int, device_name: str) -> dict:
-    """tools/cost_model.py's modelled ms per phase (cost_model.phase_rows), shown beside the measured ones;
-    {'unavailable': why} if the model does not fit the call."""
-    from tools import cost_model as cm
-
-    try:
-        return dict(function="phase_rows", ms=cm.phase_rows(n, hidden, vocab, device_name=device_name))
-    except Exception as exc:  # noqa: BLE001 - a model that does not fit the call is reported, not fatal
-        return dict(unavailable=f"cost_model.phase_rows: {type(exc).__name__}: {exc}"[:300])
 
 
 def measure_sweep(n: int, hidden: int, vocab: int, widths, bench, device: str = "cuda",

@@ -297,7 +297,7 @@ def test_gpu_check_helpers():
     now[0] = 80.0
     assert budget.for_part(30.0) == pytest.approx(100 - 80 - gpu_check.WRITE_RESERVE_S)
     rows, peak = gpu_check.model_rows(16384, 4096, 128256, "NVIDIA H100 80GB HBM3", 1 << 30)
-    assert set(rows) == set(gpu_check.MEASURED_TO_MODEL)
+    assert set(rows) == set(cm.MEASURED_TO_MODEL)
     one_gib = cm.Options(workspace_bytes=1 << 30)
     assert rows["forward + backward (end to end)"] == pytest.approx(cm.fastdpo(LLAMA_16K, H100, one_gib).time_s * 1e3)
     assert peak > 0
@@ -373,7 +373,7 @@ def test_gpu_check_phase_measurement_code_runs_on_cpu(monkeypatch):
     assert not out["errors"], out["errors"]
     assert out["chunks"] == 2 and chunks == {(0, 64), (64, 6)}
     ms = {r["phase"]: r["ms"] for r in out["rows"]}
-    assert set(gpu_check.MEASURED_TO_MODEL) <= set(ms) and gpu_check.CUBLAS_LOGITS in ms
+    assert set(cm.MEASURED_TO_MODEL) <= set(ms) and gpu_check.CUBLAS_LOGITS in ms
     for phase, total, less in gpu_check.DIFFERENCES:
         assert ms[phase] == ms[total] - ms[less]
     fwd = next(r for r in out["rows"] if r["phase"] == "forward kernel")
