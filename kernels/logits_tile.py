@@ -75,6 +75,16 @@ def grouped_tile(pid, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_V: tl.constex
 
 
 @triton.jit
+def token_block(rows_ptr, pid_m, n_rows, BLOCK_M: tl.constexpr):
+    """The pointer driver's token block pid_m: its offsets into the scored rows, their mask, and the rows of X
+    they gather (int64: row * stride_x passes 2^31 for N * H > 2^31)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < n_rows
+    rows = tl.load(rows_ptr + offs_m, mask=row_mask, other=0).to(tl.int64)
+    return offs_m, row_mask, rows
+
+
+@triton.jit
 def raw_tile(
     x_ptr, w_ptr, rows, row_mask, cols, col_mask, hidden_size, stride_x, stride_w,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,

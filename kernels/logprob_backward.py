@@ -26,7 +26,8 @@ import triton.language as tl
 
 from .config import device_capability, gemm_config, persistent_config
 from .logits_tile import (column_halves, descriptor_arguments, finish_logits, grouped_tile, persistent_launch,
-                          raw_tile, raw_tile_tma, tile_arguments, transform_derivative)
+                          raw_tile, raw_tile_tma, tile_arguments, token_block,
+                          transform_derivative)
 
 
 @triton.jit
@@ -62,9 +63,7 @@ def d_logits_tile(
     """dL/draw on token block pid_m x `cols`, fp32 in registers (0 outside the matrix), and that mask.
 
     The forward's GEMM (raw_tile, same K loop): the recomputed z are the forward's own."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = offs_m < n_rows
-    rows = tl.load(rows_ptr + offs_m, mask=row_mask, other=0).to(tl.int64)
+    offs_m, row_mask, rows = token_block(rows_ptr, pid_m, n_rows, BLOCK_M)
     targets, lse, grad = row_terms(targets_ptr, lse_ptr, grad_ptr, offs_m, row_mask)
     acc = raw_tile(x_ptr, w_ptr, rows, row_mask, cols, col_mask, hidden_size, stride_x, stride_w,
                    BLOCK_M, BLOCK_V, BLOCK_K, INPUT_PRECISION)
@@ -99,9 +98,7 @@ def logits_grad_kernel(
 ):
     """The pointer driver: one program per (token block, vocabulary tile of the chunk)."""
     pid_m, pid_v = grouped_tile(tl.program_id(0), n_rows, chunk_width, BLOCK_M, BLOCK_V, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = offs_m < n_rows
-    rows = tl.load(rows_ptr + offs_m, mask=row_mask, other=0).to(tl.int64)
+    offs_m, row_mask, rows = token_block(rows_ptr, pid_m, n_rows, BLOCK_M)
     targets, lse, grad = row_terms(targets_ptr, lse_ptr, grad_ptr, offs_m, row_mask)
     local_cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = col_start + local_cols

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .config import device_capability, gemm_config, persistent_config
 from .logits_tile import (TensorDescriptor, column_halves, descriptor_arguments, descriptor_ready, finish_logits,
-                          grouped_tile, persistent_launch, raw_tile, raw_tile_tma, tile_arguments)
+                          grouped_tile, persistent_launch, raw_tile, raw_tile_tma, tile_arguments, token_block)
 
 STAT_FIELDS = 6  # m, s, a, q, u, b
 PLAIN_FIELDS = 2  # m, s
@@ -113,9 +113,7 @@ def logprob_forward_kernel(
 ):
     """The pointer driver: one program per (token block, vocabulary tile), X rows gathered by index."""
     pid_m, pid_v = grouped_tile(tl.program_id(0), n_rows, vocab_size, BLOCK_M, BLOCK_V, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = offs_m < n_rows
-    rows = tl.load(rows_ptr + offs_m, mask=row_mask, other=0).to(tl.int64)
+    offs_m, row_mask, rows = token_block(rows_ptr, pid_m, n_rows, BLOCK_M)
     targets = tl.load(targets_ptr + offs_m, mask=row_mask, other=-1).to(tl.int32)  # V < 2^31: half the registers
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     acc = raw_tile(x_ptr, w_ptr, rows, row_mask, cols, cols < vocab_size, hidden_size, stride_x, stride_w,
