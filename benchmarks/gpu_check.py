@@ -483,7 +483,7 @@ DRY_SWEEP_WIDTHS = (32, 64)
 
 
 CUBLAS_LOGITS = "cuBLAS logits (X W^T, chunked)"
-CUBLAS_LOGITS_FP32 = "cuBLAS logits (X W^T, fp32 token blocks)"
+CUBLAS_LOGITS_BLOCKS = "cuBLAS logits (X W^T, token blocks)"
 FUSED_LOGITS = "fused logits kernel (STORE_LOGITS)"
 KERNEL_ROWS = ("forward kernel", "logits_grad kernel (recompute)", FUSED_LOGITS)  # checked against cuBLAS
 # Rows that are differences of two measured ones: (row, measured, less the measured)
@@ -602,39 +602,32 @@ def kernel_checks(rows: list[dict]) -> dict:
 
 
 def _time_fused_logits(timed, h, w, targets, config) -> None:
-    """The fused route's forward (logprob_forward with STORE_LOGITS, token block by token block into one fp32 slot,
-    as fastdpo.triton_fused.StoredLogits runs it) against cuBLAS writing the same fp32 blocks."""
+    """The fused route's forward (logprob_forward with STORE_LOGITS, token block by token block into one slot of
+    exp-space tiles in the input dtype, as fastdpo.triton_fused.StoredLogits runs it) against cuBLAS writing the
+    same blocks of logits in the input dtype."""
     import torch
 
+    from fastdpo.chunked import Rows
     from fastdpo.kernels import logprob_forward
+    from fastdpo.triton_fused import StoredLogits
 
     n, vocab = h.shape[0], w.shape[0]
-    cfg = config.gemm_config(h.dtype, config.device_capability(h.device), h.shape[1])
-    block = min(n, cfg["BLOCK_M"] * cfg["GROUP_M"])
+    block = min(n, StoredLogits.block_rows(Rows(h, None, None)))
     blocks = [(r0, min(r0 + block, n)) for r0 in range(0, n, block)]
     rows = torch.arange(n, device=h.device)
-    slot = torch.empty(block, vocab, device=h.device, dtype=torch.float32)
+    slot = torch.empty(block, vocab, device=h.device, dtype=h.dtype)
 
     def cublas_blocks():
         for r0, r1 in blocks:
-            _mm_fp32(h[r0:r1], w.T, slot[: r1 - r0])
+            torch.mm(h[r0:r1], w.T, out=slot[: r1 - r0])
 
     def fused_blocks():
         for r0, r1 in blocks:
             logprob_forward.logprob_forward(h, w, None, rows[r0:r1], targets[r0:r1], slot=slot)
 
-    timed(CUBLAS_LOGITS_FP32, cublas_blocks, note=f"{len(blocks)} block(s) of {block} rows, fp32 out")
-    timed(FUSED_LOGITS, fused_blocks, cublas=CUBLAS_LOGITS_FP32, note="the fused route's pass 1: z kept in fp32 slots")
-
-
-def _mm_fp32(a, b, out) -> None:
-    """out (fp32) = a @ b: cuBLAS with an fp32 output for 16-bit operands, as the fused route's slot holds z."""
-    import torch
-
-    if a.dtype == torch.float32:
-        torch.mm(a, b, out=out)
-    else:
-        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    timed(CUBLAS_LOGITS_BLOCKS, cublas_blocks, note=f"{len(blocks)} block(s) of {block} rows, {h.dtype} out")
+    timed(FUSED_LOGITS, fused_blocks, cublas=CUBLAS_LOGITS_BLOCKS,
+          note="the fused route's pass 1: exp(z - m) kept in slots of the input dtype")
 
 
 def measure_sweep(n: int, hidden: int, vocab: int, widths, bench, device: str = "cuda",

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from . import chunked, ops, torch_head
 from .backends import resolve_backend
 from .heads import VocabShard, autocast_head, is_dtensor, is_zero3
-from .softmax_stats import VocabPartials, logsumexp, merge
+from .softmax_stats import VocabPartials, logsumexp, merge, take
 from .torch_fused import StoredLogits, combine_parts
 from .transform import LogitTransform
 from .types import TokenStats
@@ -384,9 +384,10 @@ class _ShardBlocks:
     """What the fused pass on a shard adds to a backend's StoredLogits (fastdpo.torch_fused, fastdpo.triton_fused):
     the shard-local targets, each token block's partials merged over the ranks, and dX summed over them."""
 
+
     def _shard_rows(self, x: chunked.Rows, weight, shard: VocabShard, *, clamp: bool) -> chunked.Rows:
         """x with shard-local targets: clamped into the shard (borrowed rows) or as they are (matching no column)."""
-        self.local_targets, self.group, self.merged = x.targets - shard.vocab_start, shard.group, {}
+        self.local_targets, self.group, self.gathered = x.targets - shard.vocab_start, shard.group, {}
         self.in_shard = (self.local_targets >= 0) & (self.local_targets < weight.shape[0])
         targets = self.local_targets.clamp(0, weight.shape[0] - 1) if clamp else self.local_targets
         return chunked.Rows(x.hidden, x.rows, targets)
@@ -394,8 +395,8 @@ class _ShardBlocks:
     def _merge_block(self, k: int, local: VocabPartials):
         """Block k's partials (own target logits only) merged over the ranks by one all-gather, in rank order as
         VocabParallelLogProbs merges: (merged, lse, sum_{r != me} s_r e^{m_r - lse})."""
-        everyone = gather_partials(local, self.group)
-        merged = self.merged[k] = merge(everyone)
+        everyone = self.gathered[k] = gather_partials(local, self.group)
+        merged = merge(everyone)
         lse = logsumexp(merged)
         me = torch.tensor([dist.get_rank(self.group)], device=lse.device)
         others = (everyone.sum_exp * torch.exp(everyone.max - lse)).index_fill_(0, me, 0).sum(0)
@@ -403,7 +404,10 @@ class _ShardBlocks:
 
     def merged_partials(self) -> VocabPartials:
         self.complete()  # the backend's queued backward, before dX is summed over the ranks
-        return chunked._cat([self.merged[k] for k in range(len(self.blocks))])
+        # The gathered [ranks, rows] partials merged at once, as the two-pass route merges them.
+        everyone = VocabPartials(*(None if parts[0] is None else torch.cat(parts, dim=-1)
+                                   for parts in zip(*(self.gathered[k] for k in range(len(self.blocks))))))
+        return merge(everyone)
 
     def sum_dx(self) -> None:
         """dX summed over the ranks (the input is replicated): the pass's one all-reduce."""
@@ -474,9 +478,14 @@ def shard_stored_logits(backend: str):
         lse) is rescaled to the global one and gets the other shards' sums added."""
 
         def __init__(self, x: chunked.Rows, weight, bias, transform: LogitTransform, with_stats: bool, n_slots: int,
-                     *, shard: VocabShard, need_dx: bool, need_dw: bool, need_db: bool):
+                     *, shard: VocabShard, need_dx: bool, need_dw: bool, need_db: bool, schedule):
             super().__init__(self._shard_rows(x, weight, shard, clamp=False), weight, bias, transform, with_stats,
-                             n_slots, need_dx=need_dx, need_dw=need_dw, need_db=need_db)
+                             n_slots, need_dx=need_dx, need_dw=need_dw, need_db=need_db, schedule=schedule)
+
+        @staticmethod
+        def dx_dtype(hidden: torch.Tensor) -> torch.dtype:
+            """fp32: each rank's dX is a partial sum, rounded once after the all-reduce (sum_dx)."""
+            return torch.float32
 
         def forward(self, k: int) -> VocabPartials:
             local = super().forward(k)
@@ -488,6 +497,16 @@ def shard_stored_logits(backend: str):
             self.gap[k] = self.gap[k] * torch.exp(logsumexp(local) - lse) + others
             self.partials[k] = VocabPartials(lse, torch.ones_like(lse), own.target_logit)
             return merged
+
+        def merged_partials(self) -> VocabPartials:
+            """The two-pass vocab-parallel route's bits (VocabParallelLogProbs with TritonShardHead): the shard's
+            tables merged in the caller's row order, all-gathered once more, merged over the ranks. The schedule
+            computes the rows in another order, and a reduction's bits may depend on a row's place in it; the
+            blocks' own merges gave the pass its lse."""
+            caller = torch.argsort(self.order)
+            local = self.merged_in_caller_order()
+            own = local._replace(target_logit=torch.where(self.in_shard[caller], local.target_logit, 0.0))
+            return take(merge(gather_partials(own, self.group)), self.order)
 
     return TritonShardStoredLogits
 

@@ -20,9 +20,9 @@ With n scored tokens and P = n·H·V, one pass over the head is a GEMM of 2P FLO
   grad_tolerance 0, a local head or a ZeRO-3 partition (gathered for the forward alone: the backward needs
   no head), not compiling. The forward forms U_i = dlogp_i/dh_i (fp32 [n, H]; _frozen_forward picks the
   backend's: fastdpo.torch_fused.FrozenAccumulator accumulates it beside the PyTorch path's tiles,
-  fastdpo.triton_fused.FrozenStoredLogits stores each token block's logits in one slot, turns them into
-  d_logits with g = 1 and multiplies by W); the backward returns g ⊙ U. No workspace bound is checked: on
-  Triton the forward holds one slot of block_rows x V fp32 and its d_logits (at Llama-3-8B 525 + 263 MB).
+  fastdpo.triton_fused.FrozenStoredLogits stores each token block's tiles in one slot, turns them into
+  d_logits with g = 1 in place and multiplies by W); the backward returns g ⊙ U. No workspace bound is
+  checked: on Triton the forward holds one slot of block_rows x V in the input dtype (63 MiB at Llama-3-8B).
 - **two-pass** everywhere else, including every forward without gradients (evaluation, the reference):
   there it is one pass, the forward alone.
 
@@ -59,23 +59,25 @@ dX, dW and db, and TRL's backward decides what to do with them.
 Every route computes its log-probs with the same tiles and merges, so they are the same bits on every
 route, and the loss and metrics come from one evaluation of fastdpo.losses on the full batch.
 
-The fused pass, step by step. The scored rows are compacted (chosen sequences first) and cut into the
-forward's token blocks (chunked.TOKEN_BLOCK rows on the PyTorch path, one grouped launch on Triton:
-StoredLogits.block_rows); pair i is sequences i and i + B. Blocks are computed in the order
-`PairSchedule` chooses (alternating between the chosen and the rejected half, whichever has completed
-fewer pairs), each into a slot of the workspace. As soon as both halves of some pairs are
+The fused pass, step by step. The scored rows are compacted and cut into the forward's token blocks
+(StoredLogits.block_rows: chunked.TOKEN_BLOCK rows on the PyTorch path, 256 on Triton); pair i is
+sequences i and i + B. On the PyTorch path the rows keep their order (chosen sequences first) and the
+blocks are computed in the order `PairSchedule` chooses (alternating between the chosen and the rejected
+half, whichever has completed fewer pairs); on Triton the rows are taken pair by pair and the blocks in
+order (`PairMajorSchedule`: about half the slots held at once). Each block goes into a slot of the workspace. As soon as both halves of some pairs are
 computed, the loss is evaluated on the whole batch, with the pairs not yet computed holding placeholder
 log-probs, and differentiated with respect to the token log-probs: for a pair-local loss the gradient of
 the completed pairs is exact (the lengths, the reference log-probs and 'sft''s token count are known for
 the whole batch up front; WPO's weights are detached per pair). Their rows' tiles become d_logits in place
 and give dX, dW and db; a slot is freed once all its rows are done. Memory: the slots the schedule needs
-at once (block_rows x V accumulation-dtype values each, fp32 on Triton; a pair whose sequences span many
-blocks needs more), dX and dW in fp32 (for fp32 inputs they are the gradients themselves).
+at once (block_rows x V values each: fp32 on the PyTorch path, exp-space tiles in the input dtype on
+Triton; a pair whose sequences span many blocks needs more), dX and dW (README, "Memory").
 
-16-bit weights: dW is accumulated in an fp32 [V, H] and cast at the end (the rule on both backends). The
-alternatives on a GPU, where that buffer costs 2 bytes per weight more than a bf16 gradient, are a
-16-bit accumulator (relative error about sqrt(k) 2^-9 after k groups), fewer and larger groups, or
-stochastic rounding; tools/dw_accumulation.py measures them against float64 (README, "Routes").
+16-bit weights: the PyTorch path accumulates dW in an fp32 [V, H] and casts it at the end. On Triton, where
+that buffer would cost 2 bytes per weight beyond a bf16 gradient, the gradient is its own accumulator while
+the schedule runs at most triton_fused.MAX_ROUNDED_DW_GEMMS dW GEMMs (one rounding each: relative error
+~1.6e-3 sqrt(k / 2) after k, measured by tools/dw_accumulation.py against float64; README, "Routes"), and
+fp32 past that. Stochastic rounding measured worse at every k.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ from .distributed import checked_shard, full_shape_for_accumulation, gathered, l
 from .heads import DTENSOR, LOCAL, ZERO3, VocabShard, autocast_head, head_kind, is_dtensor, is_zero3
 from .losses import LossConfig, LossTerms, preference_loss_from_token_logps
 from .ops import DOUBLE_BACKWARD_MESSAGE
-from .softmax_stats import logsumexp, token_stats
+from .softmax_stats import logsumexp, take, token_stats
 from .torch_fused import FrozenAccumulator, StoredLogits
 from .transform import LogitTransform
 from .types import TokenStats
@@ -170,6 +172,8 @@ class PairSchedule:
     rows: the compacted scored positions (flat indices into [2B, T], ascending); block: rows per block.
     """
 
+    order = None  # the rows are taken in their ascending order (PairMajorSchedule reorders them)
+
     def __init__(self, rows: torch.Tensor, seq_len: int, pairs: int, block: int):
         seq = (rows // seq_len).tolist()
         self.n_rows, self.block, self.pairs = len(seq), block, pairs
@@ -227,14 +231,62 @@ class PairSchedule:
         """(block, first, end) row ranges within blocks of pairs [done, ready): chosen rows, then rejected."""
         starts = (self.chosen_end[done - 1] if done else 0, self.rejected_end[done - 1] if done else self.n_chosen)
         ends = (self.chosen_end[ready - 1], self.rejected_end[ready - 1])
+        return [run for start, end in zip(starts, ends) for run in self._block_runs(start, end)]
+
+    def _block_runs(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """Rows [start, end) as (block, first, end) ranges within blocks."""
         out = []
-        for start, end in zip(starts, ends):
-            while start < end:
-                k = start // self.block
-                stop = min(end, (k + 1) * self.block)
-                out.append((k, start - k * self.block, stop - k * self.block))
-                start = stop
+        while start < end:
+            k = start // self.block
+            stop = min(end, (k + 1) * self.block)
+            out.append((k, start - k * self.block, stop - k * self.block))
+            start = stop
         return out
+
+
+class PairMajorSchedule(PairSchedule):
+    """The Triton backend's schedule: the scored rows reordered pair by pair (pair i's chosen rows, then its
+    rejected rows; `order` gives them as indices into the ascending rows), the blocks computed in order.
+
+    A pair's rows are then contiguous, so the blocks held at once are those from the first incomplete pair's
+    first block to the current one: at most ceil((L + block - 1) / block) + 1 for pairs of up to L scored rows
+    (PairSchedule holds a pair's chosen and rejected blocks apart: about twice that). Blocks are released in
+    order, so a step's released blocks are consecutive (one dW GEMM over them: triton_fused.StoredLogits).
+    Every row's tiles are computed alone (no GEMM mixes rows), so the log-probs do not depend on the order.
+    """
+
+    def __init__(self, rows: torch.Tensor, seq_len: int, pairs: int, block: int):
+        seq = rows // seq_len
+        pair = seq % pairs
+        self.order = torch.sort(2 * pair + seq // pairs, stable=True).indices  # stable: positions ascending
+        pair_of_row = pair[self.order].tolist()
+        self.n_rows, self.block, self.pairs = len(pair_of_row), block, pairs
+        counts = [0] * pairs
+        for p in pair_of_row:
+            counts[p] += 1
+        self.pair_end = _running(counts, 0)
+        n_blocks = -(-self.n_rows // block)
+        needed = [0] * n_blocks  # the last pair (+1) each block holds a row of
+        for r, p in enumerate(pair_of_row):
+            needed[r // block] = max(needed[r // block], p + 1)
+        self.steps, done, held = [], 0, []
+        for k in range(n_blocks):
+            held.append(k)
+            ready = bisect.bisect_right(self.pair_end, min(self.n_rows, (k + 1) * block))
+            release = [j for j in held if needed[j] <= ready]
+            held = held[len(release):]
+            self.steps.append(Step(k, done, ready, release))
+            done = ready
+        self.slots = self._peak_slots()
+
+    def runs(self, done: int, ready: int) -> list[tuple[int, int, int]]:
+        return self._block_runs(self.pair_end[done - 1] if done else 0, self.pair_end[ready - 1])
+
+
+def pair_schedule(backend: str, rows: torch.Tensor, seq_len: int, pairs: int, block: int) -> PairSchedule:
+    """The fused pass's schedule on `backend`: PairMajorSchedule on Triton (whose ring of slots and batched dW
+    need blocks released in order), PairSchedule on the PyTorch path (rows in their ascending order)."""
+    return (PairMajorSchedule if backend == "triton" else PairSchedule)(rows, seq_len, pairs, block)
 
 
 def _running(counts: list[int], start: int) -> list[int]:
@@ -426,10 +478,13 @@ def _scheduled_pass(config, x: chunked.Rows, positions, weight, bias, mask, tran
     extra = {} if shard is None else {"shard": shard.head}
     if shard is not None:
         head_class = shard_stored_logits(backend)
-    schedule = PairSchedule(positions, mask.shape[1], mask.shape[0] // 2, head_class.block_rows(x))
+    schedule = pair_schedule(backend, positions, mask.shape[1], mask.shape[0] // 2, head_class.block_rows(x))
     budget = default_budget if workspace_bytes is None else workspace_bytes
     if schedule.slots * head_class.slot_bytes(x, weight.shape[0] if shard is None else shard.widest) > budget:
         return None
+    if schedule.order is not None:  # the rows in the schedule's order; the results come back in the caller's
+        x, positions = chunked.Rows(x.hidden, x.rows[schedule.order], x.targets[schedule.order]), positions[schedule.order]
+        extra["schedule"] = schedule
     head = head_class(x, weight, bias, head_transform(transform), with_stats, schedule.slots, **extra,
                       need_dx=need_dx, need_dw=weight.requires_grad, need_db=bias is not None and bias.requires_grad)
     grads = LossGradients(config, mask, x.dtype, with_stats, **reference)
@@ -451,7 +506,11 @@ def _scheduled_pass(config, x: chunked.Rows, positions, weight, bias, mask, tran
             r0, r1 = head.blocks[k]
             head.backward_rows(k, 0, r1 - r0, row_grads[r0:r1])
             head.release(k)
-    return head.merged_partials(), row_grads, head
+    merged = head.merged_partials()
+    if schedule.order is None:
+        return merged, row_grads, head
+    caller_order = torch.argsort(schedule.order)
+    return take(merged, caller_order), row_grads[caller_order], head
 
 
 # --- the frozen-head route ---------------------------------------------------------------------------------------

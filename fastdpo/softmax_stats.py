@@ -55,6 +55,11 @@ def merge(parts: VocabPartials) -> VocabPartials:
     )
 
 
+def take(parts: VocabPartials, index: torch.Tensor) -> VocabPartials:
+    """The partials of rows `index` (the last dim), in that order."""
+    return VocabPartials(*(None if f is None else f[..., index] for f in parts))
+
+
 def logsumexp(merged: VocabPartials) -> torch.Tensor:
     return merged.max + torch.log(merged.sum_exp)
 

@@ -1,39 +1,41 @@
-"""The fused route's compute on the Triton backend: the forward's logits kept in a workspace slot.
+"""The fused route's compute on the Triton backend: the forward's tiles kept in a ring of workspace slots.
 
 The counterpart of fastdpo.torch_fused.StoredLogits, with the same interface, so fastdpo.fused_pass
 drives either backend; FrozenStoredLogits (below) is the counterpart of torch_fused.FrozenAccumulator.
-With n scored tokens and P = n·H·V, 3 passes (6P FLOPs; the two-pass route 8P):
+With n scored tokens and P = n·H·V, 3 passes (6P FLOPs; the two-pass route 8P). The rows come pair by
+pair (fused_pass.PairMajorSchedule), in token blocks of 2 x BLOCK_M = 256 rows, computed in order:
 
-    pass 1  forward(k): kernels/logprob_forward.py with STORE_LOGITS over token block k (the rows of one
-            grouped launch: BLOCK_M x GROUP_M of config.gemm_config) writes the two-pass route's
-            per-(tile, row) partials, so the log-probs are its bits, and also z (fp32, after the
-            transform) into a slot of block_rows x V, and the target-free sums for 1 - p_y.
+    pass 1  forward(k): kernels/logprob_forward.py with STORE_LOGITS over token block k writes the
+            two-pass route's per-(tile, row) partials, so the log-probs are its bits, the target-free
+            sums for 1 - p_y, and the tiles in exp space, e = exp(z - m) with m the row's maximum over
+            the 128-column tile, into the block's slot in the input dtype (e in (0, 1]: bf16 keeps p to
+            2^-9 relative, where z itself would need fp32).
     once the loss has given g for all of the block's rows (fastdpo.fused_pass):
-            kernels/stored_logits.py: D = g (onehot - exp(z - lse)) transform'(z) in the input dtype,
-            the target entry g (1 - p_y) t'_y with 1 - p_y = sum_{v != y} p_v (as the torch route does)
-    pass 2  dX rows = D W             cuBLAS, fp32 output (triton_head.accumulate_product)
-    pass 3  dW += D^T X, db += colsum(D)    into fp32 accumulators for 16-bit weights (the torch route's
-            rule: one rounding to the weight's dtype at the end); for fp32 weights they are the gradients.
+            kernels/stored_logits.py: D = g (onehot - e exp(m - lse)) transform'(z) in the input dtype,
+            in place of e; the target entry g (1 - p_y) t'_y with 1 - p_y = sum_{v != y} p_v
+    the blocks released together (consecutive: one run of the ring, two where it wraps), one GEMM each:
+    pass 2  dX rows = D W             cuBLAS, written once in the hidden states' dtype (fp32 inside)
+    pass 3  dW += D^T X, db += colsum(D)    cuBLAS; dW's accumulator is the gradient itself (fp32
+            weights; 16-bit ones while the schedule runs at most MAX_ROUNDED_DW_GEMMS dW GEMMs, each
+            rounding once), else fp32 cast once at the end.
 
-D goes to a buffer of its own in the input dtype ([block_rows, V], allocated once) for 16-bit inputs; for
-fp32 inputs it overwrites the slot in place. No atomics: every output element has one writer, dX rows
-are written once, dW sums the blocks in schedule order, so runs repeat bitwise.
+No atomics: every output element has one writer, dX rows are written once, dW sums the runs in schedule
+order, so runs repeat bitwise.
 
-Cost at Llama-3-8B (n = 16,384 scored tokens, H = 4096, V = 128,256, bf16; block_rows = 128 x 8 = 1,024):
-    FLOPs   3 x 2nHV = 51.6 TFLOP (65 ms at 793 TFLOP/s), against 68.9 TFLOP for the two-pass route.
-    slot    block_rows x V x 4 B = 525 MB (501 MiB); the pair schedule holds a few at once (3-4 for
-            pairs of ~600 + 600 scored tokens), within default_workspace_bytes (4 GiB on an H200).
-    D       block_rows x V x 2 B = 263 MB, one buffer.
-    bytes   stored z: written 8.4 GB (n V x 4 B), read once 8.4 GB; D written 4.2 GB and read by the two
-            GEMMs 8.4 GB: 29.4 GB beyond the GEMMs' own operands (~6 ms at 4.8 TB/s), against the
-            two-pass backward's 12.6 GB of d_logits traffic and its 17.2 TFLOP recompute.
-            dW: the fp32 accumulator [V, H] (2.1 GB) is read and written by each of the n / block_rows
-            = 16 dW GEMMs: 67 GB (~14 ms at 4.8 TB/s). This, not the FLOPs, is the route's largest
-            overhead; larger blocks halve it per doubling (at twice the slot), a bf16 accumulator
-            halves it at ~sqrt(k) 2^-9 relative error (fastdpo.fused_pass's docstring).
-    memory  slots (rows padded to 16 bytes for the forward's TMA store of z) + each live block's X rows
-            (block_rows x H, gathered once for its forward and its dW) + D + dW fp32 (2.1 GB for a bf16
-            weight; none extra for fp32) + dX fp32 [N, H].
+Cost at Llama-3-8B (H = 4096, V = 128,256, bf16; n = 10,169 scored tokens of 16 sequences of 1,024,
+pairs of ~1,200 scored tokens: the side-by-side benchmark's 16k case):
+    FLOPs   3 x 2nHV = 32.0 TFLOP (40 ms at 793 TFLOP/s), against 42.7 TFLOP for the two-pass route.
+    ring    7 slots of 256 x V x 2 B (438 MiB): a pair's blocks are held from its first to its last
+            (fused_pass.PairMajorSchedule), within the fused workspace bound (default_workspace_bytes).
+    bytes   e written and read once (2 x 2.6 GB), D written in place (2.6 GB) and read by the two GEMMs
+            (5.2 GB): 13 GB beyond the GEMMs' operands (~3 ms at 4.8 TB/s), against the two-pass
+            backward's d_logits traffic (7.8 GB) and its recompute (10.7 TFLOP). The forward reads W
+            once per 256-row block, 40 x 1.05 GB (~9 ms at 4.8 TB/s, beneath the forward's 13 ms of
+            MMAs: 256 FLOP a byte, above an H200's ~150 and an H100's ~240); each of the 11 dW GEMMs
+            reads and writes the bf16 dW (23 GB, ~5 ms), each dX GEMM reads W (11 GB).
+    memory  the ring + dW in the weight's dtype (1,002 MiB, the gradient) + dX [N, H] (128 MiB) + the
+            blocks' tables (2 x 4 x n x V/128 B = 78 MiB, merged at the end once the ring is freed) + a
+            run's X rows and dX product: 1,674 MiB above the inputs (README, "Memory").
 
 Frozen head (FrozenStoredLogits; fastdpo.fused_pass's frozen route, FastDPOLoss and linear_logprobs alike):
 2 passes (4P FLOPs; the two-pass route 6P), U_i = dlogp_i/dh_i formed in the forward, g ⊙ U in the backward.
@@ -42,19 +44,18 @@ Each token block, in order, through one slot:
     pass 1  forward(k) as above; the block's lse is known once it ends (all the vocabulary tiles of its
             rows), so nothing is rescaled later
             kernels/stored_logits.py with g = 1: D = (onehot - p) transform'(z), the exact target entry
-            (1 - p_y) t'_y, in the input dtype
+            (1 - p_y) t'_y, in the input dtype, in place
     pass 2  U rows = D W              torch.mm: cuBLAS, fp32 output (triton_head.accumulate_product)
 
 No loss is needed in the forward (any upstream loss: the backward's g_i scales row i of U), so there is
-no pair schedule: one slot, freed after each block. U is written once per row: runs repeat bitwise.
+no pair schedule: one slot, reused block by block. U is written once per row: runs repeat bitwise.
 
 Cost at Llama-3-8B (as above):
-    FLOPs   2 x 2nHV = 34.4 TFLOP (43 ms at 793 TFLOP/s), against 51.6 TFLOP for the two-pass route.
-    memory  during the forward one slot (525 MB) and D (263 MB; none for fp32 inputs: the slot is D);
-            U fp32 [n, H] (268 MB) from the forward to the backward.
-    bytes   stored z written and read once (2 x 8.4 GB), D written and read once (2 x 4.2 GB): 25.2 GB
-            beyond the GEMMs' operands (~5 ms at 4.8 TB/s), against the two-pass backward's 8.4 GB of
-            d_logits traffic and its 17.2 TFLOP recompute (~22 ms).
+    FLOPs   2 x 2nHV = 21.4 TFLOP (27 ms at 793 TFLOP/s), against 32.0 TFLOP for the two-pass route.
+    memory  during the forward one slot (63 MiB); U fp32 [n, H] (159 MiB) from the forward to the backward.
+    bytes   e written and read once, D written and read once (4 x 2.6 GB): 10.4 GB beyond the GEMMs'
+            operands (~2 ms at 4.8 TB/s), against the two-pass backward's d_logits traffic and its
+            10.7 TFLOP recompute (~13 ms).
 """
 
 from __future__ import annotations
@@ -63,25 +64,17 @@ import torch
 
 from .chunked import Rows
 from .kernels.config import device_capability, gemm_config
-from .softmax_stats import VocabPartials, logsumexp, merge
-from .torch_head import zero_gradients
+from .softmax_stats import VocabPartials, logsumexp, merge, take
 from .transform import LogitTransform
 from .triton_head import accumulate_product, row_major
 
 # The fused route's workspace bound on a GPU when the caller gives none: 1/32 of the device's memory, at
-# most 4 GiB (8 slots of 1,024 rows at V = 128,256). Total, not free, memory: the bound decides the route,
-# and the same inputs must take the same route.
-# By the two-pass workspace's arithmetic (kernels/config.py, MIN_CHUNK_GEMM_OUTPUT): a slot is one grouped
-# launch of block_rows = BLOCK_M x GROUP_M = 1,024 rows, and its GEMMs (dX [1024, H] with K = V, dW [V, H]
-# with K = 1024) write 2^22 and V x H >= 2^28 elements: the slot's size is already set by the forward's
-# launch, not by GEMM efficiency, and the bound only caps how many slots the pair schedule may hold. It
-# allocates what the schedule needs (slots x block_rows x V x 4 B: 501 MiB per slot at V = 128,256; 2-4 slots
-# for pairs of a few hundred to ~1,000 scored tokens per sequence), never the bound itself; a smaller bound
-# would send long pairs to the two-pass path, which needs less memory but a fourth GEMM pass. So the bound
-# stays. What the route costs beside the gradients (README, "Memory"): the slots, D [block_rows, V] in the
-# input dtype, the fp32 dW [V, H] (twice a bf16 gradient) and dX [N, H] accumulators, and the per-block
-# forward tables until the end: about 4x the two-pass route's memory at Llama-3-8B 16k (3 slots), for 3
-# passes instead of 4. fused=False is the smallest-memory setting.
+# most 4 GiB. Total, not free, memory: the bound decides the route, and the same inputs must take the same
+# route. It caps the ring the pair schedule needs (slots x 256 rows x V in the input dtype: 63 MiB a slot at
+# V = 128,256 in bf16; ~7 slots for pairs of ~1,200 scored tokens, 64 slots, a pair of ~16k, at 4 GiB), and
+# allocates what the schedule needs, never the bound itself; a longer pair takes the two-pass path, which
+# needs less memory but a fourth GEMM pass. What the route costs beside the gradients: the ring, the blocks'
+# tables and, past MAX_ROUNDED_DW_GEMMS dW GEMMs, an fp32 dW for a 16-bit weight (README, "Memory").
 MAX_DEFAULT_WORKSPACE = 4 << 30
 
 
@@ -92,53 +85,63 @@ def default_workspace_bytes(device: torch.device, cpu_default: int) -> int:
 
 
 class StoredLogits:
-    """The trainable route's workspace and gradient accumulators for the scored rows `x`, on Triton.
+    """The trainable route's workspace and gradients for the scored rows `x`, on Triton (module docstring).
 
-    forward(k) computes token block k into a free slot; backward_rows(k, a, b, grad) turns rows [a, b) of
-    block k into d_logits and adds their dX, dW and db; release(k) frees the block's slot.
+    forward(k) computes token block k into its slot of the ring; backward_rows(k, a, b, grad) turns rows [a, b)
+    of block k into d_logits in place; release(k) queues the block for the dX, dW and db GEMMs, which run over
+    the consecutive blocks released together before the next forward reuses a slot (and at complete()).
+    `schedule` (fused_pass.PairMajorSchedule) computes the blocks in order and releases them in order.
     """
 
     def __init__(self, x: Rows, weight, bias, transform: LogitTransform, with_stats: bool, n_slots: int, *,
-                 need_dx: bool, need_dw: bool, need_db: bool):
+                 need_dx: bool, need_dw: bool, need_db: bool, schedule=None):
         self.hidden, self.weight = row_major(x.hidden), row_major(weight)
         self.x, self.bias, self.transform, self.with_stats = x, bias, transform, with_stats
         vocab_size, device = weight.shape[0], weight.device
-        rows = self.block_rows(x)
-        self.blocks = [(r0, min(r0 + rows, len(x))) for r0 in range(0, len(x), rows)]
-        # Rows padded to 16 bytes: the persistent forward stores z through a tensor descriptor (TMA).
-        self.slots = torch.empty(n_slots, min(rows, len(x)), padded_vocab(vocab_size), dtype=torch.float32,
-                                 device=device)[:, :, :vocab_size]
-        # fp32 inputs: D overwrites the slot; 16-bit: a buffer of its own (the GEMMs take the input dtype).
-        self.d_logits = None if weight.dtype == torch.float32 else torch.empty(
-            self.slots.shape[1:], dtype=weight.dtype, device=device)
-        self.free, self.slot_of = list(range(n_slots - 1, -1, -1)), {}
-        self.partials, self.tables, self.gap, self.x_scored = {}, {}, {}, {}
-        self.dx, self.dw, self.db = zero_gradients(x.hidden, weight, torch.float32, need_dx, need_dw,
-                                                   need_db and bias is not None)
+        self.rows_per_slot = max(1, min(self.block_rows(x), len(x)))
+        self.blocks = [(r0, min(r0 + self.rows_per_slot, len(x))) for r0 in range(0, len(x), self.rows_per_slot)]
+        # Block k lives in slot k mod n_slots: the schedule holds at most n_slots consecutive blocks at once.
+        # Rows padded to 16 bytes: the persistent forward stores through a tensor descriptor (TMA).
+        self.n_slots = n_slots
+        self.ring = torch.empty(n_slots * self.rows_per_slot, padded_vocab(vocab_size, x.hidden.dtype),
+                                dtype=x.hidden.dtype, device=device)[:, :vocab_size]
+        self.partials, self.tables, self.gap, self.queued = {}, {}, {}, []
+        self.order = None if schedule is None else schedule.order  # x's rows, as indices into the caller's
+        self.dx = torch.zeros(x.hidden.shape, dtype=self.dx_dtype(x.hidden), device=device) if need_dx else None
+        self.dw = torch.zeros(weight.shape, dtype=dw_accumulator_dtype(weight.dtype, schedule, n_slots),
+                              device=device) if need_dw else None
+        self.db = torch.zeros(vocab_size, dtype=torch.float32, device=device) if need_db and bias is not None else None
+
+    @staticmethod
+    def dx_dtype(hidden: torch.Tensor) -> torch.dtype:
+        """dX rows are written once each, by one GEMM with fp32 accumulation: in the hidden states' dtype."""
+        return hidden.dtype
 
     @staticmethod
     def block_rows(x: Rows) -> int:
-        """Rows per token block: one grouped launch of the forward (BLOCK_M x GROUP_M), so W is read from
-        HBM once per block, as in the two-pass forward."""
-        cfg = gemm_config(x.hidden.dtype, device_capability(x.hidden.device), x.hidden.shape[1])
-        return cfg["BLOCK_M"] * cfg["GROUP_M"]
+        """Rows per token block: two BLOCK_M token tiles. The slots hold a pair's blocks, so their rows set the
+        route's memory; fewer rows per launch read W from HBM more often (2 B H V FLOPs per V H e bytes, B FLOP
+        a byte for bf16), and 256 keeps that above the ridge of an H100 (~240) and an H200 (~150)."""
+        return 2 * gemm_config(x.hidden.dtype, device_capability(x.hidden.device), x.hidden.shape[1])["BLOCK_M"]
 
     @classmethod
     def slot_bytes(cls, x: Rows, vocab_size: int) -> int:
-        return max(1, min(cls.block_rows(x), len(x))) * padded_vocab(vocab_size) * 4
+        return max(1, min(cls.block_rows(x), len(x))) * padded_vocab(vocab_size, x.hidden.dtype) * x.hidden.itemsize
+
+    def slot(self, k: int) -> torch.Tensor:
+        r0, r1 = self.blocks[k]
+        first = (k % self.n_slots) * self.rows_per_slot
+        return self.ring[first: first + r1 - r0]
 
     def forward(self, k: int) -> VocabPartials:
-        """Block k's merged partials (the two-pass route's per-tile bits), its z kept in a slot."""
+        """Block k's merged partials (the two-pass route's per-tile bits), its tiles kept in exp space in a slot."""
         from .kernels.logprob_forward import logprob_forward
 
-        self.slot_of[k] = self.free.pop()
+        self._flush()  # the released blocks' GEMMs read their slots: before one is reused
         r0, r1 = self.blocks[k]
-        # The block's scored rows, gathered once: the persistent forward's operand and the dW GEMM's.
-        self.x_scored[k] = self.hidden.index_select(0, self.x.rows[r0:r1])
         table, target_logit, excl = logprob_forward(
             self.hidden, self.weight, self.bias, self.x.rows[r0:r1], self.x.targets[r0:r1],
-            transform=self.transform, with_stats=self.with_stats, slot=self.slots[self.slot_of[k]],
-            x_scored=self.x_scored[k])
+            transform=self.transform, with_stats=self.with_stats, slot=self.slot(k))
         self.tables[k] = (table, target_logit)
         partials = merge(VocabPartials(table[0], table[1], target_logit[None], *table[2:]))
         self.partials[k] = partials
@@ -147,45 +150,70 @@ class StoredLogits:
         return partials
 
     def merged_partials(self) -> VocabPartials:
-        """Every block's partials, merged as the two-pass route merges its one table: the same bits."""
-        order = range(len(self.blocks))
-        table = torch.cat([self.tables[k][0] for k in order], dim=2)
-        target_logit = torch.cat([self.tables[k][1] for k in order])
-        return merge(VocabPartials(table[0], table[1], target_logit[None], *table[2:]))
+        """Every block's partials merged as the two-pass route merges its one table (the same bits), in x's order."""
+        merged = self.merged_in_caller_order()
+        return merged if self.order is None else take(merged, self.order)
+
+    def merged_in_caller_order(self) -> VocabPartials:
+        """The blocks' tables merged at once, in the caller's row order: the two-pass route's table, merged the
+        same way (a reduction's bits may depend on a row's place in it). The ring is freed first: the merge's
+        temporaries are the route's last allocation."""
+        self.complete()
+        self.ring = None
+        blocks = range(len(self.blocks))
+        table = torch.cat([self.tables[k][0] for k in blocks], dim=2)
+        target_logit = torch.cat([self.tables[k][1] for k in blocks])
+        self.tables = {}
+        parts = VocabPartials(table[0], table[1], target_logit[None], *table[2:])
+        return merge(parts if self.order is None else take(parts, torch.argsort(self.order)))
 
     def complete(self) -> None:
-        """Nothing is queued here: backward_rows computes its rows at once (torch_fused.StoredLogits queues them)."""
+        """The queued blocks' GEMMs."""
+        self._flush()
 
     def release(self, k: int) -> None:
-        self.free.append(self.slot_of.pop(k))
-        del self.x_scored[k]
+        self.queued.append(k)
 
     def d_logits_rows(self, k: int, a: int, b: int, grad: torch.Tensor) -> torch.Tensor:
-        """D of rows [a, b) of block k (kernels/stored_logits.py; grad: their dloss/dlogp), in the input dtype:
-        the slot itself for fp32 inputs, else the D buffer."""
+        """D of rows [a, b) of block k (kernels/stored_logits.py; grad: their dloss/dlogp), in the input dtype, in
+        place of their stored tiles."""
         from .kernels.stored_logits import stored_logits_grad
 
         r0 = self.blocks[k][0]
-        slot = self.slots[self.slot_of[k]][a:b]
-        d = slot if self.d_logits is None else self.d_logits[: b - a]
+        d = self.slot(k)[a:b]
+        table, target_logit = self.tables[k]
         lse = logsumexp(self.partials[k])[a:b]
-        stored_logits_grad(slot, d, self.x.targets[r0 + a: r0 + b], lse, grad.float().contiguous(),
-                           self.gap[k][a:b].contiguous(), transform=self.transform)
+        stored_logits_grad(d, d, table[0][:, a:b], self.x.targets[r0 + a: r0 + b], target_logit[a:b], lse,
+                           grad.float().contiguous(), self.gap[k][a:b].contiguous(), tile_v=self.tile_v(),
+                           transform=self.transform)
         return d
 
+    def tile_v(self) -> int:
+        """The forward's vocabulary tile: the width of each tile maximum in its table."""
+        return gemm_config(self.hidden.dtype, device_capability(self.hidden.device), self.hidden.shape[1])["BLOCK_V"]
+
     def backward_rows(self, k: int, a: int, b: int, grad: torch.Tensor) -> None:
-        """d_logits of rows [a, b) of block k (grad: their dloss/dlogp), then their dX, dW and db."""
-        d = self.d_logits_rows(k, a, b, grad)
-        r0 = self.blocks[k][0]
-        rows = self.x.rows[r0 + a: r0 + b]
-        if self.dx is not None:
-            dx_rows = torch.zeros((b - a, self.dx.shape[1]), dtype=torch.float32, device=d.device)
-            accumulate_product(dx_rows, d, self.weight)
-            self.dx.index_copy_(0, rows, dx_rows)
-        if self.dw is not None:
-            accumulate_product(self.dw, d.T, self.x_scored[k][a:b])
-        if self.db is not None:
-            self.db += d.sum(0, dtype=torch.float32)
+        """d_logits of rows [a, b) of block k (grad: their dloss/dlogp); their GEMMs run once the block is released."""
+        self.d_logits_rows(k, a, b, grad)
+
+    def _flush(self) -> None:
+        """dX, dW and db of the released blocks: one GEMM each per run of consecutive slots (the ring wraps at
+        most once), so the gradients take one rounding per run, not per block."""
+        queued, self.queued = self.queued, []
+        for run in _slot_runs(queued, self.n_slots):
+            first, last = run[0], run[-1]
+            r0, r1 = self.blocks[first][0], self.blocks[last][1]
+            start = (first % self.n_slots) * self.rows_per_slot
+            d = self.ring[start: start + r1 - r0]
+            rows = self.x.rows[r0:r1]
+            if self.dx is not None:
+                self.dx.index_copy_(0, rows, _product(d, self.weight, self.dx.dtype))
+            if self.dw is not None:
+                accumulate_product(self.dw, d.T, self.hidden.index_select(0, rows))
+            if self.db is not None:
+                self.db += d.sum(0, dtype=torch.float32)
+        for k in queued:
+            del self.partials[k], self.gap[k]
 
 
 class FrozenStoredLogits(StoredLogits):
@@ -201,7 +229,7 @@ class FrozenStoredLogits(StoredLogits):
     def forward_with_u(self) -> tuple[VocabPartials, torch.Tensor]:
         """(every block's merged partials: the two-pass route's bits, U fp32 [rows, H]: dlogp_i/dh_i)."""
         u = torch.zeros(len(self.x), self.hidden.shape[1], dtype=torch.float32, device=self.hidden.device)
-        ones = torch.ones(self.slots.shape[1], dtype=torch.float32, device=u.device)
+        ones = torch.ones(self.rows_per_slot, dtype=torch.float32, device=u.device)
         for k, (r0, r1) in enumerate(self.blocks):
             self.forward(k)
             accumulate_product(u[r0:r1], self.d_logits_rows(k, 0, r1 - r0, ones[: r1 - r0]), self.weight)
@@ -209,6 +237,42 @@ class FrozenStoredLogits(StoredLogits):
         return self.merged_partials(), u
 
 
-def padded_vocab(vocab_size: int) -> int:
-    """A slot row's length: the vocabulary rounded up to 16 bytes of fp32."""
-    return -(-vocab_size // 4) * 4
+# The most dW GEMMs a 16-bit weight's gradient takes as its own accumulator (one rounding each): relative error
+# ~1.6e-3 sqrt(k / 2) against float64 (tools/dw_accumulation.py: 3.5e-3 at k = 8, 4.7e-3 at 16), so at most
+# ~4.3e-3 at 12. More (many pairs: n / pair length GEMMs) take an fp32 accumulator, cast once at the end.
+MAX_ROUNDED_DW_GEMMS = 12
+
+
+def dw_accumulator_dtype(weight_dtype: torch.dtype, schedule, n_slots: int) -> torch.dtype:
+    """dW's accumulator: the gradient itself (the weight's dtype) for fp32/fp64 weights and for 16-bit ones whose
+    schedule runs at most MAX_ROUNDED_DW_GEMMS dW GEMMs; fp32 otherwise."""
+    if weight_dtype.itemsize >= 4:
+        return weight_dtype
+    gemms = sum(len(_slot_runs(step.release, n_slots)) for step in schedule.steps)
+    return weight_dtype if gemms <= MAX_ROUNDED_DW_GEMMS else torch.float32
+
+
+def _slot_runs(blocks: list[int], n_slots: int) -> list[list[int]]:
+    """blocks (ascending) cut where the next is not the next block or the ring wraps to slot 0."""
+    runs = []
+    for k in blocks:
+        if runs and k == runs[-1][-1] + 1 and k % n_slots:
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    return runs
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b with fp32 accumulation, rounded once to `dtype`."""
+    if a.dtype == dtype:
+        return torch.mm(a, b)
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=dtype, device=a.device)
+    accumulate_product(out, a, b)
+    return out
+
+
+def padded_vocab(vocab_size: int, dtype: torch.dtype) -> int:
+    """A slot row's length: the vocabulary rounded up to 16 bytes of `dtype`."""
+    per_16_bytes = 16 // dtype.itemsize
+    return -(-vocab_size // per_16_bytes) * per_16_bytes

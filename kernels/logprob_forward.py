@@ -17,8 +17,11 @@ lse_i = M_i + log sum_j s_ij e^{m_ij - M_i} with M_i = max_j m_ij, and logp_i = 
 No locks, no atomics: every element of the outputs has exactly one writer, so results are bitwise
 reproducible, and the max/sum path is the same code whether or not statistics are compiled in.
 
-STORE_LOGITS (the fused route, fastdpo.triton_fused) also writes the tile's fp32 z into a workspace
-slot [rows, V] (row stride stride_slot) and, per (tile, row), the target-free sum
+STORE_LOGITS (the fused route, fastdpo.triton_fused) also writes the tile in exp space,
+p_iv = exp(z_iv - m_ij) in (0, 1], into a workspace slot [rows, V] (row stride stride_slot) in the slot's
+dtype (the input dtype: 2 bytes for bf16, where raw z would need fp32: bf16 keeps 2^-9 of p's relative
+precision whatever the offset, but only 2^-9 of z's absolute value, 0.06 at z = 30) and, per (tile, row),
+the target-free sum
 e_ij = sum_{v in j, v != target_i} exp(z_iv - m_ij), from which 1 - p_y = sum_j e_ij e^{m_ij - lse_i}
 without the cancellation of 1 - p_y when p_y -> 1. The partials above are computed by the same code,
 so the log-probs are those of the launch without it.
@@ -59,7 +62,7 @@ def forward_epilogue(
     SLOT_DESCRIPTOR: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Vocabulary tile tile_v of token block offs_m, from its raw product acc [BLOCK_M, BLOCK_V]: z,
-    then the tile's partials, its target logits and (STORE_LOGITS) z and the target-free sums."""
+    then the tile's partials, its target logits and (STORE_LOGITS) exp(z - m) and the target-free sums."""
     first_col = tile_v * BLOCK_V
     cols = first_col + tl.arange(0, BLOCK_V)
     z = finish_logits(acc, b_ptr, cols, cols < vocab_size, logit_scale, softcap, inv_temperature, HAS_BIAS,
@@ -70,10 +73,6 @@ def forward_epilogue(
     local_target = (targets - first_col)[:, None]
     col_mask = lane < vocab_size - first_col
     z = tl.where(col_mask, z, float("-inf"))  # every tile has at least one real column
-    # z through a descriptor first (a TMA store from shared memory, no address per element, clipped at n
-    # and V), through pointers last (stored first, their layout change spills beside the statistics).
-    if STORE_LOGITS and SLOT_DESCRIPTOR:
-        slot_ptr.store([first_row, first_col], z)
     in_tile = (targets >= first_col) & (targets < first_col + BLOCK_V)
     target_logit = tl.sum(tl.where(lane == local_target, z, 0.0), axis=1)
     tl.store(target_logit_ptr + offs_m, target_logit, mask=row_mask & in_tile)
@@ -97,9 +96,13 @@ def forward_epilogue(
     if WITH_STATS:
         tl.store(out + 2 * field, tl.sum(p * tl.where(col_mask, z, 0.0), axis=1), mask=row_mask)
         tl.store(out + 3 * field, tl.sum(p * p, axis=1), mask=row_mask)
+    # p last, once the statistics are done (stored beside them, its 16-bit copy spills): through a descriptor
+    # (a TMA store from shared memory, no address per element, clipped at n and V) or through pointers.
+    if STORE_LOGITS and SLOT_DESCRIPTOR:
+        slot_ptr.store([first_row, first_col], p.to(slot_ptr.dtype))
     if STORE_LOGITS and not SLOT_DESCRIPTOR:
         slot = slot_ptr + offs_m.to(tl.int64)[:, None] * stride_slot + cols[None, :]
-        tl.store(slot, z, mask=row_mask[:, None] & col_mask)
+        tl.store(slot, p.to(slot_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask)
 
 
 @triton.jit
@@ -170,7 +173,8 @@ def logprob_forward(hidden, weight, bias, rows, targets, *, transform=None, with
     rows: int64 [n] indices into hidden; targets: int64 [n] in [0, V); transform: see
     logits_tile.tile_arguments. Returns (table, target_logit): table float32 [2 or 6, tiles, n]
     (m, s and, with statistics, a, q, u, b as in the module docstring), target_logit float32 [n].
-    With `slot` (fp32 [>= n, V], unit column stride) the tiles' z land there too, and a third value
+    With `slot` ([>= n, V], unit column stride, any float dtype) the tiles' exp(z - m) land there too
+    (m: the tile's row maximum, table[0]), and a third value
     comes back: the target-free sums e, float32 [tiles, n] (module docstring). x_scored: hidden[rows]
     when the caller has it (the persistent driver reads the scored rows compacted; else it gathers them).
     """
@@ -183,7 +187,7 @@ def logprob_forward(hidden, weight, bias, rows, targets, *, transform=None, with
     store = slot is not None
     excl = torch.empty((n_tiles, n_rows), device=hidden.device, dtype=torch.float32) if store else None
     if store:
-        assert slot.dtype == torch.float32 and slot.stride(1) == 1 and slot.shape[1] == vocab_size
+        assert slot.is_floating_point() and slot.stride(1) == 1 and slot.shape[1] == vocab_size
     outputs = dict(table_ptr=table, target_logit_ptr=target_logit, slot_ptr=slot if store else table,
                    excl_ptr=excl if store else table, stride_slot=slot.stride(0) if store else 0,
                    WITH_STATS=with_stats, STORE_LOGITS=store)
@@ -196,7 +200,7 @@ def logprob_forward(hidden, weight, bias, rows, targets, *, transform=None, with
     elif n_rows:
         gemm_tiles = triton.cdiv(n_rows, cfg["BLOCK_M"]) * triton.cdiv(n_tiles, persistent["SUBTILES"])
         grid, persistent = persistent_launch(persistent, gemm_tiles, hidden.device)
-        if store and descriptor_ready(slot):  # else the pointer store, same z
+        if store and descriptor_ready(slot):  # else the pointer store, same values
             outputs.update(slot_ptr=TensorDescriptor.from_tensor(slot, [cfg["BLOCK_M"], cfg["BLOCK_V"]]))
         logprob_forward_tma_kernel[grid](
             **descriptor_arguments(hidden, weight, bias, rows, targets, transform, cfg, persistent, x_scored),

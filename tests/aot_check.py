@@ -86,18 +86,19 @@ def gemm_driver(kernels, dtype, capability: int, hidden_size: int, t: str, wides
 
 def forward_variants(capability: int, hidden_size: int):
     for dtype, t in TRITON_TYPES.items():
-        for store in (False, True):  # STORE_LOGITS: the fused route's forward (z into a workspace slot)
+        for store in (False, True):  # STORE_LOGITS: the fused route's forward (exp(z - m) into a workspace slot)
             for with_stats in (False, True):
                 for softcap in (False, True):
                     kernel, blocks, options, operands, driver = gemm_driver(
                         (logprob_forward_kernel, logprob_forward_tma_kernel), dtype, capability, hidden_size, t,
                         widest_epilogue=store and with_stats and softcap)
-                    types = dict(operands, table_ptr="*fp32", target_logit_ptr="*fp32", slot_ptr="*fp32",
+                    # the slot in the input dtype: the tiles in exp space (fastdpo.triton_fused)
+                    types = dict(operands, table_ptr="*fp32", target_logit_ptr="*fp32", slot_ptr=f"*{t}",
                                  excl_ptr="*fp32")
                     constexprs = dict(blocks, HAS_BIAS=True, HAS_SOFTCAP=softcap, WITH_STATS=with_stats,
                                       STORE_LOGITS=store, INPUT_PRECISION=config.input_precision(dtype))
                     if driver:  # the slot behind a descriptor too (triton_fused pads its rows to 16 bytes)
-                        types["slot_ptr"] = f"tensordesc<fp32[{blocks['BLOCK_M']},{blocks['BLOCK_V']}]>"
+                        types["slot_ptr"] = f"tensordesc<{t}[{blocks['BLOCK_M']},{blocks['BLOCK_V']}]>"
                         constexprs["SLOT_DESCRIPTOR"] = True
                     name = f"forward {t} stats={with_stats} softcap={softcap}" + (" store" if store else "") + driver
                     yield kernel, types, constexprs, options, name
@@ -114,14 +115,15 @@ def backward_variants(capability: int, hidden_size: int):
 
 
 def stored_logits_variants(capability: int, hidden_size: int):
-    """The fused route's elementwise d_logits from a slot of fp32 logits (no matrix product)."""
+    """The fused route's elementwise d_logits from a slot of exp-space tiles in the input dtype (no matrix product)."""
     blocks, options = _launch_options(DEVICE_BLOCKS)
-    for t in TRITON_TYPES.values():
+    for dtype, t in TRITON_TYPES.items():
+        tile_v = config.gemm_config(dtype, capability, hidden_size)["BLOCK_V"]
         for softcap in (False, True):
-            types = {"slot_ptr": "*fp32", "out_ptr": f"*{t}", "targets_ptr": "*i64", "lse_ptr": "*fp32",
-                     "grad_ptr": "*fp32", "gap_ptr": "*fp32", "logit_scale": "fp32", "softcap": "fp32",
-                     "inv_temperature": "fp32"}
-            yield (stored_logits_grad_kernel, types, dict(blocks, HAS_SOFTCAP=softcap), options,
+            types = {"slot_ptr": f"*{t}", "out_ptr": f"*{t}", "tile_max_ptr": "*fp32", "targets_ptr": "*i64",
+                     "target_logit_ptr": "*fp32", "lse_ptr": "*fp32", "grad_ptr": "*fp32", "gap_ptr": "*fp32",
+                     "logit_scale": "fp32", "softcap": "fp32", "inv_temperature": "fp32"}
+            yield (stored_logits_grad_kernel, types, dict(blocks, HAS_SOFTCAP=softcap, TILE_V=tile_v), options,
                    f"stored_logits_grad {t} softcap={softcap}")
 
 

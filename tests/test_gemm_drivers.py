@@ -3,7 +3,7 @@
 The persistent driver reads compacted X rows and W through tensor descriptors and may hold two
 vocabulary tiles in one accumulator (SUBTILES = 2, the last right half past the vocabulary's end);
 the pointer driver gathers X rows by index, one tile per program. Same partition, K order and
-epilogue: the forward's partials table, target logits, stored z and target-free sums, and the
+epilogue: the forward's partials table, target logits, stored exp-space tiles and target-free sums, and the
 backward's d_logits must match bit for bit, and both must match the float64 reference.
 """
 
@@ -39,11 +39,11 @@ def operands():
 def run(monkeypatch, driver, args, aligned_slot):
     drivers(monkeypatch, driver)
     hidden, weight, bias, rows, targets = args
-    width = VOCAB + 2 if aligned_slot else VOCAB + 1  # 16-byte rows: the descriptor store; else pointers
-    slot = torch.full((SCORED, width), float("nan"), device=DEVICE)[:, :VOCAB]
+    width = VOCAB + 2 if aligned_slot else VOCAB + 1  # 16-byte fp16 rows: the descriptor store; else pointers
+    slot = torch.full((SCORED, width), float("nan"), device=DEVICE, dtype=torch.float16)[:, :VOCAB]
     table, target_logit, excl = logprob_forward.logprob_forward(
         hidden, weight, bias, rows, targets, transform=TRANSFORM, with_stats=True, slot=slot)
-    lse = torch.logsumexp(slot, dim=1)
+    lse = torch.logsumexp(table[0] + torch.log(table[1]), dim=0)
     grad = torch.linspace(-1, 1, SCORED, device=DEVICE)
     d_logits = torch.zeros(SCORED, 96, device=DEVICE, dtype=torch.float16)  # a chunk of tiles 2-4
     logprob_backward.logits_grad(hidden, weight, bias, rows, targets, lse, grad, d_logits, 64, transform=TRANSFORM)
@@ -65,11 +65,13 @@ def test_persistent_driver_matches_the_reference(monkeypatch):
     out = run(monkeypatch, "persistent2", args, aligned_slot=True)
     raw = hidden[rows].double() @ weight.double().T + bias.double()
     z = TRANSFORM.softcap * torch.tanh(raw * TRANSFORM.logit_scale / TRANSFORM.softcap) / TRANSFORM.temperature
-    assert torch.allclose(out["slot"].double(), z, atol=1e-5, rtol=1e-5)
     assert torch.allclose(out["target_logit"].double(), z.gather(1, targets[:, None])[:, 0], atol=1e-5)
     block_v = config.gemm_config(torch.float16, None)["BLOCK_V"]
     tile_max = torch.stack([z[:, c:c + block_v].max(1).values for c in range(0, VOCAB, block_v)])
     assert torch.allclose(out["table"][0].double(), tile_max, atol=1e-5)
+    # The slot: each tile in exp space, exp(z - the tile's row maximum), in fp16 (relative 2^-11).
+    exp_space = torch.exp(z - tile_max.repeat_interleave(block_v, dim=0)[:VOCAB].T)
+    assert torch.allclose(out["slot"].double(), exp_space, atol=1e-6, rtol=1e-3)
 
 
 def test_operands_that_tma_cannot_read_give_the_same_bits(monkeypatch):

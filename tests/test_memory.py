@@ -13,7 +13,7 @@ import torch
 from helpers import LiveBytes
 
 import fastdpo
-from fastdpo import chunked, fused_pass
+from fastdpo import chunked, fused_pass, triton_fused
 from fastdpo.kernels import config
 from fastdpo.kernels.config import default_workspace_bytes, gemm_config, vocab_chunk_width
 from fastdpo.sequences import shifted_targets
@@ -55,17 +55,21 @@ def peak_formula(route: str, backend: str, *, n: int, N: int, H: int, V: int, dt
             rows_cast = min(n, SCATTER_ELEMENTS // H) * H * e if e != a else 0
             scatter = dw + n * H * a + N * H * e + rows_cast
             return max(2 * table, chunks, scatter)  # the forward: the table and its merge's temporaries
-        rows = min(cfg["BLOCK_M"] * cfg["GROUP_M"], n)
-        d_logits = rows * V * e if e != a else 0
+        rows = min(triton_fused.StoredLogits.block_rows(chunked.Rows(torch.empty(0, H, dtype=dtype), None, None)), n)
+        slot = rows * triton_fused.padded_vocab(V, dtype) * e  # exp-space tiles in the input dtype, D in place
+        # Off CUDA (Triton's interpreter) a 16-bit product is formed before it is added into fp32: its size more.
+        product = rows * H * e if e != a and not on_cuda else 0
         if route == "fused frozen":
-            # The forward: one slot (rows padded to 16 bytes), its d_logits, the block's X rows and U = D W (off CUDA
-            # formed in 16 bits before it is added), U [n, H] fp32 and the blocks' tables, merged at the end; the
-            # backward: U, g U and dX.
-            product = rows * H * e if e != a and not on_cuda else 0
-            forward = rows * (cdiv(V, 4) * 4 * a + H * e) + d_logits + product + a * n * H + 3 * table
+            # The forward: one slot, the block's X rows (the persistent driver's operand), U = D W and U [n, H]
+            # fp32 beside the blocks' tables, merged at the end; the backward: U, g U and dX.
+            forward = slot + rows * H * e + product + a * n * H + 3 * table
             return max(forward, 2 * a * n * H + e * N * H)
-        # The blocks' tables are kept to the end and merged there (their concatenation and two temporaries).
-        return slots * rows * V * 4 + d_logits + dw_acc + N * H * a + 3 * table + cast
+        # The ring of slots, dW (the weight's dtype: few GEMMs here), dX [N, H] in the hidden states' dtype and the
+        # blocks' tables; a released run's X rows and dX product ([run, H] each). At the end, with the ring freed,
+        # the tables' concatenation, its copy in the caller's order and the merge's two [tiles, n] temporaries.
+        ring = slots * slot
+        loop = ring + dw + N * H * e + table + 2 * slots * rows * H * e
+        return max(loop, dw + N * H * e + 3 * table)
     rows = min(chunked.TOKEN_BLOCK, n)
     buffers = a * (2 * rows * H + rows * min(V, chunked.vocab_slices(V, rows)[0][1]))  # BlockBuffers, one part
     if route == "two-pass":
@@ -91,9 +95,10 @@ def batch(dtype, frozen):
 
 def slots(labels, backend, dtype) -> int:
     rows = (shifted_targets(labels).reshape(-1) != -100).nonzero().squeeze(1)
-    cfg = gemm_config(dtype, None, HIDDEN)
-    block = cfg["BLOCK_M"] * cfg["GROUP_M"] if backend == "triton" else chunked.TOKEN_BLOCK
-    return fused_pass.PairSchedule(rows, labels.shape[1], labels.shape[0] // 2, block).slots
+    block = chunked.TOKEN_BLOCK
+    if backend == "triton":
+        block = triton_fused.StoredLogits.block_rows(chunked.Rows(torch.empty(0, HIDDEN, dtype=dtype), None, None))
+    return fused_pass.pair_schedule(backend, rows, labels.shape[1], labels.shape[0] // 2, block).slots
 
 
 def measured_and_formula(backend, dtype, frozen, fused, workspace=None):

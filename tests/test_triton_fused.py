@@ -5,6 +5,8 @@ Triton is tests/test_frozen_route.py's."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from helpers import assert_close, relative_error
@@ -26,7 +28,7 @@ from test_fused_pass import (  # noqa: F401  (spy is a fixture)
 from triton.runtime import interpreter
 
 import fastdpo
-from fastdpo import fused_pass, reference
+from fastdpo import fused_pass, reference, triton_fused
 from fastdpo.chunked import Rows
 from fastdpo.sequences import shifted_targets
 from fastdpo.triton_fused import StoredLogits
@@ -43,7 +45,7 @@ def schedule(hs, labels, dtype=torch.float32) -> fused_pass.PairSchedule:
     """The fused pass's schedule of this batch on the Triton backend (its token blocks)."""
     rows = shifted_targets(labels).reshape(-1).ne(-100).nonzero().squeeze(1)
     block = StoredLogits.block_rows(Rows(hs.reshape(-1, hs.shape[-1]).to(dtype), rows, rows))
-    return fused_pass.PairSchedule(rows, labels.shape[1], labels.shape[0] // 2, block)
+    return fused_pass.pair_schedule("triton", rows, labels.shape[1], labels.shape[0] // 2, block)
 
 
 def just_enough_workspace(hs, w, labels, dtype=torch.float32) -> int:
@@ -128,6 +130,68 @@ def test_peaked_rows_keep_their_gradient(spy):
     assert float(row_error.max()) < 1e-3  # the two-pass route: ~1 (its 1 - p_y is all rounding)
 
 
+def test_fp16_tiles_that_underflow_in_exp_space(spy):
+    """The slots hold exp(z - m) per 32-column tile in fp16: with a softcap of 30 and logits spread over its whole
+    range, most entries fall below fp16's 2^-24 and are stored as 0. They contribute p = 0 (never log 0 in the
+    softcap's derivative), and the gradient keeps fp16's accuracy against float64."""
+    hs, w, labels = make_batch(pairs=2, seq_len=60, hidden=32, vocab=257)
+    hs *= 12  # raw logits of a few tens: capped at +-30, many of a tile's entries 20+ below its maximum
+    head_options = dict(softcap=30.0)
+    z = 30.0 * torch.tanh(hs.reshape(-1, hs.shape[-1]) @ w.T / 30.0)
+    spread = z[:, :256].view(z.shape[0], 8, 32)
+    underflow = (spread - spread.amax(-1, keepdim=True) < -17.4).double().mean()  # exp(-17.4) < 2^-24 / 2
+    assert underflow > 0.2, underflow
+    options = dict(**precomputed_reference(hs, w, labels, **head_options), **head_options)
+    out, grads = run(hs, w, labels, dtype=torch.float16, backend="triton", **options)
+    assert spy.completed == 1
+    two_pass, two_pass_grads = run(hs, w, labels, dtype=torch.float16, backend="triton", fused=False, **options)
+    assert torch.equal(out.loss, two_pass.loss)  # (fp16 inputs at logits of +-30: the loss's error is theirs)
+    _, expected_grads = oracle(hs, w, labels, None, head_options, **precomputed_reference(hs, w, labels, **head_options))
+    for name, got, two_pass, want in zip(("hidden", "weight"), grads, two_pass_grads, expected_grads):
+        assert torch.isfinite(got).all()
+        assert_close(got, want, max(TOL[torch.float16], 1.05 * relative_error(two_pass, want)), f"grad {name}")
+
+
+# --- dW accumulation -----------------------------------------------------------------------------------------------
+
+
+def test_dw_accumulates_in_the_weight_dtype_for_a_few_gemms_only():
+    """One rounding per dW GEMM: a 16-bit gradient is its own accumulator up to MAX_ROUNDED_DW_GEMMS GEMMs (the
+    consecutive blocks a step releases, cut where the ring wraps); fp32 weights always are."""
+    def schedule_releasing(*releases):
+        return SimpleNamespace(steps=[SimpleNamespace(release=list(r)) for r in releases])
+
+    assert triton_fused._slot_runs([3, 4, 5, 6], 4) == [[3], [4, 5, 6]]  # slot 0 follows slot 3: a second GEMM
+    assert triton_fused._slot_runs([1, 2, 5], 8) == [[1, 2], [5]]
+    limit = triton_fused.MAX_ROUNDED_DW_GEMMS
+    few = schedule_releasing(*([2 * i, 2 * i + 1] for i in range(limit)))  # limit GEMMs of two blocks each
+    assert triton_fused.dw_accumulator_dtype(torch.bfloat16, few, 64) == torch.bfloat16
+    assert triton_fused.dw_accumulator_dtype(torch.bfloat16, few, 3) == torch.float32  # some runs wrap: 2 GEMMs
+    many = schedule_releasing(*([i] for i in range(limit + 1)))
+    assert triton_fused.dw_accumulator_dtype(torch.float16, many, 64) == torch.float32
+    assert triton_fused.dw_accumulator_dtype(torch.float32, many, 64) == torch.float32
+
+
+def test_many_dw_gemms_take_an_fp32_accumulator(spy, one_thread):
+    """Many short pairs: a dW GEMM per pair, more than MAX_ROUNDED_DW_GEMMS, so a 16-bit weight's dW is summed in
+    fp32 and cast once; the gradients match float64 like the two-pass route's."""
+    hs, w, labels = make_batch(pairs=2 * triton_fused.MAX_ROUNDED_DW_GEMMS, seq_len=40, hidden=31, vocab=100,
+                               masked_row=False)
+    plan = schedule(hs, labels, torch.float16)
+    gemms = sum(len(triton_fused._slot_runs(step.release, plan.slots)) for step in plan.steps)
+    assert gemms > triton_fused.MAX_ROUNDED_DW_GEMMS
+    ref = precomputed_reference(hs, w, labels)
+    with LargestTensors(w.shape) as seen:
+        out, grads = run(hs, w, labels, dtype=torch.float16, backend="triton", **ref)
+    assert spy.completed == 1
+    assert seen.head_shaped_fp32 == 1
+    _, two_pass_grads = run(hs, w, labels, dtype=torch.float16, backend="triton", fused=False, **ref)
+    _, expected_grads = oracle(hs, w, labels, **ref)
+    for name, got, two_pass, want in zip(("hidden", "weight"), grads, two_pass_grads, expected_grads):
+        assert got.dtype == torch.float16
+        assert_close(got, want, max(TOL[torch.float16], 1.05 * relative_error(two_pass, want)), f"grad {name}")
+
+
 # --- bitwise: the Triton two-pass route's log-probs and metrics, run to run ---------------------------------------
 
 
@@ -200,13 +264,14 @@ def test_no_tokens_by_vocabulary_tensor(spy, one_thread):
     hs, w = hs.half(), w.half()
     vocab, tokens = w.shape[0], labels.numel()
     workspace = just_enough_workspace(hs, w, labels, torch.float16)
-    assert workspace // 4 < tokens * vocab / 2
+    ring = workspace // 2  # the slots hold fp16 tiles (in exp space)
+    assert ring < tokens * vocab / 2
     ref = precomputed_reference(hs.double(), w.double(), labels)
     h, weight = hs.clone().requires_grad_(), w.clone().requires_grad_()
     with LargestTensors(w.shape) as seen:
         fastdpo.FastDPOLoss(backend="triton", workspace_bytes=workspace)(h, weight, labels, **ref).loss.backward()
     assert spy.completed == 1
-    assert seen.largest <= max(workspace // 4, vocab * w.shape[1], tokens * w.shape[1])
+    assert seen.largest <= max(ring, vocab * w.shape[1], tokens * w.shape[1])
     assert seen.largest < tokens * vocab
-    assert seen.head_shaped_fp32 == 1  # the fp32 dW accumulator of a 16-bit weight
+    assert seen.head_shaped_fp32 == 0  # a few dW GEMMs: the fp16 gradient is their accumulator
     assert weight.grad.dtype == torch.float16
