@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -83,6 +84,43 @@ def test_fastdpo_has_no_atomics_and_stays_within_its_memory_bound():
     # The memory bound: gradients in their own dtypes + workspace + O(n H) fp32 (+ the small lse table).
     bound = (V * H + n * H) * 2 + p.workspace_bytes + 3 * 4 * n * H + 4 * n * 1100
     assert p.peak_bytes <= bound
+
+
+# The side-by-side benchmark's Llama-3-8B 16k case: 16 sequences of 1,024 positions, 10,169 scored (8 pairs).
+BENCH_8B_16K = cm.Shape(10169, 4096, 128256, tokens=16384)
+
+
+def test_fused_route_is_6P_without_atomics_and_within_readme_memory_formula():
+    p = cm.fastdpo_fused(BENCH_8B_16K, cm.DEVICES["h200"])
+    assert p.flops == pytest.approx(6 * BENCH_8B_16K.P)
+    assert p.atomic_bytes == 0
+    assert p.details["block_rows"] == 256 and p.details["dw_gemms"] == 8 and p.details["dw_accumulator_bytes"] == 2
+    # README "Memory": the ring (slots x 256 x V x 2) + bf16 dW + dX [N, H] + the tables + a run's rows
+    n, H, V, slots = BENCH_8B_16K.n, BENCH_8B_16K.hidden, BENCH_8B_16K.vocab, p.details["slots"]
+    table = 2 * 4 * n * -(-V // 128)
+    formula = slots * 256 * V * 2 + V * H * 2 + 16384 * H * 2 + table + 2 * slots * 256 * H * 2
+    assert p.peak_bytes == pytest.approx(formula)
+    assert p.time_s < cm.fastdpo(BENCH_8B_16K, cm.DEVICES["h200"]).time_s  # 3 passes against 4
+
+
+def test_fused_route_takes_an_fp32_dw_past_a_dozen_gemms():
+    """32 pairs (64k positions of 1,024-token sequences): 32 dW GEMMs, an fp32 accumulator and its cast."""
+    shape = cm.Shape(40310, 2048, 128256, tokens=65536)
+    p = cm.fastdpo_fused(shape, cm.DEVICES["h200"])
+    assert p.details["dw_gemms"] == 32 > cm.MAX_ROUNDED_DW_GEMMS
+    assert p.details["dw_accumulator_bytes"] == 4
+    assert any(ph.name == "dW cast" for ph in p.phases)
+
+
+def test_fused_route_constants_are_the_librarys():
+    from fastdpo import triton_fused
+    from fastdpo.chunked import Rows
+
+    assert cm.MAX_ROUNDED_DW_GEMMS == triton_fused.MAX_ROUNDED_DW_GEMMS
+    assert cm.FUSED_BLOCK_TILES * cm.kernel_config.gemm_config(torch.bfloat16, 90, 4096)["BLOCK_M"] == 256
+    rows = Rows(torch.empty(0, 4096, dtype=torch.bfloat16), None, None)
+    block_m = cm.kernel_config.gemm_config(torch.bfloat16, None, 4096)["BLOCK_M"]  # this machine's: no GPU
+    assert triton_fused.StoredLogits.block_rows(rows) == cm.FUSED_BLOCK_TILES * block_m
 
 
 def test_frozen_head_drops_the_dW_memory():

@@ -390,6 +390,64 @@ def _fastdpo_peak(shape: Shape, fields: int, field_bytes: float, workspace: floa
     return max(forward, chunk_loop, scatter)
 
 
+# --- fastdpo's fused route (fastdpo/triton_fused.py): 3 passes, the loss gradient formed in the forward -------------
+
+FUSED_BLOCK_TILES = 2  # token block = 2 x BLOCK_M rows (triton_fused.StoredLogits.block_rows)
+MAX_ROUNDED_DW_GEMMS = 12  # triton_fused.MAX_ROUNDED_DW_GEMMS (not imported: fastdpo.triton_fused imports Triton)
+
+
+def fused_schedule(shape: Shape, block: int) -> tuple[int, int]:
+    """(slots, dW GEMMs) of fused_pass.PairMajorSchedule for pairs of equal length: 2 x seq_len positions a pair,
+    scored at n / positions; about one pair per dW GEMM (the blocks released together)."""
+    pairs = max(1, shape.positions // (2 * shape.seq_len))
+    pair_rows = math.ceil(shape.n / pairs)
+    return math.ceil((pair_rows + block - 1) / block) + 1, pairs
+
+
+def fastdpo_fused(shape: Shape, device: Device, options: Options = Options()) -> Prediction:
+    """The fused route on Triton (trainable head): per 256-row token block the forward kernel with STORE_LOGITS
+    (the table, and the tiles in exp space into a slot in the input dtype: W read once per block), the torch
+    merge of the block's table, then over the rows released together (about a pair) the elementwise d_logits
+    in place, dX (written once) and dW (accumulated in the weight's dtype up to MAX_ROUNDED_DW_GEMMS GEMMs, each
+    reading and writing dW: fp32 beyond) on cuBLAS; the blocks' tables merged once more at the end."""
+    n, H, V, e = shape.n, shape.hidden, shape.vocab, shape.elem
+    cfg = kernel_config.gemm_config(shape.dtype, device.capability, shape.hidden)
+    tiling = triton_tiling(cfg, e, device)
+    block = FUSED_BLOCK_TILES * cfg["BLOCK_M"]
+    vocab_tiles = math.ceil(V / cfg["BLOCK_V"])
+    fields = 6 if options.with_stats else 2
+    slots, gemms = fused_schedule(shape, block)
+    w = e if e >= 4 or gemms <= MAX_ROUNDED_DW_GEMMS else 4  # dW accumulator bytes
+    phases = []
+    for rows in chunk_widths(n, block):
+        table = 4.0 * vocab_tiles * rows
+        phases.append(gemm_phase("forward kernel (STORE_LOGITS)", rows, V, H, e, e,
+                                 (fields + 1) * table + rows * V * e, tiling, device, TRITON_EFFICIENCY,
+                                 extra_bytes=2 * INDEX_BYTES * rows))
+        phases.append(memory_phase("block merge + 1 - p_y (torch)", table * (MERGE_FIELD_PASSES + 4), launches=12))
+    for rows in chunk_widths(n, math.ceil(n / gemms)):
+        phases.append(memory_phase("d_logits in place (stored_logits_grad)", 2.0 * rows * V * e
+                                   + 4.0 * vocab_tiles * rows))
+        phases.append(gemm_phase("dX GEMM (cuBLAS)", rows, H, V, e, e, rows * H * e, cublas_tiling(device), device,
+                                 CUBLAS_EFFICIENCY, extra_bytes=rows * H * e))  # + the index_copy
+        phases.append(memory_phase("X rows gather", 2.0 * rows * H * e))
+        phases.append(gemm_phase("dW GEMM (cuBLAS, accumulate)", V, H, rows, e, e, 2.0 * V * H * w,
+                                 cublas_tiling(device), device, CUBLAS_EFFICIENCY))
+    field_bytes = 4.0 * vocab_tiles * n
+    phases = merge_phases(phases)
+    phases.append(memory_phase("final merge (torch, caller order)", field_bytes * (MERGE_FIELD_PASSES + 2 * fields),
+                               launches=10))
+    if w != e:
+        phases.append(memory_phase("dW cast", (4.0 + e) * V * H))
+    ring = slots * block * V * e
+    loop = ring + V * H * w + shape.positions * H * e + fields * field_bytes + 2 * slots * block * H * e
+    # the end: the tables' concatenation, its caller-order copy and the merge's temporaries, then dW's cast
+    end = V * H * w + shape.positions * H * e + max(3 * fields * field_bytes, V * H * e if w != e else 0)
+    return Prediction("fastdpo fused", shape, device, phases, max(loop, end), ring,
+                      notes=f"{slots} slots of {block} rows, {gemms} dW GEMMs ({'fp32' if w != e else 'in place'})",
+                      details=dict(slots=slots, block_rows=block, dw_gemms=gemms, dw_accumulator_bytes=w))
+
+
 # --- the model beside benchmarks/gpu_check.py's measured phases -----------------------------------------------------
 
 # gpu_check's measured phase -> the model's phases it covers (empty: the whole step).
@@ -787,6 +845,7 @@ def cut_cross_entropy(shape: Shape, device: Device, options: Options = Options()
 
 DESIGNS = {
     "fastdpo": fastdpo,
+    "fastdpo_fused": fastdpo_fused,
     "old_fastdpo": old_fastdpo,
     "trl": trl_chunked_head,
     "liger_flce": liger_flce,
