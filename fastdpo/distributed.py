@@ -500,11 +500,11 @@ def shard_stored_logits(backend: str):
 
         def merged_partials(self) -> VocabPartials:
             """The two-pass vocab-parallel route's bits (VocabParallelLogProbs with TritonShardHead): the shard's
-            tables merged in the caller's row order, all-gathered once more, merged over the ranks. The schedule
-            computes the rows in another order, and a reduction's bits may depend on a row's place in it; the
-            blocks' own merges gave the pass its lse."""
+            partials in the caller's row order, all-gathered once more and merged over the ranks there. The
+            schedule computes the rows in another order, and the ranks' merge (a torch reduction) may round a
+            row by its place among the others; the blocks' own merges gave the pass its lse."""
             caller = torch.argsort(self.order)
-            local = self.merged_in_caller_order()
+            local = take(triton_fused.StoredLogits.merged_partials(self), caller)
             own = local._replace(target_logit=torch.where(self.in_shard[caller], local.target_logit, 0.0))
             return take(merge(gather_partials(own, self.group)), self.order)
 

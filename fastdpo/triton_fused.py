@@ -34,8 +34,9 @@ pairs of ~1,200 scored tokens: the side-by-side benchmark's 16k case):
             MMAs: 256 FLOP a byte, above an H200's ~150 and an H100's ~240); each of the 11 dW GEMMs
             reads and writes the bf16 dW (23 GB, ~5 ms), each dX GEMM reads W (11 GB).
     memory  the ring + dW in the weight's dtype (1,002 MiB, the gradient) + dX [N, H] (128 MiB) + the
-            blocks' tables (2 x 4 x n x V/128 B = 78 MiB, merged at the end once the ring is freed) + a
-            run's X rows and dX product: 1,674 MiB above the inputs (README, "Memory").
+            held blocks' tables (merged block by block: kernels/partials_merge.py folds each row alone, so
+            a block's rows get the bits of all rows merged at once) + a run's X rows and dX product:
+            1,611 MiB above the inputs (README, "Memory").
 
 Frozen head (FrozenStoredLogits; fastdpo.fused_pass's frozen route, FastDPOLoss and linear_logprobs alike):
 2 passes (4P FLOPs; the two-pass route 6P), U_i = dlogp_i/dh_i formed in the forward, g ⊙ U in the backward.
@@ -62,11 +63,11 @@ from __future__ import annotations
 
 import torch
 
-from .chunked import Rows
+from .chunked import Rows, _cat
 from .kernels.config import device_capability, gemm_config
-from .softmax_stats import VocabPartials, logsumexp, merge, take
+from .softmax_stats import VocabPartials, logsumexp
 from .transform import LogitTransform
-from .triton_head import accumulate_product, row_major
+from .triton_head import accumulate_product, merged_table, row_major
 
 # The fused route's workspace bound on a GPU when the caller gives none: 1/32 of the device's memory, at
 # most 4 GiB. Total, not free, memory: the bound decides the route, and the same inputs must take the same
@@ -74,7 +75,7 @@ from .triton_head import accumulate_product, row_major
 # V = 128,256 in bf16; ~7 slots for pairs of ~1,200 scored tokens, 64 slots, a pair of ~16k, at 4 GiB), and
 # allocates what the schedule needs, never the bound itself; a longer pair takes the two-pass path, which
 # needs less memory but a fourth GEMM pass. What the route costs beside the gradients: the ring, the blocks'
-# tables and, past MAX_ROUNDED_DW_GEMMS dW GEMMs, an fp32 dW for a 16-bit weight (README, "Memory").
+# held blocks' tables and, past MAX_ROUNDED_DW_GEMMS dW GEMMs, an fp32 dW for a 16-bit weight (README, "Memory").
 MAX_DEFAULT_WORKSPACE = 4 << 30
 
 
@@ -105,7 +106,7 @@ class StoredLogits:
         self.n_slots = n_slots
         self.ring = torch.empty(n_slots * self.rows_per_slot, padded_vocab(vocab_size, x.hidden.dtype),
                                 dtype=x.hidden.dtype, device=device)[:, :vocab_size]
-        self.partials, self.tables, self.gap, self.queued = {}, {}, {}, []
+        self.local, self.partials, self.gap, self.tile_max, self.queued = {}, {}, {}, {}, []
         self.order = None if schedule is None else schedule.order  # x's rows, as indices into the caller's
         self.dx = torch.zeros(x.hidden.shape, dtype=self.dx_dtype(x.hidden), device=device) if need_dx else None
         self.dw = torch.zeros(weight.shape, dtype=dw_accumulator_dtype(weight.dtype, schedule, n_slots),
@@ -134,7 +135,8 @@ class StoredLogits:
         return self.ring[first: first + r1 - r0]
 
     def forward(self, k: int) -> VocabPartials:
-        """Block k's merged partials (the two-pass route's per-tile bits), its tiles kept in exp space in a slot."""
+        """Block k's merged partials (the two-pass route's bits: the merge is row by row), its tiles kept in exp
+        space in a slot, each tile's maxima (the table's m) until its d_logits are formed."""
         from .kernels.logprob_forward import logprob_forward
 
         self._flush()  # the released blocks' GEMMs read their slots: before one is reused
@@ -142,30 +144,16 @@ class StoredLogits:
         table, target_logit, excl = logprob_forward(
             self.hidden, self.weight, self.bias, self.x.rows[r0:r1], self.x.targets[r0:r1],
             transform=self.transform, with_stats=self.with_stats, slot=self.slot(k))
-        self.tables[k] = (table, target_logit)
-        partials = merge(VocabPartials(table[0], table[1], target_logit[None], *table[2:]))
-        self.partials[k] = partials
-        # 1 - p_y = sum_j e_j exp(m_j - lse), tile by tile in a fixed order (torch's reduction over dim 0).
-        self.gap[k] = (excl * torch.exp(table[0] - logsumexp(partials))).sum(0)
+        partials, self.gap[k] = merged_table(table, target_logit, excl)
+        self.local[k] = self.partials[k] = partials
+        self.tile_max[k] = table[0]
         return partials
 
     def merged_partials(self) -> VocabPartials:
-        """Every block's partials merged as the two-pass route merges its one table (the same bits), in x's order."""
-        merged = self.merged_in_caller_order()
-        return merged if self.order is None else take(merged, self.order)
-
-    def merged_in_caller_order(self) -> VocabPartials:
-        """The blocks' tables merged at once, in the caller's row order: the two-pass route's table, merged the
-        same way (a reduction's bits may depend on a row's place in it). The ring is freed first: the merge's
-        temporaries are the route's last allocation."""
+        """Every block's partials, in x's row order: the two-pass route's bits (the merge is row by row)."""
         self.complete()
         self.ring = None
-        blocks = range(len(self.blocks))
-        table = torch.cat([self.tables[k][0] for k in blocks], dim=2)
-        target_logit = torch.cat([self.tables[k][1] for k in blocks])
-        self.tables = {}
-        parts = VocabPartials(table[0], table[1], target_logit[None], *table[2:])
-        return merge(parts if self.order is None else take(parts, torch.argsort(self.order)))
+        return _cat([self.local[k] for k in range(len(self.blocks))])
 
     def complete(self) -> None:
         """The queued blocks' GEMMs."""
@@ -181,9 +169,9 @@ class StoredLogits:
 
         r0 = self.blocks[k][0]
         d = self.slot(k)[a:b]
-        table, target_logit = self.tables[k]
         lse = logsumexp(self.partials[k])[a:b]
-        stored_logits_grad(d, d, table[0][:, a:b], self.x.targets[r0 + a: r0 + b], target_logit[a:b], lse,
+        stored_logits_grad(d, d, self.tile_max[k][:, a:b], self.x.targets[r0 + a: r0 + b],
+                           self.local[k].target_logit[a:b], lse,
                            grad.float().contiguous(), self.gap[k][a:b].contiguous(), tile_v=self.tile_v(),
                            transform=self.transform)
         return d
@@ -213,7 +201,7 @@ class StoredLogits:
             if self.db is not None:
                 self.db += d.sum(0, dtype=torch.float32)
         for k in queued:
-            del self.partials[k], self.gap[k]
+            del self.partials[k], self.gap[k], self.tile_max[k]
 
 
 class FrozenStoredLogits(StoredLogits):

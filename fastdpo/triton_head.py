@@ -42,7 +42,7 @@ import torch
 
 from .kernels.config import (default_workspace_bytes, device_capability, gemm_config, persistent_config,
                              vocab_chunk_width)
-from .softmax_stats import VocabPartials, merge
+from .softmax_stats import VocabPartials
 from .sparse_plan import kept_pairs, pair_lists, tile_chunks
 from .transform import LogitTransform
 
@@ -65,7 +65,16 @@ def forward(hidden_2d, weight, bias, rows, targets, transform: LogitTransform, *
                                           transform=transform, with_stats=with_stats)
     if backward_plan.numel():  # each (vocabulary tile, row)'s logsumexp
         backward_plan.index_copy_(1, rows, table[0] + torch.log(table[1]))
-    return merge(VocabPartials(table[0], table[1], target_logit[None], *table[2:]))
+    return merged_table(table, target_logit)[0]
+
+
+def merged_table(table: torch.Tensor, target_logit: torch.Tensor, excl: torch.Tensor | None = None):
+    """The forward's [F, T, n] table merged over the vocabulary tiles, row by row (kernels/partials_merge.py:
+    a row's bits do not depend on which rows are merged with it): (VocabPartials, and with excl, 1 - p_y)."""
+    from .kernels.partials_merge import merge_partials
+
+    merged, gap = merge_partials(table, excl)
+    return VocabPartials(merged[0], merged[1], target_logit, *merged[2:]), gap
 
 
 def backward(hidden_2d, weight, bias, rows, targets, lse, grad, transform: LogitTransform, *, need_dx: bool,

@@ -27,6 +27,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from fastdpo.kernels import config
 from fastdpo.kernels.logprob_backward import logits_grad_kernel, logits_grad_tma_kernel
 from fastdpo.kernels.logprob_forward import logprob_forward_kernel, logprob_forward_tma_kernel
+from fastdpo.kernels.partials_merge import BLOCK_N, merge_partials_kernel
 from fastdpo.kernels.stored_logits import DEVICE_BLOCKS, stored_logits_grad_kernel
 from fastdpo.kernels.sparse_backward import (
     sparse_dw_kernel,
@@ -127,6 +128,15 @@ def stored_logits_variants(capability: int, hidden_size: int):
                    f"stored_logits_grad {t} softcap={softcap}")
 
 
+def merge_variants(capability: int, hidden_size: int):
+    """The forward table's merge over the vocabulary tiles, row by row (fp32 tables whatever the input dtype)."""
+    for with_stats in (False, True):
+        for with_gap in (False, True):  # 1 - p_y too: the fused route's blocks
+            types = {"table_ptr": "*fp32", "excl_ptr": "*fp32", "out_ptr": "*fp32", "gap_ptr": "*fp32"}
+            yield (merge_partials_kernel, types, dict(WITH_STATS=with_stats, WITH_GAP=with_gap, BLOCK_N=BLOCK_N),
+                   dict(num_warps=4), f"partials_merge stats={with_stats} gap={with_gap}")
+
+
 def sparse_variants(capability: int, hidden_size: int):
     """The block-sparse backward (grad_tolerance > 0): d_logits over a work list, dX and dW GEMMs."""
     for dtype, t in TRITON_TYPES.items():
@@ -179,7 +189,8 @@ def compile_all(capability: int):
         # The unaligned launches are those of hidden sizes off the 16-multiple (config picks their tile).
         hidden_size = 4096 if aligned else 4095
         variants = (*forward_variants(capability, hidden_size), *backward_variants(capability, hidden_size),
-                    *sparse_variants(capability, hidden_size), *stored_logits_variants(capability, hidden_size))
+                    *sparse_variants(capability, hidden_size), *stored_logits_variants(capability, hidden_size),
+                    *merge_variants(capability, hidden_size))
         for kernel, types, constexprs, options, name in variants:
             src = ASTSource(fn=kernel, signature=_signature(kernel, types, constexprs), constexprs=constexprs,
                             attrs=_attrs(kernel, aligned))

@@ -54,22 +54,20 @@ def peak_formula(route: str, backend: str, *, n: int, N: int, H: int, V: int, dt
             chunks = dw + n * width * e + (n * H * e if trainable else 0) + n * H * a + product
             rows_cast = min(n, SCATTER_ELEMENTS // H) * H * e if e != a else 0
             scatter = dw + n * H * a + N * H * e + rows_cast
-            return max(2 * table, chunks, scatter)  # the forward: the table and its merge's temporaries
+            return max(table, chunks, scatter)  # the forward: the table (merged row by row by a kernel)
         rows = min(triton_fused.StoredLogits.block_rows(chunked.Rows(torch.empty(0, H, dtype=dtype), None, None)), n)
         slot = rows * triton_fused.padded_vocab(V, dtype) * e  # exp-space tiles in the input dtype, D in place
         # Off CUDA (Triton's interpreter) a 16-bit product is formed before it is added into fp32: its size more.
         product = rows * H * e if e != a and not on_cuda else 0
+        block_field = cdiv(V, cfg["BLOCK_V"]) * rows * 4  # a block's [tiles, rows] fp32
         if route == "fused frozen":
-            # The forward: one slot, the block's X rows (the persistent driver's operand), U = D W and U [n, H]
-            # fp32 beside the blocks' tables, merged at the end; the backward: U, g U and dX.
-            forward = slot + rows * H * e + product + a * n * H + 3 * table
+            # The forward: one slot, the block's X rows (the persistent driver's operand) and table, U = D W and
+            # U [n, H] fp32; the backward: U, g U and dX.
+            forward = slot + rows * H * e + 3 * block_field + product + a * n * H  # m, s and e
             return max(forward, 2 * a * n * H + e * N * H)
-        # The ring of slots, dW (the weight's dtype: few GEMMs here), dX [N, H] in the hidden states' dtype and the
-        # blocks' tables; a released run's X rows and dX product ([run, H] each). At the end, with the ring freed,
-        # the tables' concatenation, its copy in the caller's order and the merge's two [tiles, n] temporaries.
-        ring = slots * slot
-        loop = ring + dw + N * H * e + table + 2 * slots * rows * H * e
-        return max(loop, dw + N * H * e + 3 * table)
+        # The ring of slots and each held block's table (m, s; the last one's e too), dW (the weight's dtype: few
+        # GEMMs here), dX [N, H] in the hidden states' dtype; a released run's X rows and dX product ([run, H] each).
+        return slots * (slot + 2 * block_field + 2 * rows * H * e) + block_field + dw + N * H * e
     rows = min(chunked.TOKEN_BLOCK, n)
     buffers = a * (2 * rows * H + rows * min(V, chunked.vocab_slices(V, rows)[0][1]))  # BlockBuffers, one part
     if route == "two-pass":

@@ -302,9 +302,9 @@ def merge_phases(phases: list[Phase]) -> list[Phase]:
 
 # --- fastdpo (GEMM-tiled forward, backward in vocabulary chunks), read from kernels/config.py -------------------------
 
-# Passes of the torch merge over one [vocab tiles, n] fp32 field (reads + writes): max (1), exp rescale (2),
-# rescaled sum (3), sum (1), per-tile lse kept for the backward (3); the statistics add about 12 more.
-MERGE_FIELD_PASSES, MERGE_STATS_FIELD_PASSES = 10, 12
+# The merge kernel (kernels/partials_merge.py) reads the table's m field, then every field once more: (1 + F)
+# [vocab tiles, n] fp32 fields of reads, F rows of writes; the per-tile lse kept for the backward plan when
+# grad_tolerance > 0 (fastdpo_sparse) is 3 more passes over one field.
 INDEX_BYTES = 8  # int64 rows and targets
 
 
@@ -367,9 +367,7 @@ def _forward_phases(shape: Shape, device: Device, options: Options, tiling: Tili
     return [
         gemm_phase("forward kernel", n, V, H, e, e, fields * field_bytes + 4 * n, tiling, device, TRITON_EFFICIENCY,
                    extra_bytes=2 * INDEX_BYTES * n + (V * e if options.bias else 0)),
-        memory_phase("forward merge (torch)", field_bytes * (MERGE_FIELD_PASSES
-                                                             + (MERGE_STATS_FIELD_PASSES if options.with_stats else 0)),
-                     launches=8 + (10 if options.with_stats else 0)),
+        memory_phase("forward merge (kernel)", field_bytes * (1 + fields) + 4.0 * fields * n),
     ]
 
 
@@ -379,7 +377,7 @@ def _fastdpo_peak(shape: Shape, fields: int, field_bytes: float, workspace: floa
     per-row vectors: max(forward, chunks, scatter)."""
     n, H, V, e = shape.n, shape.hidden, shape.vocab, shape.elem
     rows = n * (4 + 2 * INDEX_BYTES)  # lse, rows, targets
-    forward = fields * field_bytes + 2 * field_bytes + rows  # the table and the merge's temporaries
+    forward = fields * field_bytes + 4.0 * fields * n + rows  # the table and its merge (kernels/partials_merge.py)
     dw = V * H * e if need_dw else 0.0
     dx32 = 4.0 * n * H if need_dx else 0.0
     chunk_loop = dw + workspace + (n * H * e if need_dw else 0.0) + dx32 + rows
@@ -424,7 +422,8 @@ def fastdpo_fused(shape: Shape, device: Device, options: Options = Options()) ->
         phases.append(gemm_phase("forward kernel (STORE_LOGITS)", rows, V, H, e, e,
                                  (fields + 1) * table + rows * V * e, tiling, device, TRITON_EFFICIENCY,
                                  extra_bytes=2 * INDEX_BYTES * rows))
-        phases.append(memory_phase("block merge + 1 - p_y (torch)", table * (MERGE_FIELD_PASSES + 4), launches=12))
+        # the merge kernel's two passes, and a third over m and e for 1 - p_y
+        phases.append(memory_phase("block merge + 1 - p_y (kernel)", table * (1 + fields + 2)))
     for rows in chunk_widths(n, math.ceil(n / gemms)):
         phases.append(memory_phase("d_logits in place (stored_logits_grad)", 2.0 * rows * V * e
                                    + 4.0 * vocab_tiles * rows))
@@ -433,16 +432,13 @@ def fastdpo_fused(shape: Shape, device: Device, options: Options = Options()) ->
         phases.append(memory_phase("X rows gather", 2.0 * rows * H * e))
         phases.append(gemm_phase("dW GEMM (cuBLAS, accumulate)", V, H, rows, e, e, 2.0 * V * H * w,
                                  cublas_tiling(device), device, CUBLAS_EFFICIENCY))
-    field_bytes = 4.0 * vocab_tiles * n
     phases = merge_phases(phases)
-    phases.append(memory_phase("final merge (torch, caller order)", field_bytes * (MERGE_FIELD_PASSES + 2 * fields),
-                               launches=10))
     if w != e:
         phases.append(memory_phase("dW cast", (4.0 + e) * V * H))
     ring = slots * block * V * e
-    loop = ring + V * H * w + shape.positions * H * e + fields * field_bytes + 2 * slots * block * H * e
-    # the end: the tables' concatenation, its caller-order copy and the merge's temporaries, then dW's cast
-    end = V * H * w + shape.positions * H * e + max(3 * fields * field_bytes, V * H * e if w != e else 0)
+    held_tables = (slots * fields + 1) * 4.0 * vocab_tiles * block  # each held block's table; the last one's e
+    loop = ring + V * H * w + shape.positions * H * e + held_tables + 2 * slots * block * H * e
+    end = V * H * w + shape.positions * H * e + (V * H * e if w != e else 0)  # dW's cast
     return Prediction("fastdpo fused", shape, device, phases, max(loop, end), ring,
                       notes=f"{slots} slots of {block} rows, {gemms} dW GEMMs ({'fp32' if w != e else 'in place'})",
                       details=dict(slots=slots, block_rows=block, dw_gemms=gemms, dw_accumulator_bytes=w))
@@ -454,7 +450,7 @@ def fastdpo_fused(shape: Shape, device: Device, options: Options = Options()) ->
 MEASURED_TO_MODEL = {
     "cuBLAS logits (X W^T, chunked)": ("cuBLAS logits",),
     "forward kernel": ("forward kernel",),
-    "forward (end to end)": ("forward kernel", "forward merge (torch)"),
+    "forward (end to end)": ("forward kernel", "forward merge (kernel)"),
     "logits_grad kernel (recompute)": ("logits_grad kernel (recompute)",),
     "backward chunks with dX": ("logits_grad kernel (recompute)", "dX_scored zeros", "dX GEMM (cuBLAS, fp32 out)"),
     "backward chunks with dW": ("logits_grad kernel (recompute)", "X_scored gather", "dW GEMM (cuBLAS)"),
@@ -632,7 +628,7 @@ def fastdpo_sparse(shape: Shape, device: Device, options: Options = Options()) -
     rows = n * (4 + 2 * INDEX_BYTES)
     loop = dw + dx32 + workspace_used + field_bytes + blocks * vocab_tiles * 9.0 + rows
     scatter = dw + dx32 + (shape.positions * H * e + n * H * e if need_dx else 0.0) + field_bytes + rows
-    forward = 2 * field_bytes + field_bytes + 2 * field_bytes + rows  # as _fastdpo_peak's forward, F = 2
+    forward = 2 * field_bytes + field_bytes + 2 * field_bytes + rows  # the table (F = 2), the plan, its two temporaries
     peak = max(forward, loop, scatter, _plan_peak(shape, field_bytes, options))
     return Prediction("fastdpo grad_tolerance (sparse)", shape, device, phases, peak, workspace_used,
                       notes=f"f={f:.2f} of {blocks}x{vocab_tiles} pairs, {len(chunks)} chunk(s), shared {s:.0%}",
