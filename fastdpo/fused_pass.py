@@ -64,8 +64,9 @@ The fused pass, step by step. The scored rows are compacted and cut into the for
 sequences i and i + B. On the PyTorch path the rows keep their order (chosen sequences first) and the
 blocks are computed in the order `PairSchedule` chooses (alternating between the chosen and the rejected
 half, whichever has completed fewer pairs); on Triton the rows are taken pair by pair and the blocks in
-order (`PairMajorSchedule`: about half the slots held at once). Each block goes into a slot of the workspace. As soon as both halves of some pairs are
-computed, the loss is evaluated on the whole batch, with the pairs not yet computed holding placeholder
+order (`PairMajorSchedule`: about half the slots held at once). Each block goes into a slot of the
+workspace. As soon as both halves of some pairs are computed, the loss is evaluated on the whole
+batch, with the pairs not yet computed holding placeholder
 log-probs, and differentiated with respect to the token log-probs: for a pair-local loss the gradient of
 the completed pairs is exact (the lengths, the reference log-probs and 'sft''s token count are known for
 the whole batch up front; WPO's weights are detached per pair). Their rows' tiles become d_logits in place
