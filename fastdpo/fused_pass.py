@@ -484,7 +484,8 @@ def _scheduled_pass(config, x: chunked.Rows, positions, weight, bias, mask, tran
     if schedule.slots * head_class.slot_bytes(x, weight.shape[0] if shard is None else shard.widest) > budget:
         return None
     if schedule.order is not None:  # the rows in the schedule's order; the results come back in the caller's
-        x, positions = chunked.Rows(x.hidden, x.rows[schedule.order], x.targets[schedule.order]), positions[schedule.order]
+        order = schedule.order
+        x, positions = chunked.Rows(x.hidden, x.rows[order], x.targets[order]), positions[order]
         extra["schedule"] = schedule
     head = head_class(x, weight, bias, head_transform(transform), with_stats, schedule.slots, **extra,
                       need_dx=need_dx, need_dw=weight.requires_grad, need_db=bias is not None and bias.requires_grad)

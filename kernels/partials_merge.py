@@ -57,7 +57,8 @@ def merge_partials_kernel(
             z_sum_exp += tl.load(at + 2 * field, mask=mask, other=0.0) * rescale
             sq_sum_exp += tl.load(at + 3 * field, mask=mask, other=0.0) * rescale * rescale
             z_sum += tl.load(at + 4 * field, mask=mask, other=0.0)
-            before = tl.maximum(before, tl.load(at + 5 * field, mask=mask, other=0.0), propagate_nan=tl.PropagateNan.ALL)
+            before = tl.maximum(before, tl.load(at + 5 * field, mask=mask, other=0.0),
+                                propagate_nan=tl.PropagateNan.ALL)
     out = out_ptr + rows
     tl.store(out, new_max, mask=mask)
     tl.store(out + n_rows, sum_exp, mask=mask)

@@ -141,12 +141,13 @@ def test_fp16_tiles_that_underflow_in_exp_space(spy):
     spread = z[:, :256].view(z.shape[0], 8, 32)
     underflow = (spread - spread.amax(-1, keepdim=True) < -17.4).double().mean()  # exp(-17.4) < 2^-24 / 2
     assert underflow > 0.2, underflow
-    options = dict(**precomputed_reference(hs, w, labels, **head_options), **head_options)
+    reference_inputs = precomputed_reference(hs, w, labels, **head_options)
+    options = dict(**reference_inputs, **head_options)
     out, grads = run(hs, w, labels, dtype=torch.float16, backend="triton", **options)
     assert spy.completed == 1
     two_pass, two_pass_grads = run(hs, w, labels, dtype=torch.float16, backend="triton", fused=False, **options)
     assert torch.equal(out.loss, two_pass.loss)  # (fp16 inputs at logits of +-30: the loss's error is theirs)
-    _, expected_grads = oracle(hs, w, labels, None, head_options, **precomputed_reference(hs, w, labels, **head_options))
+    _, expected_grads = oracle(hs, w, labels, None, head_options, **reference_inputs)
     for name, got, two_pass, want in zip(("hidden", "weight"), grads, two_pass_grads, expected_grads):
         assert torch.isfinite(got).all()
         assert_close(got, want, max(TOL[torch.float16], 1.05 * relative_error(two_pass, want)), f"grad {name}")
