@@ -22,7 +22,7 @@ With n scored tokens and P = n·H·V, one pass over the head is a GEMM of 2P FLO
   backend's: fastdpo.torch_fused.FrozenAccumulator accumulates it beside the PyTorch path's tiles,
   fastdpo.triton_fused.FrozenStoredLogits stores each token block's tiles in one slot, turns them into
   d_logits with g = 1 in place and multiplies by W); the backward returns g ⊙ U. No workspace bound is
-  checked: on Triton the forward holds one slot of block_rows x V in the input dtype (63 MiB at Llama-3-8B).
+  checked: on Triton the forward holds 4 slots of block_rows x V in the input dtype (251 MiB at Llama-3-8B).
 - **two-pass** everywhere else, including every forward without gradients (evaluation, the reference):
   there it is one pass, the forward alone.
 

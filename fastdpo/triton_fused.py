@@ -40,20 +40,21 @@ pairs of ~1,200 scored tokens: the side-by-side benchmark's 16k case):
 
 Frozen head (FrozenStoredLogits; fastdpo.fused_pass's frozen route, FastDPOLoss and linear_logprobs alike):
 2 passes (4P FLOPs; the two-pass route 6P), U_i = dlogp_i/dh_i formed in the forward, g ⊙ U in the backward.
-Each token block, in order, through one slot:
+The token blocks, in order, in groups of FROZEN_SLOTS through the ring:
 
     pass 1  forward(k) as above; the block's lse is known once it ends (all the vocabulary tiles of its
             rows), so nothing is rescaled later
             kernels/stored_logits.py with g = 1: D = (onehot - p) transform'(z), the exact target entry
             (1 - p_y) t'_y, in the input dtype, in place
-    pass 2  U rows = D W              torch.mm: cuBLAS, fp32 output (triton_head.accumulate_product)
+    pass 2  U rows = D W              one GEMM a group (1,024 rows): cuBLAS, fp32 output
+                                      (triton_head.accumulate_product)
 
 No loss is needed in the forward (any upstream loss: the backward's g_i scales row i of U), so there is
-no pair schedule: one slot, reused block by block. U is written once per row: runs repeat bitwise.
+no pair schedule: FROZEN_SLOTS slots, reused group by group. U is written once per row: runs repeat bitwise.
 
 Cost at Llama-3-8B (as above):
     FLOPs   2 x 2nHV = 21.4 TFLOP (27 ms at 793 TFLOP/s), against 32.0 TFLOP for the two-pass route.
-    memory  during the forward one slot (63 MiB); U fp32 [n, H] (159 MiB) from the forward to the backward.
+    memory  during the forward 4 slots (251 MiB); U fp32 [n, H] (159 MiB) from the forward to the backward.
     bytes   e written and read once, D written and read once (4 x 2.6 GB): 10.4 GB beyond the GEMMs'
             operands (~2 ms at 4.8 TB/s), against the two-pass backward's d_logits traffic and its
             10.7 TFLOP recompute (~13 ms).
@@ -205,24 +206,38 @@ class StoredLogits:
 
 
 class FrozenStoredLogits(StoredLogits):
-    """The frozen route's forward on Triton (module docstring, "Frozen head"): one slot, reused block by block.
+    """The frozen route's forward on Triton (module docstring, "Frozen head"): groups of FROZEN_SLOTS blocks
+    through the ring, one U GEMM a group.
 
     Each block's D with g = 1 is formed as soon as its forward is done (its lse is then known: all the
-    vocabulary tiles of its rows), and U = D W; the backward scales U by g (fastdpo.fused_pass).
+    vocabulary tiles of its rows), and U = D W over the group's rows; the backward scales U by g
+    (fastdpo.fused_pass).
     """
 
     def __init__(self, x: Rows, weight, bias, transform: LogitTransform, with_stats: bool):
-        super().__init__(x, weight, bias, transform, with_stats, 1, need_dx=False, need_dw=False, need_db=False)
+        blocks = -(-len(x) // max(1, min(self.block_rows(x), len(x))))
+        super().__init__(x, weight, bias, transform, with_stats, max(1, min(FROZEN_SLOTS, blocks)),
+                         need_dx=False, need_dw=False, need_db=False)
 
     def forward_with_u(self) -> tuple[VocabPartials, torch.Tensor]:
         """(every block's merged partials: the two-pass route's bits, U fp32 [rows, H]: dlogp_i/dh_i)."""
         u = torch.zeros(len(self.x), self.hidden.shape[1], dtype=torch.float32, device=self.hidden.device)
         ones = torch.ones(self.rows_per_slot, dtype=torch.float32, device=u.device)
-        for k, (r0, r1) in enumerate(self.blocks):
-            self.forward(k)
-            accumulate_product(u[r0:r1], self.d_logits_rows(k, 0, r1 - r0, ones[: r1 - r0]), self.weight)
-            self.release(k)
+        for first in range(0, len(self.blocks), self.n_slots):  # a group starts at slot 0
+            group = range(first, min(first + self.n_slots, len(self.blocks)))
+            for k in group:
+                self.forward(k)
+                r0, r1 = self.blocks[k]
+                self.d_logits_rows(k, 0, r1 - r0, ones[: r1 - r0])
+                self.release(k)
+            r0, r1 = self.blocks[group[0]][0], self.blocks[group[-1]][1]
+            accumulate_product(u[r0:r1], self.ring[: r1 - r0], self.weight)
         return self.merged_partials(), u
+
+
+# Blocks per U GEMM on the frozen route: 4 x 256 = 1,024 rows, so U = D W writes [1024, H], 8 x 16 output tiles
+# of 128 x 256 at H = 4096 (about one wave on 132 SMs), where one 256-row block would fill a quarter of one.
+FROZEN_SLOTS = 4
 
 
 # The most dW GEMMs a 16-bit weight's gradient takes as its own accumulator (one rounding each): relative error

@@ -61,9 +61,10 @@ def peak_formula(route: str, backend: str, *, n: int, N: int, H: int, V: int, dt
         product = rows * H * e if e != a and not on_cuda else 0
         block_field = cdiv(V, cfg["BLOCK_V"]) * rows * 4  # a block's [tiles, rows] fp32
         if route == "fused frozen":
-            # The forward: one slot, the block's X rows (the persistent driver's operand) and table, U = D W and
-            # U [n, H] fp32; the backward: U, g U and dX.
-            forward = slot + rows * H * e + 3 * block_field + product + a * n * H  # m, s and e
+            # The forward: FROZEN_SLOTS slots, the block's X rows (the persistent driver's operand) and table, U = D W
+            # over the slots' rows and U [n, H] fp32; the backward: U, g U and dX.
+            group = min(triton_fused.FROZEN_SLOTS, cdiv(n, rows))
+            forward = group * (slot + product) + rows * H * e + 3 * block_field + a * n * H  # m, s and e
             return max(forward, 2 * a * n * H + e * N * H)
         # The ring of slots and each held block's table (m, s; the last one's e too), dW (the weight's dtype: few
         # GEMMs here), dX [N, H] in the hidden states' dtype; a released run's X rows and dX product ([run, H] each).
