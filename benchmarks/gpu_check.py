@@ -299,6 +299,8 @@ def run_bench(out_dir: Path, timeout_s: float, part: str = "bench", dry_run: boo
     results_json = bench_dir / "results.json"
     res["rows"] = json.loads(results_json.read_text()).get("rows", []) if results_json.exists() else []
     res["checks"] = gpu_targets.fused_pass_checks(res["rows"])
+    if results_json.exists() and part != "frozen":
+        res["model"] = fused_model(json.loads(results_json.read_text()))
     if res["timed_out"]:
         res["status"] = (f"error: stopped at the budget ({timeout_s:.0f} s); the cases run.py finished are in "
                          f"{bench_dir}/results.json" if res["rows"] else
@@ -307,6 +309,24 @@ def run_bench(out_dir: Path, timeout_s: float, part: str = "bench", dry_run: boo
         res["status"] = (f"error: benchmarks/run.py exit {res['returncode']} (see {part}.log, which ends with the "
                          "rows that errored)")
     return res
+
+
+def fused_model(results: dict) -> list[dict]:
+    """tools/cost_model.fastdpo_fused's time and peak for each case fastdpo ran in run.py's `results` (its scored
+    tokens, positions and sequence length from the case record), beside what was measured: the model's check."""
+    from tools import cost_model as cm
+
+    out, device = [], cm.model_device(str(results.get("device", "")))
+    for r in results.get("rows", []):
+        case = results.get("cases", {}).get(r["case"], {})
+        if r["impl"] != "fastdpo" or r.get("status") != "ok" or not case.get("valid_tokens"):
+            continue
+        shape = cm.Shape(case["valid_tokens"], case["hidden"], case["vocab"], tokens=case["tokens"],
+                         seq_len=case["seq_len"])
+        p = cm.fastdpo_fused(shape, device)
+        out.append(dict(case=r["case"], measured_ms=r.get("ms"), model_ms=p.time_s * 1e3,
+                        measured_peak_bytes=r.get("peak_mem_bytes"), model_peak_bytes=p.peak_bytes, notes=p.notes))
+    return out
 
 
 def run_step(out_dir: Path, timeout_s: float, dry_run: bool = False) -> dict:
@@ -378,8 +398,15 @@ def markdown(results: dict) -> str:
 def bench_markdown(title: str, part: dict) -> list[str]:
     if not part.get("rows"):
         return []
-    return (["", f"## {title} (run.py's rows: {part.get('out')}/results.md)", ""]
-            + gpu_targets.checks_markdown(part.get("checks", [])) + [""] + gpu_targets.rows_markdown(part["rows"]))
+    lines = (["", f"## {title} (run.py's rows: {part.get('out')}/results.md)", ""]
+             + gpu_targets.checks_markdown(part.get("checks", [])) + [""] + gpu_targets.rows_markdown(part["rows"]))
+    if part.get("model"):
+        lines += ["", "fastdpo (the fused route) against tools/cost_model.fastdpo_fused:", "",
+                  "| case | measured ms | model ms | measured peak MiB | model peak MiB | model |", "|---|---|---|---|---|---|"]
+        lines += [f"| {m['case']} | {_fmt(m['measured_ms'], '.1f')} | {m['model_ms']:.1f} "
+                  f"| {_fmt(m['measured_peak_bytes'] and m['measured_peak_bytes'] / 2**20, '.0f')} "
+                  f"| {m['model_peak_bytes'] / 2**20:.0f} | {m['notes']} |" for m in part["model"]]
+    return lines
 
 
 def phases_markdown(phases: dict) -> list[str]:

@@ -34,7 +34,7 @@ def test_dry_run_runs_every_default_part(dry_run):
     text = (out / "gpu_check.md").read_text()
     for heading in ("## Fused pass: trainable head", "## Frozen head", "## Fused pass at 64k tokens",
                     "## A whole DPOTrainer step", "## Kernels against cuBLAS", "## Phases at n=20, H=16, V=96",
-                    "workspace sweep"):
+                    "workspace sweep", "against tools/cost_model.fastdpo_fused"):
         assert heading in text, heading
     for folder in ("bench", "bench-frozen", "bench-long"):
         assert (out / folder / "results.json").exists()
@@ -50,6 +50,10 @@ def test_dry_run_fills_every_target(dry_run):
     frozen = parts["frozen"]["checks"]
     assert {c["case"] for c in frozen} == {"tiny-h32-v500-frozen"} and len(frozen) == len(gpu_targets.FROZEN_CHECKS)
     assert [r["impl"] for r in parts["long"]["rows"]] == ["fastdpo"]
+    # the fused route's model beside its measured time and peak
+    model = {m["case"]: m for m in parts["bench"]["model"]}
+    assert model["tiny-h32-v500"]["model_ms"] > 0 and model["tiny-h32-v500"]["model_peak_bytes"] > 0
+    assert "model" not in parts["frozen"]
     # the kernels against cuBLAS, the fused logits kernel among them, and the sweep's two widths
     shape = parts["phases"]["shapes"][0]
     assert not shape["errors"], shape["errors"]
