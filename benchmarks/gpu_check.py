@@ -402,7 +402,8 @@ def bench_markdown(title: str, part: dict) -> list[str]:
              + gpu_targets.checks_markdown(part.get("checks", [])) + [""] + gpu_targets.rows_markdown(part["rows"]))
     if part.get("model"):
         lines += ["", "fastdpo (the fused route) against tools/cost_model.fastdpo_fused:", "",
-                  "| case | measured ms | model ms | measured peak MiB | model peak MiB | model |", "|---|---|---|---|---|---|"]
+                  "| case | measured ms | model ms | measured peak MiB | model peak MiB | model |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {m['case']} | {_fmt(m['measured_ms'], '.1f')} | {m['model_ms']:.1f} "
                   f"| {_fmt(m['measured_peak_bytes'] and m['measured_peak_bytes'] / 2**20, '.0f')} "
                   f"| {m['model_peak_bytes'] / 2**20:.0f} | {m['notes']} |" for m in part["model"]]
