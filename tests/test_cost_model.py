@@ -113,11 +113,20 @@ def test_fused_route_takes_an_fp32_dw_past_a_dozen_gemms():
     assert any(ph.name == "dW cast" for ph in p.phases)
 
 
+def test_frozen_route_is_4P_with_one_u_gemm_per_group():
+    p = cm.fastdpo_fused(BENCH_8B_16K, cm.DEVICES["h200"], cm.Options(frozen_head=True))
+    assert p.design == "fastdpo frozen" and p.flops == pytest.approx(4 * BENCH_8B_16K.P)
+    assert not any("dW" in ph.name for ph in p.phases)
+    u_gemm = next(ph for ph in p.phases if ph.name.startswith("U GEMM"))
+    assert u_gemm.launches == -(-BENCH_8B_16K.n // (cm.FROZEN_SLOTS * 256))
+
+
 def test_fused_route_constants_are_the_librarys():
     from fastdpo import triton_fused
     from fastdpo.chunked import Rows
 
     assert cm.MAX_ROUNDED_DW_GEMMS == triton_fused.MAX_ROUNDED_DW_GEMMS
+    assert cm.FROZEN_SLOTS == triton_fused.FROZEN_SLOTS
     assert cm.FUSED_BLOCK_TILES * cm.kernel_config.gemm_config(torch.bfloat16, 90, 4096)["BLOCK_M"] == 256
     rows = Rows(torch.empty(0, 4096, dtype=torch.bfloat16), None, None)
     block_m = cm.kernel_config.gemm_config(torch.bfloat16, None, 4096)["BLOCK_M"]  # this machine's: no GPU

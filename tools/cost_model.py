@@ -402,20 +402,14 @@ def fused_schedule(shape: Shape, block: int) -> tuple[int, int]:
     return math.ceil((pair_rows + block - 1) / block) + 1, pairs
 
 
-def fastdpo_fused(shape: Shape, device: Device, options: Options = Options()) -> Prediction:
-    """The fused route on Triton (trainable head): per 256-row token block the forward kernel with STORE_LOGITS
-    (the table, and the tiles in exp space into a slot in the input dtype: W read once per block), the torch
-    merge of the block's table, then over the rows released together (about a pair) the elementwise d_logits
-    in place, dX (written once) and dW (accumulated in the weight's dtype up to MAX_ROUNDED_DW_GEMMS GEMMs, each
-    reading and writing dW: fp32 beyond) on cuBLAS; the blocks' tables merged once more at the end."""
+def _fused_forward(shape: Shape, device: Device, options: Options) -> tuple[list[Phase], int, int, int]:
+    """The fused routes' blocks: forward, merge and d_logits (phases, block rows, vocabulary tiles, table fields)."""
     n, H, V, e = shape.n, shape.hidden, shape.vocab, shape.elem
     cfg = kernel_config.gemm_config(shape.dtype, device.capability, shape.hidden)
     tiling = triton_tiling(cfg, e, device)
     block = FUSED_BLOCK_TILES * cfg["BLOCK_M"]
     vocab_tiles = math.ceil(V / cfg["BLOCK_V"])
     fields = 6 if options.with_stats else 2
-    slots, gemms = fused_schedule(shape, block)
-    w = e if e >= 4 or gemms <= MAX_ROUNDED_DW_GEMMS else 4  # dW accumulator bytes
     phases = []
     for rows in chunk_widths(n, block):
         table = 4.0 * vocab_tiles * rows
@@ -424,9 +418,24 @@ def fastdpo_fused(shape: Shape, device: Device, options: Options = Options()) ->
                                  extra_bytes=2 * INDEX_BYTES * rows))
         # the merge kernel's two passes, and a third over m and e for 1 - p_y
         phases.append(memory_phase("block merge + 1 - p_y (kernel)", table * (1 + fields + 2)))
+        # once the block's g is known: e read, D written in place, the tile maxima read
+        phases.append(memory_phase("d_logits in place (stored_logits_grad)", 2.0 * rows * V * e + table))
+    return phases, block, vocab_tiles, fields
+
+
+def fastdpo_fused(shape: Shape, device: Device, options: Options = Options()) -> Prediction:
+    """The fused route on Triton: per 256-row token block the forward kernel with STORE_LOGITS (the table, and
+    the tiles in exp space into a slot in the input dtype: W read once per block) and the block's merge kernel,
+    then over the rows released together (about a pair) the elementwise d_logits in place, dX (written once)
+    and dW (accumulated in the weight's dtype up to MAX_ROUNDED_DW_GEMMS GEMMs, each reading and writing dW:
+    fp32 beyond) on cuBLAS. A frozen head (options.frozen_head): the frozen route, fastdpo_frozen."""
+    if options.frozen_head:
+        return fastdpo_frozen(shape, device, options)
+    n, H, V, e = shape.n, shape.hidden, shape.vocab, shape.elem
+    phases, block, vocab_tiles, fields = _fused_forward(shape, device, options)
+    slots, gemms = fused_schedule(shape, block)
+    w = e if e >= 4 or gemms <= MAX_ROUNDED_DW_GEMMS else 4  # dW accumulator bytes
     for rows in chunk_widths(n, math.ceil(n / gemms)):
-        phases.append(memory_phase("d_logits in place (stored_logits_grad)", 2.0 * rows * V * e
-                                   + 4.0 * vocab_tiles * rows))
         phases.append(gemm_phase("dX GEMM (cuBLAS)", rows, H, V, e, e, rows * H * e, cublas_tiling(device), device,
                                  CUBLAS_EFFICIENCY, extra_bytes=rows * H * e))  # + the index_copy
         phases.append(memory_phase("X rows gather", 2.0 * rows * H * e))
@@ -442,6 +451,26 @@ def fastdpo_fused(shape: Shape, device: Device, options: Options = Options()) ->
     return Prediction("fastdpo fused", shape, device, phases, max(loop, end), ring,
                       notes=f"{slots} slots of {block} rows, {gemms} dW GEMMs ({'fp32' if w != e else 'in place'})",
                       details=dict(slots=slots, block_rows=block, dw_gemms=gemms, dw_accumulator_bytes=w))
+
+
+FROZEN_SLOTS = 4  # triton_fused.FROZEN_SLOTS: blocks per U GEMM
+
+
+def fastdpo_frozen(shape: Shape, device: Device, options: Options = Options()) -> Prediction:
+    """The frozen route on Triton (2 passes, any upstream loss): the forward's blocks as fastdpo_fused's, D with
+    g = 1 in place, U = D W (fp32) over each FROZEN_SLOTS blocks on cuBLAS; the backward g ⊙ U into dX."""
+    n, H, V, e = shape.n, shape.hidden, shape.vocab, shape.elem
+    phases, block, vocab_tiles, _fields = _fused_forward(shape, device, options)
+    for rows in chunk_widths(n, FROZEN_SLOTS * block):  # addmm into U's fp32 rows: read and written
+        phases.append(gemm_phase("U GEMM (cuBLAS, fp32 out)", rows, H, V, e, e, 2 * 4.0 * rows * H,
+                                 cublas_tiling(device), device, CUBLAS_EFFICIENCY))
+    phases = merge_phases(phases)
+    phases.append(memory_phase("backward: g U into dX", 4.0 * n * H + shape.positions * H * e + n * H * e, launches=3))
+    ring = min(FROZEN_SLOTS, math.ceil(n / block)) * block * V * e
+    forward = ring + block * H * e + 3 * 4.0 * vocab_tiles * block + 4.0 * n * H
+    peak = max(forward, 8.0 * n * H + shape.positions * H * e)
+    return Prediction("fastdpo frozen", shape, device, phases, peak, ring,
+                      notes=f"{FROZEN_SLOTS} slots of {block} rows a U GEMM")
 
 
 # --- the model beside benchmarks/gpu_check.py's measured phases -----------------------------------------------------
