@@ -384,6 +384,10 @@ class _ShardBlocks:
     """What the fused pass on a shard adds to a backend's StoredLogits (fastdpo.torch_fused, fastdpo.triton_fused):
     the shard-local targets, each token block's partials merged over the ranks, and dX summed over them."""
 
+    # The rows' order, where the backend's schedule reorders them (triton_fused.StoredLogits sets both): x's rows as
+    # indices into the caller's, and its inverse.
+    order = caller_order = None
+
 
     def _shard_rows(self, x: chunked.Rows, weight, shard: VocabShard, *, clamp: bool) -> chunked.Rows:
         """x with shard-local targets: clamped into the shard (borrowed rows) or as they are (matching no column)."""
@@ -403,11 +407,15 @@ class _ShardBlocks:
         return merged, lse, others
 
     def merged_partials(self) -> VocabPartials:
+        """The blocks' gathered [ranks, rows] partials merged at once, as the two-pass route merges its one
+        all-gather: in the caller's row order where the backend's schedule reordered the rows (the ranks' merge is
+        a torch reduction, which may round a row by its place among the others), then back in x's order."""
         self.complete()  # the backend's queued backward, before dX is summed over the ranks
-        # The gathered [ranks, rows] partials merged at once, as the two-pass route merges them.
         everyone = VocabPartials(*(None if parts[0] is None else torch.cat(parts, dim=-1)
                                    for parts in zip(*(self.gathered[k] for k in range(len(self.blocks))))))
-        return merge(everyone)
+        if self.order is None:
+            return merge(everyone)
+        return take(merge(take(everyone, self.caller_order)), self.order)
 
     def sum_dx(self) -> None:
         """dX summed over the ranks (the input is replicated): the pass's one all-reduce."""
@@ -498,15 +506,6 @@ def shard_stored_logits(backend: str):
             self.partials[k] = VocabPartials(lse, torch.ones_like(lse), own.target_logit)
             return merged
 
-        def merged_partials(self) -> VocabPartials:
-            """The two-pass vocab-parallel route's bits (VocabParallelLogProbs with TritonShardHead): the shard's
-            partials in the caller's row order, all-gathered once more and merged over the ranks there. The
-            schedule computes the rows in another order, and the ranks' merge (a torch reduction) may round a
-            row by its place among the others; the blocks' own merges gave the pass its lse."""
-            caller = torch.argsort(self.order)
-            local = take(triton_fused.StoredLogits.merged_partials(self), caller)
-            own = local._replace(target_logit=torch.where(self.in_shard[caller], local.target_logit, 0.0))
-            return take(merge(gather_partials(own, self.group)), self.order)
 
     return TritonShardStoredLogits
 

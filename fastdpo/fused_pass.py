@@ -173,7 +173,7 @@ class PairSchedule:
     rows: the compacted scored positions (flat indices into [2B, T], ascending); block: rows per block.
     """
 
-    order = None  # the rows are taken in their ascending order (PairMajorSchedule reorders them)
+    order = caller_order = None  # the rows are taken in their ascending order (PairMajorSchedule reorders them)
 
     def __init__(self, rows: torch.Tensor, seq_len: int, pairs: int, block: int):
         seq = (rows // seq_len).tolist()
@@ -247,7 +247,8 @@ class PairSchedule:
 
 class PairMajorSchedule(PairSchedule):
     """The Triton backend's schedule: the scored rows reordered pair by pair (pair i's chosen rows, then its
-    rejected rows; `order` gives them as indices into the ascending rows), the blocks computed in order.
+    rejected rows; `order` gives them as indices into the ascending rows, `caller_order` its inverse), the blocks
+    computed in order.
 
     A pair's rows are then contiguous, so the blocks held at once are those from the first incomplete pair's
     first block to the current one: at most ceil((L + block - 1) / block) + 1 for pairs of up to L scored rows
@@ -260,6 +261,7 @@ class PairMajorSchedule(PairSchedule):
         seq = rows // seq_len
         pair = seq % pairs
         self.order = torch.sort(2 * pair + seq // pairs, stable=True).indices  # stable: positions ascending
+        self.caller_order = torch.argsort(self.order)
         pair_of_row = pair[self.order].tolist()
         self.n_rows, self.block, self.pairs = len(pair_of_row), block, pairs
         counts = [0] * pairs
@@ -502,8 +504,8 @@ def _scheduled_pass(config, x: chunked.Rows, positions, weight, bias, mask, tran
             for k, a, b in schedule.runs(step.done, step.ready):
                 r0 = head.blocks[k][0]
                 row_grads[r0 + a: r0 + b] = token_grads.index_select(0, positions[r0 + a: r0 + b])
-        # A block's d_logits and GEMMs wait until all its rows have their g: one K = block-rows GEMM per
-        # slice, as in the two-pass backward, rather than one per group of pairs (each would stream dW).
+        # A block's d_logits and GEMMs wait until all its rows have their g, and the backends run the GEMMs of
+        # the blocks released together at once, rather than one per group of pairs (each would stream dW).
         for k in step.release:
             r0, r1 = head.blocks[k]
             head.backward_rows(k, 0, r1 - r0, row_grads[r0:r1])
@@ -511,8 +513,7 @@ def _scheduled_pass(config, x: chunked.Rows, positions, weight, bias, mask, tran
     merged = head.merged_partials()
     if schedule.order is None:
         return merged, row_grads, head
-    caller_order = torch.argsort(schedule.order)
-    return take(merged, caller_order), row_grads[caller_order], head
+    return take(merged, schedule.caller_order), row_grads[schedule.caller_order], head
 
 
 # --- the frozen-head route ---------------------------------------------------------------------------------------

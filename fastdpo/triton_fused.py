@@ -100,7 +100,7 @@ class StoredLogits:
         self.hidden, self.weight = row_major(x.hidden), row_major(weight)
         self.x, self.bias, self.transform, self.with_stats = x, bias, transform, with_stats
         vocab_size, device = weight.shape[0], weight.device
-        self.rows_per_slot = max(1, min(self.block_rows(x), len(x)))
+        self.rows_per_slot = self.slot_rows(x)
         self.blocks = [(r0, min(r0 + self.rows_per_slot, len(x))) for r0 in range(0, len(x), self.rows_per_slot)]
         # Block k lives in slot k mod n_slots: the schedule holds at most n_slots consecutive blocks at once.
         # Rows padded to 16 bytes: the persistent forward stores through a tensor descriptor (TMA).
@@ -108,7 +108,8 @@ class StoredLogits:
         self.ring = torch.empty(n_slots * self.rows_per_slot, padded_vocab(vocab_size, x.hidden.dtype),
                                 dtype=x.hidden.dtype, device=device)[:, :vocab_size]
         self.local, self.partials, self.gap, self.tile_max, self.queued = {}, {}, {}, {}, []
-        self.order = None if schedule is None else schedule.order  # x's rows, as indices into the caller's
+        # x's rows as indices into the caller's, and its inverse (a vocab-parallel shard merges in the caller's order)
+        self.order, self.caller_order = (None, None) if schedule is None else (schedule.order, schedule.caller_order)
         self.dx = torch.zeros(x.hidden.shape, dtype=self.dx_dtype(x.hidden), device=device) if need_dx else None
         self.dw = torch.zeros(weight.shape, dtype=dw_accumulator_dtype(weight.dtype, schedule, n_slots),
                               device=device) if need_dw else None
@@ -127,8 +128,13 @@ class StoredLogits:
         return 2 * gemm_config(x.hidden.dtype, device_capability(x.hidden.device), x.hidden.shape[1])["BLOCK_M"]
 
     @classmethod
+    def slot_rows(cls, x: Rows) -> int:
+        """A slot's rows: a token block's, or all of x's where fewer."""
+        return max(1, min(cls.block_rows(x), len(x)))
+
+    @classmethod
     def slot_bytes(cls, x: Rows, vocab_size: int) -> int:
-        return max(1, min(cls.block_rows(x), len(x))) * padded_vocab(vocab_size, x.hidden.dtype) * x.hidden.itemsize
+        return cls.slot_rows(x) * padded_vocab(vocab_size, x.hidden.dtype) * x.hidden.itemsize
 
     def slot(self, k: int) -> torch.Tensor:
         r0, r1 = self.blocks[k]
@@ -215,7 +221,7 @@ class FrozenStoredLogits(StoredLogits):
     """
 
     def __init__(self, x: Rows, weight, bias, transform: LogitTransform, with_stats: bool):
-        blocks = -(-len(x) // max(1, min(self.block_rows(x), len(x))))
+        blocks = -(-len(x) // self.slot_rows(x))
         super().__init__(x, weight, bias, transform, with_stats, max(1, min(FROZEN_SLOTS, blocks)),
                          need_dx=False, need_dw=False, need_db=False)
 
