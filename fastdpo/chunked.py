@@ -32,12 +32,13 @@ from .softmax_stats import VocabPartials, logsumexp, merge
 from .sparse_plan import keep_within_budget, target_tiles
 from .transform import LogitTransform
 
-# 2^15 values (128 KiB in fp32) per logits tile, 128 token rows per block. On 2 idle cores (1273
-# scored tokens, H=256, V=65536, fwd+bwd) tiles of 2^15 to 2^21 values all ran in 1.2-1.5 s, while
-# the memory held beyond the gradients grew with the tile (from ~2.5 MiB at 2^15 to ~49 MiB at 2^21,
-# GEMM packing buffers included, before BlockBuffers): on CPU small tiles cost nothing. Smaller
-# tiles or 64-row blocks cost 20-50% more time there, through more Python-level iterations.
-TILE_ELEMENTS = 1 << 15
+# 2^18 values (1 MiB in fp32) per logits tile: 128 token rows x 2048 vocabulary columns. A tile costs about a
+# dozen Python-level torch calls whatever its size, and each of its GEMMs packs its slice of W once, so wider
+# tiles amortise both. On 2 idle cores (the quick benchmark's fused route: 1273 scored tokens, H=256, V=65536,
+# fwd+bwd) a step took 1,002 ms at 2^15, 894 at 2^17 and 847 at 2^18; 2^19 was within noise of 2^18. What it
+# costs is memory: each worker's tile, and the fused route's flush buffer (fastdpo.torch_fused), whose rows
+# are a slice wide. Smaller tiles or 64-row blocks cost more, through more Python-level iterations.
+TILE_ELEMENTS = 1 << 18
 TOKEN_BLOCK = 128
 # Vocabulary slices are whole multiples of this (GEMM kernels prefer aligned widths).
 VOCAB_ALIGN = 128
@@ -582,12 +583,15 @@ class _BackwardBlock:
         return share
 
 
-def add_tile_gradients(d_raw, w, x, dx_share, dw, db, v0: int, v1: int) -> None:
-    """A d_logits tile [rows, v1 - v0] into its worker's dX share (d_raw W), dW[v0:v1] (d_rawᵀ X) and db[v0:v1];
-    None where not needed. Parts own disjoint vocabulary rows, so dW and db need no lock."""
+def add_tile_gradients(d_raw, w, x, dx_share, dw, db, v0: int, v1: int, overwrite_dw: bool = False) -> None:
+    """A d_logits tile [rows, v1 - v0] into its worker's dX share (d_raw W), dW[v0:v1] (d_rawᵀ X; written rather
+    than added to with overwrite_dw) and db[v0:v1]; None where not needed. Parts own disjoint vocabulary rows, so
+    dW and db need no lock."""
     if dx_share is not None:
         dx_share.addmm_(d_raw, w)
-    if dw is not None:
+    if dw is not None and overwrite_dw:
+        torch.mm(d_raw.T, x, out=dw[v0:v1])
+    elif dw is not None:
         dw[v0:v1].addmm_(d_raw.T, x)
     if db is not None:
         db[v0:v1] += d_raw.sum(0)

@@ -463,8 +463,7 @@ class ShardStoredLogits(_ShardBlocks, StoredLogits):
                                           sum_exp=torch.where(recomputed, 1.0, torch.exp(lse - local.max)))
         return merged
 
-    def _recompute_rows(self, k: int, a: int, b: int, which: torch.Tensor, grad: torch.Tensor) -> None:
-        super()._recompute_rows(k, a, b, which, grad)
+    def _rows_recomputed(self, k: int, a: int, which: torch.Tensor, grad: torch.Tensor) -> None:
         index = which + self.blocks[k][0] + a
         rows = self.x.subset(index)
         _remove_borrowed_onehot(self.x.hidden, self.weight, self.bias, rows.rows, rows.targets, grad[which],

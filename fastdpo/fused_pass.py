@@ -13,8 +13,8 @@ With n scored tokens and P = n·H·V, one pass over the head is a GEMM of 2P FLO
   batch), and the pair schedule below fits `workspace_bytes` (default DEFAULT_WORKSPACE_BYTES; on a GPU,
   triton_fused.default_workspace_bytes). On the PyTorch path, rows whose target logit lies more than ~41
   nats below their row's maximum (or with inf/NaN logits) leave the shifted forward for the online one
-  (chunked.forward_block); the fused pass recomputes their gradients the two-pass way, so they cost one
-  more pass each (a trained LM's rare targets do this). The Triton forward is online throughout: no rerun.
+  (chunked.forward_block); the fused pass's backward recomputes their tiles from the merged lse, so they cost
+  one more pass each (a trained LM's rare targets do this). The Triton forward is online throughout: no rerun.
 - **frozen** (FastDPOLoss and linear_logprobs, frozen head: hidden requires grad, weight and bias do not;
   2 passes, any upstream loss): `fused=True`, gradients recorded, backend 'torch' or 'triton',
   grad_tolerance 0, a local head or a ZeRO-3 partition (gathered for the forward alone: the backward needs

@@ -15,8 +15,12 @@ Trainable head (StoredLogits), 3 passes (6P FLOPs; the two-pass path spends 8P):
             forward's tiles (_TargetFreePart): onehot - p_y would cancel when p_y -> 1
     pass 2  dX rows = D W          (each worker part's share, summed in a fixed order)
     pass 3  dW += D^T X, db += sum_rows D   (parts own disjoint vocabulary rows: no races).
-Rows the shifted forward hands to the online one (a target ~41 nats below the row's maximum: their stored
-e overflowed) take no part in the stored tiles' GEMMs; the two-pass backward recomputes theirs.
+On the shifted path passes 2 and 3 take every row released together at once (_FlushGroup): a part forms a
+slice's D for all of them in one [rows, slice] buffer, then the slice's two GEMMs, so the slice of W and dW is
+read once per flush and dW's GEMM sums over all the rows (K = the rows, not one 128-row block); the first
+flush writes dW rather than adding to zeros. Rows the shifted forward hands to the online one (a target ~41
+nats below the row's maximum: their stored e overflowed) get their D recomputed in the same slice loop,
+P = exp(c x W^T - lse) from the merged lse: one more pass for those rows.
 
 Frozen head (FrozenAccumulator), 2 passes (4P): dX_i = g_i U_i with
     U_i = sum_v (onehot_iv - p_iv) t'_iv W_v = t'_iy (1 - p_iy) W_y - sum_{v != y} p_iv t'_iv W_v,
@@ -26,7 +30,8 @@ catastrophically for peaked rows (p_y -> 1). Shifted tiles are relative to the f
 rescaled; online tiles are relative to a running maximum m, and A and the excluded sum are rescaled by
 exp(m_old - m_new) when it rises (flash attention's rule). The backward is then g ⊙ U: no GEMM.
 
-Memory: the workspace (slots x block_rows x V accumulation-dtype values), dX and dW accumulators in the
+Memory: the workspace (slots x block_rows x V accumulation-dtype values), a flush's D buffer per worker part
+(at most slots x block_rows x slice width: 1/16 of the workspace at V = 32768), dX and dW accumulators in the
 accumulation dtype (fp32; for fp32 inputs they are the gradients), and U [n, H] on the frozen route.
 """
 
@@ -156,8 +161,12 @@ class StoredLogits:
         self.partials, self.target_gap, self.rerun = {}, {}, {}
         self.pending, self.releasing = [], []  # backward_rows' (k, a, b, grad) and the released blocks, until _flush
 
-        self.dx, self.dw, self.db = zero_gradients(x.hidden, weight, x.dtype, need_dx, need_dw,
+        self.dx, self.dw, self.db = zero_gradients(x.hidden, weight, x.dtype, need_dx, need_dw and not self.shifted,
                                                    need_db and bias is not None)
+        # The shifted backward's first GEMM of each slice writes dW, rather than adding to zeros (_shifted_backward).
+        self.dw_written = not (need_dw and self.shifted)
+        if not self.dw_written:
+            self.dw = torch.empty(weight.shape, dtype=x.dtype, device=device)
 
     @staticmethod
     def block_rows(x: Rows) -> int:
@@ -198,6 +207,9 @@ class StoredLogits:
     def complete(self) -> None:
         """Runs the queued backward of every released block (the gradients are final after it)."""
         self._flush()
+        if not self.dw_written:  # no row reached the backward
+            self.dw.zero_()
+            self.dw_written = True
 
     def release(self, k: int) -> None:
         self.releasing.append(k)  # its slot is free once its queued backward has run (_flush)
@@ -217,45 +229,50 @@ class StoredLogits:
             if self.dx is not None:
                 self.dx.index_copy_(0, rows.rows, rows.dx)
             if rows.rerun.numel():
-                self._recompute_rows(rows.k, rows.a, rows.b, rows.rerun, rows.grad_all)
+                self._rows_recomputed(rows.k, rows.a, rows.rerun, rows.grad_all)
         for k in self.releasing:
             self.free.append(self.slot_of.pop(k))
         self.releasing = []
 
+    def _rows_recomputed(self, k: int, a: int, which: torch.Tensor, grad: torch.Tensor) -> None:
+        """Called once the rows `which` (indices from row a of block k) have had their gradients recomputed (grad:
+        the loss gradient of rows a onwards); a vocabulary shard takes back the one-hot of a borrowed target here."""
+
     def _stored_tiles(self, part: "_SlotPart", v0: int, v1: int, rows: "_Rows") -> torch.Tensor:
-        """Rows [a, b) of the part's stored tile (v0, v1) of block k, rows to recompute zeroed (their e overflowed)."""
-        tile = part.stored(rows.n_block, v0, v1, self.slots[self.slot_of[rows.k]])[rows.a:rows.b]
-        return tile.index_fill_(0, rows.rerun, 0) if rows.rerun.numel() else tile
+        """Rows [a, b) of the part's stored tile (v0, v1) of block k."""
+        return part.stored(rows.n_block, v0, v1, self.slots[self.slot_of[rows.k]])[rows.a:rows.b]
 
     def _shifted_backward(self, pending: list["_Rows"]) -> None:
-        """D = c g (onehot - e / S) in place of each stored tile (the stored e_y is 0, see _SlotPart.done), its
-        target entry c g (1 - p_y); then the tile's two GEMMs. A part takes each of its slices for every
-        queued block in turn, while the slice's rows of W and dW are in cache."""
-        factor = self.transform.linear_factor
-        for rows in pending:
-            rows.row_scale = -(factor * rows.grad / self.partials[rows.k].sum_exp[rows.a:rows.b])[:, None]
-            rows.target_entry = factor * rows.target_entry
-            rows.hits = target_hits(rows.targets, self.buffers.slice_width)
+        """D = c g (onehot - e / S) from the stored tiles (the stored e_y is 0, see _SlotPart.done), its target entry
+        c g (1 - p_y), for every queued row at once: each part forms a slice's D for all of them in one buffer, then
+        two GEMMs (dX rows, dW's slice), so W's and dW's slice are read once per flush and dW's GEMM sums over all
+        the rows. Rows whose stored e overflowed (`rerun`) get their D recomputed from the merged lse."""
+        group = _FlushGroup(self, pending)
+        need_dx, write_dw = self.dx is not None, not self.dw_written
 
         def part_grads(part: _SlotPart):
-            shares = [part.acc.new_zeros(rows.x.shape) if self.dx is not None else None for rows in pending]
+            share = None
+            d_all = part.acc.new_empty(group.n_rows, self.buffers.slice_width)
             for v0, v1 in part.slices:
                 w = self.weight[v0:v1].to(part.acc.dtype)
-                for rows, share in zip(pending, shares):
-                    tile = self._stored_tiles(part, v0, v1, rows).mul_(rows.row_scale)
-                    d_raw = _set_at_targets(tile, rows.hits.get(v0), rows.target_entry)
-                    chunked.add_tile_gradients(d_raw, w, rows.x, share, self.dw, None, v0, v1)
-            return shares
+                d_raw = group.d_logits(part, v0, v1, w, d_all[:, : v1 - v0])
+                if need_dx:
+                    share = torch.mm(d_raw, w) if share is None else share.addmm_(d_raw, w)
+                if self.dw is not None:
+                    chunked.add_tile_gradients(d_raw, w, group.x, None, self.dw, None, v0, v1, overwrite_dw=write_dw)
+            return share
 
         shares = chunked.Workers.map(part_grads, self.buffers.parts)
-        if self.dx is not None:
-            for j, rows in enumerate(pending):
-                rows.dx = chunked._sum_in_order([part[j] for part in shares])
+        self.dw_written = True
+        if need_dx:
+            dx = chunked._sum_in_order(shares)
+            for rows, (start, stop) in zip(pending, group.spans):
+                rows.dx = dx[start:stop]
 
     def _online_backward(self, rows: "_Rows") -> None:
         """Each stored tile of z becomes g (onehot - exp(z - lse)) t'(z), its target entry g (1 - p_y) t'_y."""
-        k, a, b, xr, targets, grad, target_entry = (rows.k, rows.a, rows.b, rows.x, rows.targets, rows.grad,
-                                                    rows.target_entry)
+        k, a, b, targets, grad, target_entry = rows.k, rows.a, rows.b, rows.targets, rows.grad, rows.target_entry
+        xr = self.x.hidden.index_select(0, rows.rows).to(self.x.dtype)
         lse = logsumexp(self.partials[k])[a:b]
         hits = target_hits(targets, self.buffers.slice_width)
 
@@ -272,25 +289,14 @@ class StoredLogits:
         shares = chunked.Workers.map(part_grads, self.buffers.parts)
         rows.dx = chunked._sum_in_order(shares) if self.dx is not None else None
 
-    def _recompute_rows(self, k: int, a: int, b: int, which: torch.Tensor, grad: torch.Tensor) -> None:
-        """The two-pass backward (a recompute) for rows `which` of rows [a, b) of block k."""
-        r0 = self.blocks[k][0]
-        index = which + r0 + a
-        rows = Rows(self.x.hidden, self.x.rows[index], self.x.targets[index])
-        lse = logsumexp(self.partials[k])[which + a]
-        chunked.backward(rows, self.weight, self.bias, lse, grad[which], self.transform, dx=self.dx, dw=self.dw,
-                         db=self.db)
-
-
 class _Rows:
-    """Rows [a, b) of token block k queued for the backward: their gathered hidden rows, targets, loss gradient
-    (zero on the rows the two-pass backward recomputes, `rerun`), g (1 - p_y), and later their dX rows."""
+    """Rows [a, b) of token block k queued for the backward: their targets, loss gradient (zero on the rows whose
+    tiles are recomputed, `rerun`; grad_all keeps theirs), g (1 - p_y), and later their dX rows."""
 
     def __init__(self, head: StoredLogits, k: int, a: int, b: int, grad: torch.Tensor):
         r0, r1 = head.blocks[k]
         self.k, self.a, self.b, self.n_block = k, a, b, r1 - r0
         self.rows, self.targets = head.x.rows[r0 + a: r0 + b], head.x.targets[r0 + a: r0 + b]
-        self.x = head.x.hidden.index_select(0, self.rows).to(head.x.dtype)
         self.grad = self.grad_all = grad.to(head.x.dtype)
         rerun = head.rerun[k][a:b] if head.rerun[k] is not None else self.rows.new_zeros(b - a, dtype=torch.bool)
         self.rerun = rerun.nonzero().squeeze(1)
@@ -298,6 +304,49 @@ class _Rows:
             self.grad = self.grad.index_fill(0, self.rerun, 0)  # their stored tiles take no part
         self.target_entry = self.grad * head.target_gap[k][a:b].nan_to_num(0, 0, 0)  # g (1 - p_y)
         self.dx = None
+
+
+class _FlushGroup:
+    """The queued rows of a shifted flush, concatenated: their hidden rows, row scales -c g / S, target entries
+    c g (1 - p_y) and targets, and for the rows to recompute (`rerun`) what their tiles need."""
+
+    def __init__(self, head: StoredLogits, pending: list[_Rows]):
+        factor = head.transform.linear_factor
+        self.head, self.pending = head, pending
+        sizes = [rows.b - rows.a for rows in pending]
+        starts = [sum(sizes[:j]) for j in range(len(sizes))]
+        self.spans = [(a, a + n) for a, n in zip(starts, sizes)]
+        self.n_rows = sum(sizes)
+        x = head.x
+        self.x = x.hidden.index_select(0, torch.cat([rows.rows for rows in pending])).to(x.dtype)
+        self.row_scale = torch.cat([-(factor * rows.grad / head.partials[rows.k].sum_exp[rows.a:rows.b])
+                                    for rows in pending])[:, None]
+        self.target_entry = torch.cat([factor * rows.target_entry for rows in pending])
+        self.hits = target_hits(torch.cat([rows.targets for rows in pending]), head.buffers.slice_width)
+        rerun = [rows.rerun + a for rows, (a, _) in zip(pending, self.spans)]
+        self.rerun = torch.cat(rerun)
+        if self.rerun.numel():
+            self.rerun_x = self.x.index_select(0, self.rerun)
+            self.rerun_neg_lse = -torch.cat([logsumexp(head.partials[rows.k])[rows.a + rows.rerun]
+                                             for rows in pending])[:, None]
+            self.rerun_grad = factor * torch.cat([rows.grad_all[rows.rerun] for rows in pending])
+            self.rerun_hits = target_hits(torch.cat([rows.targets[rows.rerun] for rows in pending]),
+                                          head.buffers.slice_width)
+
+    def d_logits(self, part: "_SlotPart", v0: int, v1: int, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """D of slice (v0, v1) for every row, in `out` [rows, v1 - v0]."""
+        head = self.head
+        for rows, (start, stop) in zip(self.pending, self.spans):
+            torch.mul(head._stored_tiles(part, v0, v1, rows), self.row_scale[start:stop], out=out[start:stop])
+        _set_at_targets(out, self.hits.get(v0), self.target_entry)
+        if self.rerun.numel():  # their stored e overflowed: P = exp(c x W^T - lse), D = c g (onehot - P)
+            d = torch.addmm(self.rerun_neg_lse, self.rerun_x, w.T, alpha=head.transform.linear_factor)
+            d.exp_().mul_(-self.rerun_grad[:, None])
+            hit = self.rerun_hits.get(v0)
+            if hit is not None:
+                d[hit] += self.rerun_grad[hit[0]]
+            out.index_copy_(0, self.rerun, d)
+        return out
 
 
 def target_hits(targets: torch.Tensor, slice_width: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -409,6 +458,8 @@ class FrozenAccumulator(chunked.BlockBuffers):
         x = self.x.subset(which)
         local = Rows(x.hidden.index_select(0, x.rows), torch.arange(len(x), device=x.rows.device), x.targets)
         u = torch.zeros(len(x), x.hidden.shape[1], dtype=self.a.dtype, device=self.a.device)
+        # These buffers, so the rows meet the vocabulary in the forward's slices and worker parts (buffers sized for
+        # a few rows would take the whole vocabulary as one slice, on one thread).
         chunked.backward(local, self.weight, self.bias, lse[which], torch.ones_like(lse[which]), self.transform,
-                         dx=u, dw=None, db=None)
+                         dx=u, dw=None, db=None, buffers=self)
         return u

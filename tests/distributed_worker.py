@@ -365,22 +365,22 @@ def recording_token_logps():
     from fastdpo import distributed, ops
 
     record, original, recompute = {"logps": [], "recomputed": 0}, ops.token_outputs, \
-        distributed.ShardStoredLogits._recompute_rows
+        distributed.ShardStoredLogits._rows_recomputed
 
     def spy(*args, **kwargs):
         outputs = original(*args, **kwargs)
         record["logps"].append(outputs[0].detach().clone())
         return outputs
 
-    def recompute_spy(self, k, a, b, which, grad):
+    def recompute_spy(self, k, a, which, grad):
         record["recomputed"] += which.numel()
-        return recompute(self, k, a, b, which, grad)
+        return recompute(self, k, a, which, grad)
 
-    ops.token_outputs, distributed.ShardStoredLogits._recompute_rows = spy, recompute_spy
+    ops.token_outputs, distributed.ShardStoredLogits._rows_recomputed = spy, recompute_spy
     try:
         yield record
     finally:
-        ops.token_outputs, distributed.ShardStoredLogits._recompute_rows = original, recompute
+        ops.token_outputs, distributed.ShardStoredLogits._rows_recomputed = original, recompute
 
 
 def dpo_batch(dtype, *, vocab=301, hidden=31, pairs=3, length=11, with_bias=False, spread=1.0, seed=7):

@@ -70,14 +70,16 @@ def peak_formula(route: str, backend: str, *, n: int, N: int, H: int, V: int, dt
         # GEMMs here), dX [N, H] in the hidden states' dtype; a released run's X rows and dX product ([run, H] each).
         return slots * (slot + 2 * block_field + 2 * rows * H * e) + block_field + dw + N * H * e
     rows = min(chunked.TOKEN_BLOCK, n)
-    buffers = a * (2 * rows * H + rows * min(V, chunked.vocab_slices(V, rows)[0][1]))  # BlockBuffers, one part
+    width = min(V, chunked.vocab_slices(V, rows)[0][1])
+    buffers = a * (2 * rows * H + rows * width)  # BlockBuffers, one part
     if route == "two-pass":
         return a * N * H + dw_acc + buffers + cast
     if route == "two-pass frozen":
         return a * N * H + buffers + cast
     if route == "fused":
-        # The blocks released together run their backward together: each holds its dX rows and a part's share.
-        return slots * rows * (V + 2 * H) * a + a * N * H + dw_acc + buffers + cast
+        # The blocks released together run their backward together: their dX rows, a part's share of them and the
+        # part's D buffer of them, one slice wide.
+        return slots * rows * (V + 2 * H + width) * a + a * N * H + dw_acc + buffers + cast
     # fused frozen: the forward holds U [n, H], its W[y] gather and a part's [block, H] beside the buffers;
     # the backward U, g U and dX.
     return max(buffers + a * rows * H + 2 * a * n * H, 2 * a * n * H + e * N * H + (e * n * H if e != a else 0))

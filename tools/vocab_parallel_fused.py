@@ -34,7 +34,7 @@ from fastdpo import distributed  # noqa: E402
 def counting():
     """Counter of the collectives issued and of the rows the fused pass recomputed, inside the block."""
     counts, originals = Counter(), {name: getattr(dist, name) for name in ("all_gather", "all_reduce")}
-    recompute = distributed.ShardStoredLogits._recompute_rows
+    recompute = distributed.ShardStoredLogits._rows_recomputed
 
     def counted(name):
         def call(*args, **kwargs):
@@ -42,19 +42,19 @@ def counting():
             return originals[name](*args, **kwargs)
         return call
 
-    def recompute_spy(self, k, a, b, which, grad):
+    def recompute_spy(self, k, a, which, grad):
         counts["recomputed rows"] += which.numel()
-        return recompute(self, k, a, b, which, grad)
+        return recompute(self, k, a, which, grad)
 
     for name in originals:
         setattr(dist, name, counted(name))
-    distributed.ShardStoredLogits._recompute_rows = recompute_spy
+    distributed.ShardStoredLogits._rows_recomputed = recompute_spy
     try:
         yield counts
     finally:
         for name, original in originals.items():
             setattr(dist, name, original)
-        distributed.ShardStoredLogits._recompute_rows = recompute
+        distributed.ShardStoredLogits._rows_recomputed = recompute
 
 
 def main(argv=None) -> None:
