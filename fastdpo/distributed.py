@@ -388,7 +388,6 @@ class _ShardBlocks:
     # indices into the caller's, and its inverse.
     order = caller_order = None
 
-
     def _shard_rows(self, x: chunked.Rows, weight, shard: VocabShard, *, clamp: bool) -> chunked.Rows:
         """x with shard-local targets: clamped into the shard (borrowed rows) or as they are (matching no column)."""
         self.local_targets, self.group, self.gathered = x.targets - shard.vocab_start, shard.group, {}
@@ -504,7 +503,6 @@ def shard_stored_logits(backend: str):
             self.gap[k] = self.gap[k] * torch.exp(logsumexp(local) - lse) + others
             self.partials[k] = VocabPartials(lse, torch.ones_like(lse), own.target_logit)
             return merged
-
 
     return TritonShardStoredLogits
 

@@ -184,10 +184,7 @@ class PairSchedule:
             (counts_c if s < pairs else counts_r)[s % pairs] += 1
         self.chosen_end, self.rejected_end = _running(counts_c, 0), _running(counts_r, self.n_chosen)
         n_blocks = -(-self.n_rows // block)
-        # The last pair (+1) each block holds a row of: its slot is free once that many pairs are done.
-        self.needed = [0] * n_blocks
-        for r, s in enumerate(seq):
-            self.needed[r // block] = max(self.needed[r // block], s % pairs + 1)
+        self.needed = _pairs_needed([s % pairs for s in seq], block)
         self.steps = self._plan(n_blocks)
         self.slots = self._peak_slots()
 
@@ -269,9 +266,7 @@ class PairMajorSchedule(PairSchedule):
             counts[p] += 1
         self.pair_end = _running(counts, 0)
         n_blocks = -(-self.n_rows // block)
-        needed = [0] * n_blocks  # the last pair (+1) each block holds a row of
-        for r, p in enumerate(pair_of_row):
-            needed[r // block] = max(needed[r // block], p + 1)
+        needed = _pairs_needed(pair_of_row, block)
         self.steps, done, held = [], 0, []
         for k in range(n_blocks):
             held.append(k)
@@ -290,6 +285,15 @@ def pair_schedule(backend: str, rows: torch.Tensor, seq_len: int, pairs: int, bl
     """The fused pass's schedule on `backend`: PairMajorSchedule on Triton (whose ring of slots and batched dW
     need blocks released in order), PairSchedule on the PyTorch path (rows in their ascending order)."""
     return (PairMajorSchedule if backend == "triton" else PairSchedule)(rows, seq_len, pairs, block)
+
+
+def _pairs_needed(pair_of_row: list[int], block: int) -> list[int]:
+    """Per block of `block` rows, the last pair (+1) it holds a row of: its slot is free once that many pairs are
+    done."""
+    needed = [0] * -(-len(pair_of_row) // block)
+    for r, p in enumerate(pair_of_row):
+        needed[r // block] = max(needed[r // block], p + 1)
+    return needed
 
 
 def _running(counts: list[int], start: int) -> list[int]:

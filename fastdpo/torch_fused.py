@@ -229,7 +229,7 @@ class StoredLogits:
             if self.dx is not None:
                 self.dx.index_copy_(0, rows.rows, rows.dx)
             if rows.rerun.numel():
-                self._rows_recomputed(rows.k, rows.a, rows.rerun, rows.grad_all)
+                self._rows_recomputed(rows.k, rows.a, rows.rerun, rows.grad)
         for k in self.releasing:
             self.free.append(self.slot_of.pop(k))
         self.releasing = []
@@ -290,18 +290,17 @@ class StoredLogits:
         rows.dx = chunked._sum_in_order(shares) if self.dx is not None else None
 
 class _Rows:
-    """Rows [a, b) of token block k queued for the backward: their targets, loss gradient (zero on the rows whose
-    tiles are recomputed, `rerun`; grad_all keeps theirs), g (1 - p_y), and later their dX rows."""
+    """Rows [a, b) of token block k queued for the backward: their targets, loss gradient, g (1 - p_y), the rows
+    whose tiles are recomputed (`rerun`: their stored e overflowed; _FlushGroup overwrites their D), and later
+    their dX rows."""
 
     def __init__(self, head: StoredLogits, k: int, a: int, b: int, grad: torch.Tensor):
         r0, r1 = head.blocks[k]
         self.k, self.a, self.b, self.n_block = k, a, b, r1 - r0
         self.rows, self.targets = head.x.rows[r0 + a: r0 + b], head.x.targets[r0 + a: r0 + b]
-        self.grad = self.grad_all = grad.to(head.x.dtype)
+        self.grad = grad.to(head.x.dtype)
         rerun = head.rerun[k][a:b] if head.rerun[k] is not None else self.rows.new_zeros(b - a, dtype=torch.bool)
         self.rerun = rerun.nonzero().squeeze(1)
-        if self.rerun.numel():
-            self.grad = self.grad.index_fill(0, self.rerun, 0)  # their stored tiles take no part
         self.target_entry = self.grad * head.target_gap[k][a:b].nan_to_num(0, 0, 0)  # g (1 - p_y)
         self.dx = None
 
@@ -329,7 +328,7 @@ class _FlushGroup:
             self.rerun_x = self.x.index_select(0, self.rerun)
             self.rerun_neg_lse = -torch.cat([logsumexp(head.partials[rows.k])[rows.a + rows.rerun]
                                              for rows in pending])[:, None]
-            self.rerun_grad = factor * torch.cat([rows.grad_all[rows.rerun] for rows in pending])
+            self.rerun_grad = factor * torch.cat([rows.grad[rows.rerun] for rows in pending])
             self.rerun_hits = target_hits(torch.cat([rows.targets[rows.rerun] for rows in pending]),
                                           head.buffers.slice_width)
 

@@ -136,10 +136,11 @@ class StoredLogits:
     def slot_bytes(cls, x: Rows, vocab_size: int) -> int:
         return cls.slot_rows(x) * padded_vocab(vocab_size, x.hidden.dtype) * x.hidden.itemsize
 
-    def slot(self, k: int) -> torch.Tensor:
-        r0, r1 = self.blocks[k]
-        first = (k % self.n_slots) * self.rows_per_slot
-        return self.ring[first: first + r1 - r0]
+    def ring_rows(self, first: int, last: int) -> torch.Tensor:
+        """The ring's rows of blocks first..last, consecutive slots (a run that does not wrap)."""
+        r0, r1 = self.blocks[first][0], self.blocks[last][1]
+        start = (first % self.n_slots) * self.rows_per_slot
+        return self.ring[start: start + r1 - r0]
 
     def forward(self, k: int) -> VocabPartials:
         """Block k's merged partials (the two-pass route's bits: the merge is row by row), its tiles kept in exp
@@ -150,7 +151,7 @@ class StoredLogits:
         r0, r1 = self.blocks[k]
         table, target_logit, excl = logprob_forward(
             self.hidden, self.weight, self.bias, self.x.rows[r0:r1], self.x.targets[r0:r1],
-            transform=self.transform, with_stats=self.with_stats, slot=self.slot(k))
+            transform=self.transform, with_stats=self.with_stats, slot=self.ring_rows(k, k))
         partials, self.gap[k] = merged_table(table, target_logit, excl)
         self.local[k] = self.partials[k] = partials
         self.tile_max[k] = table[0]
@@ -175,7 +176,7 @@ class StoredLogits:
         from .kernels.stored_logits import stored_logits_grad
 
         r0 = self.blocks[k][0]
-        d = self.slot(k)[a:b]
+        d = self.ring_rows(k, k)[a:b]
         lse = logsumexp(self.partials[k])[a:b]
         stored_logits_grad(d, d, self.tile_max[k][:, a:b], self.x.targets[r0 + a: r0 + b],
                            self.local[k].target_logit[a:b], lse,
@@ -196,11 +197,8 @@ class StoredLogits:
         most once), so the gradients take one rounding per run, not per block."""
         queued, self.queued = self.queued, []
         for run in _slot_runs(queued, self.n_slots):
-            first, last = run[0], run[-1]
-            r0, r1 = self.blocks[first][0], self.blocks[last][1]
-            start = (first % self.n_slots) * self.rows_per_slot
-            d = self.ring[start: start + r1 - r0]
-            rows = self.x.rows[r0:r1]
+            d = self.ring_rows(run[0], run[-1])
+            rows = self.x.rows[self.blocks[run[0]][0]: self.blocks[run[-1]][1]]
             if self.dx is not None:
                 self.dx.index_copy_(0, rows, _product(d, self.weight, self.dx.dtype))
             if self.dw is not None:
@@ -237,7 +235,7 @@ class FrozenStoredLogits(StoredLogits):
                 self.d_logits_rows(k, 0, r1 - r0, ones[: r1 - r0])
                 self.release(k)
             r0, r1 = self.blocks[group[0]][0], self.blocks[group[-1]][1]
-            accumulate_product(u[r0:r1], self.ring[: r1 - r0], self.weight)
+            accumulate_product(u[r0:r1], self.ring_rows(group[0], group[-1]), self.weight)
         return self.merged_partials(), u
 
 
